@@ -1,0 +1,27 @@
+"""peft-prompt-clip: learned prompts (CoOp and its family) for CLIP-family models, as PEFT adapters.
+
+Importing the package registers its adapter type with PEFT, so `get_peft_model` and `PeftModel.from_pretrained`
+know it. Import it before loading a saved prompt adapter.
+"""
+
+from .config import PEFT_TYPE, ClassTokenPosition, PromptEmbeddingConfig
+from .layer import PromptEmbeddingLayer
+from .loading import get_prompt_model, load_prompt_model
+from .model import PromptEmbeddingModel, find_text_embeddings
+from .registration import register
+
+register()
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PEFT_TYPE",
+    "ClassTokenPosition",
+    "PromptEmbeddingConfig",
+    "PromptEmbeddingLayer",
+    "PromptEmbeddingModel",
+    "find_text_embeddings",
+    "get_prompt_model",
+    "load_prompt_model",
+    "register",
+]

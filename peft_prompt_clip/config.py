@@ -1,0 +1,165 @@
+"""Configuration of a prompt adapter: what context is learned, how it starts and where it goes."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from peft import PeftConfig
+
+#: The PEFT type of this package's adapters, as written in `adapter_config.json`. It names the package on purpose:
+#: without `import peft_prompt_clip`, PEFT fails with `KeyError: 'PEFT_PROMPT_CLIP'`, which points at the fix.
+PEFT_TYPE = "PEFT_PROMPT_CLIP"
+
+
+class ClassTokenPosition(str, enum.Enum):
+    """Where the text (the class name) sits relative to the learned context, as in CoOp."""
+
+    END = "end"  # [SOS] ctx text [EOS]
+    MIDDLE = "middle"  # [SOS] ctx[:n//2] text ctx[n//2:] suffix [EOS]
+    FRONT = "front"  # [SOS] text ctx suffix [EOS]
+
+
+@dataclass
+class PromptEmbeddingConfig(PeftConfig):
+    """
+    Configuration of a [`PromptEmbeddingModel`]: learned context vectors inserted into the text prompts of a
+    CLIP-family model (CoOp, Zhou et al., IJCV 2022).
+
+    Args:
+        n_ctx (`int`, *optional*):
+            Number of learned context vectors. Defaults to the number of tokens of `ctx_init`, or 16 without it.
+        ctx_init (`str`, *optional*):
+            Words whose token embeddings initialise the context, e.g. CoOp's `"a photo of a"`. When `n_ctx` is larger
+            than their token count, they fill the last context vectors and the others start random.
+        init_seed (`int`, *optional*, defaults to 0):
+            Seed of the random (normal, std 0.02) initialisation, so the same config gives the same adapter.
+        class_token_position (`str`, *optional*, defaults to `"end"`):
+            `"end"`, `"middle"` or `"front"`: where the text sits relative to the context.
+        class_specific (`bool`, *optional*, defaults to `False`):
+            One context per class (CoOp's CSC) instead of one shared context. Needs `num_classes` or `class_names`; the
+            i-th text of every batch then uses the i-th class's context.
+        num_classes (`int`, *optional*):
+            Number of classes, for `class_specific`. Taken from `class_names` when they are given.
+        class_names (`list[str]`, *optional*):
+            The class names the adapter was learned for. They travel with the adapter in `adapter_config.json`.
+        suffix_token_ids (`list[int]`, *optional*):
+            Token ids that end a text and stay after the context for `"middle"` and `"front"` (CoOp's period). Filled
+            from the tokenizer with the ids of `"."` when the adapter is created; `[]` keeps every token with the text.
+        target_modules (`str`, *optional*):
+            Name (or regex) of the text embeddings module to replace. By default the text embeddings of a supported
+            model are found by their class, wherever the model keeps them.
+        tokenizer_name_or_path (`str`, *optional*):
+            Tokenizer used for `ctx_init` and `suffix_token_ids`. Defaults to the base model's `name_or_path`.
+
+    Example:
+
+    ```py
+    >>> from peft_prompt_clip import PromptEmbeddingConfig
+    >>> config = PromptEmbeddingConfig(n_ctx=4, class_token_position="middle")
+    >>> config.n_ctx, config.class_token_position
+    (4, <ClassTokenPosition.MIDDLE: 'middle'>)
+
+    ```
+    """
+
+    n_ctx: int | None = field(
+        default=None,
+        metadata={"help": "Number of learned context vectors (default: the token count of ctx_init, else 16)."},
+    )
+    ctx_init: str | None = field(
+        default=None,
+        metadata={
+            "help": "Words that initialise the context, e.g. 'a photo of a'; random (normal, std 0.02) if unset."
+        },
+    )
+    init_seed: int = field(default=0, metadata={"help": "Seed of the random initialisation of the context."})
+    class_token_position: ClassTokenPosition | str = field(
+        default=ClassTokenPosition.END,
+        metadata={"help": "Where the text sits relative to the context: 'end', 'middle' or 'front'."},
+    )
+    class_specific: bool = field(
+        default=False,
+        metadata={"help": "Learn one context per class (CoOp's CSC); needs num_classes or class_names."},
+    )
+    num_classes: int | None = field(
+        default=None, metadata={"help": "Number of classes for class_specific context (default: len(class_names))."}
+    )
+    class_names: list[str] | None = field(
+        default=None, metadata={"help": "Class names the adapter was learned for; saved with the adapter."}
+    )
+    suffix_token_ids: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "Token ids ending a text that stay after the context for 'middle'/'front' (CoOp's period); "
+            "filled from the tokenizer's ids of '.' when the adapter is created."
+        },
+    )
+    target_modules: str | None = field(
+        default=None,
+        metadata={"help": "Name or regex of the text embeddings module to replace (default: found by its class)."},
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Tokenizer for ctx_init and suffix_token_ids (default: the base model's name_or_path)."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PEFT_TYPE
+        if self.n_ctx is not None and (isinstance(self.n_ctx, bool) or not isinstance(self.n_ctx, int)):
+            raise TypeError(f"n_ctx must be an integer, got {self.n_ctx!r}.")
+        if self.n_ctx is not None and self.n_ctx < 1:
+            raise ValueError(f"n_ctx must be at least 1, got {self.n_ctx}.")
+        if self.ctx_init is not None and (not isinstance(self.ctx_init, str) or not self.ctx_init.strip()):
+            raise ValueError(f"ctx_init must be non-empty words such as 'a photo of a', got {self.ctx_init!r}.")
+        if isinstance(self.init_seed, bool) or not isinstance(self.init_seed, int):
+            raise TypeError(f"init_seed must be an integer, got {self.init_seed!r}.")
+        try:
+            self.class_token_position = ClassTokenPosition(self.class_token_position)
+        except ValueError:
+            choices = ", ".join(repr(p.value) for p in ClassTokenPosition)
+            raise ValueError(
+                f"class_token_position must be one of {choices}, got {self.class_token_position!r}."
+            ) from None
+        if self.class_names is not None:
+            self._check_class_names()
+            if self.num_classes is None:
+                self.num_classes = len(self.class_names)
+            elif self.num_classes != len(self.class_names):
+                raise ValueError(
+                    f"num_classes={self.num_classes} disagrees with the {len(self.class_names)} class_names; "
+                    "drop num_classes or make them agree."
+                )
+        if self.num_classes is not None and (
+            isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 1
+        ):
+            raise ValueError(f"num_classes must be a positive integer, got {self.num_classes!r}.")
+        if self.class_specific and self.num_classes is None:
+            raise ValueError("class_specific=True learns one context per class: set num_classes or class_names.")
+        if self.suffix_token_ids is not None and not (
+            isinstance(self.suffix_token_ids, list)
+            and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.suffix_token_ids)
+        ):
+            raise ValueError(f"suffix_token_ids must be a list of token ids, got {self.suffix_token_ids!r}.")
+        if self.target_modules is not None and not isinstance(self.target_modules, str):
+            raise TypeError(
+                f"target_modules must be one module name or regex (a string), got {self.target_modules!r}."
+            )
+
+    def _check_class_names(self) -> None:
+        names = self.class_names
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise TypeError(f"class_names must be a list of strings, got {names!r}.")
+        if not names:
+            raise ValueError("class_names is empty: give at least one class name, or leave it unset.")
+        blank = [i for i, n in enumerate(names) if not n.strip()]
+        if blank:
+            raise ValueError(f"class_names has empty names at positions {blank}; every class needs a name.")
+        seen: dict[str, int] = {}
+        for i, n in enumerate(names):
+            if n in seen:
+                raise ValueError(
+                    f"class_names repeats {n!r} (positions {seen[n]} and {i}); class names must be unique."
+                )
+            seen[n] = i

@@ -1,0 +1,146 @@
+"""The module that replaces a text tower's embeddings module and holds the learned context of each adapter."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from .layout import PromptLayout
+
+
+class PromptEmbeddingLayer(nn.Module, BaseTunerLayer):
+    """
+    Wraps a text embeddings module (such as `CLIPTextEmbeddings`) and writes the active adapter's context vectors into
+    the prompt.
+
+    The wrapped module is reused as it is (its token and position tables are neither copied nor trained). A forward
+    pre-hook on `owner`, the text model that calls the embeddings, inserts `n_ctx` placeholder tokens into its
+    `input_ids` and `attention_mask`, so that the causal mask and the pooling at the end-of-text token follow; this
+    module then replaces the placeholders' embeddings with the context. Both steps are stateless, so one model can
+    serve concurrent forwards.
+
+    Args:
+        base_layer (`nn.Module`): the text embeddings module, with `token_embedding` and `position_embedding`.
+        owner (`nn.Module`): the module whose forward takes `input_ids` and calls `base_layer`.
+        adapter_name (`str`): name of the first adapter.
+        context (`torch.Tensor`): its initial context, `(n_ctx, width)` or `(num_classes, n_ctx, width)`.
+        layout (`PromptLayout`): where its context goes.
+        inference_mode (`bool`, *optional*, defaults to `False`): whether the context is frozen.
+    """
+
+    adapter_layer_names = ("prompt_embedding_ctx",)
+    other_param_names = ("prompt_layouts",)
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        owner: nn.Module,
+        adapter_name: str,
+        context: torch.Tensor,
+        layout: PromptLayout,
+        inference_mode: bool = False,
+    ) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.prompt_embedding_ctx = nn.ParameterDict({})
+        self.prompt_layouts: dict[str, PromptLayout] = {}
+        self._active_adapter = adapter_name
+        self.merged_adapters = []
+        self.max_positions = base_layer.position_embedding.num_embeddings
+        self._owner_signature = inspect.signature(owner.forward)
+        self._owner_var_kwargs = next(
+            (p.name for p in self._owner_signature.parameters.values() if p.kind is p.VAR_KEYWORD), None
+        )
+        self._owner_hook = owner.register_forward_pre_hook(self._expand_inputs, with_kwargs=True)
+        self.update_layer(adapter_name, context, layout, inference_mode=inference_mode)
+
+    def update_layer(
+        self, adapter_name: str, context: torch.Tensor, layout: PromptLayout, inference_mode: bool = False
+    ) -> None:
+        """Add (or replace) the context of `adapter_name`."""
+        self.prompt_embedding_ctx[adapter_name] = nn.Parameter(context)
+        self.prompt_layouts[adapter_name] = layout
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def _active_name(self) -> str | None:
+        if self.disable_adapters or not self.active_adapters:
+            return None
+        if len(self.active_adapters) > 1:
+            raise ValueError(
+                f"Only one prompt adapter can be active at a time, got {self.active_adapters}; "
+                "call set_adapter() with a single name."
+            )
+        return self.active_adapters[0]
+
+    def _expand_inputs(self, owner: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple | None:
+        name = self._active_name()
+        if name is None:
+            return None
+        inputs = self._owner_signature.bind_partial(*args, **kwargs).arguments
+        inputs.update(inputs.pop(self._owner_var_kwargs, {}))
+        input_ids = inputs.get("input_ids")
+        if input_ids is None:
+            return None
+        if inputs.get("position_ids") is not None:
+            raise ValueError(
+                "position_ids cannot be passed with an active prompt adapter: the adapter inserts its context and "
+                "numbers the positions itself. Drop position_ids, or run under disable_adapter()."
+            )
+        input_ids = input_ids.view(-1, input_ids.shape[-1])
+        mask = inputs.get("attention_mask")
+        if mask is not None:
+            mask = mask.view(-1, mask.shape[-1])
+        inputs["input_ids"], inputs["attention_mask"] = self.prompt_layouts[name].expand(
+            input_ids, mask, self.max_positions
+        )
+        return (), inputs
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        name = self._active_name()
+        if name is None or input_ids is None:
+            return self.base_layer(input_ids=input_ids, position_ids=position_ids, inputs_embeds=inputs_embeds)
+        positions = self.prompt_layouts[name].locate(input_ids)
+        embeds = self.base_layer.token_embedding(input_ids)
+        batch, _, width = embeds.shape
+        ctx = self.prompt_embedding_ctx[name].to(embeds.dtype)
+        if ctx.dim() == 2:
+            ctx = ctx.expand(batch, -1, -1)
+        elif ctx.shape[0] != batch:
+            raise ValueError(
+                f"This adapter has class-specific context for {ctx.shape[0]} classes, so it needs the texts of all "
+                f"{ctx.shape[0]} classes in class order, got {batch} texts."
+            )
+        embeds = embeds.scatter(1, positions[..., None].expand(-1, -1, width), ctx)
+        return self.base_layer(inputs_embeds=embeds, position_ids=position_ids)
+
+    def __getattr__(self, name: str) -> Any:
+        # the text model reaches into its embeddings (get_input_embeddings() returns `embeddings.token_embedding`)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        raise ValueError(
+            "A prompt adapter adds tokens to the input; it has no weight update to merge. Use unload() to get the "
+            "base model back, or keep the adapter (it costs a few tokens per prompt)."
+        )
+
+    def unwrap(self) -> nn.Module:
+        """Detach from the text model and return the original embeddings module (used by `unload()`)."""
+        self._owner_hook.remove()
+        return self.base_layer
+
+    def __repr__(self) -> str:
+        return "prompt_embedding." + super().__repr__()

@@ -1,0 +1,118 @@
+"""Where the learned context goes in a tokenised prompt.
+
+A text arrives tokenised as `[SOS] t_1 ... t_m [EOS] [pad ...]`. The adapter makes room for `n_ctx` context vectors by
+inserting placeholder tokens, so that every module downstream of the embeddings (the causal mask, the pooling at the
+end-of-text token) sees a consistent sequence. The positions of the context are a function of the end-of-text
+index and of whether the text ends with the suffix (CoOp's period), so they can be derived again from the expanded ids
+alone: the placeholder ids are never searched for, and a text containing the placeholder's word is harmless.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import ClassTokenPosition
+
+
+@dataclass(frozen=True)
+class PromptLayout:
+    """How one adapter arranges its context around a text.
+
+    Args:
+        n_ctx (`int`): number of context vectors.
+        position (`ClassTokenPosition`): where the text sits relative to the context.
+        suffix_token_ids (`tuple[int, ...]`): ids that stay after the context when a text ends with them.
+        eos_token_id (`int`): the end-of-text id of the text model.
+        placeholder_id (`int`): id written into the context slots; never the end-of-text id, never a suffix id, and
+            below the end-of-text id for models that pool at the highest id.
+        pool_at_argmax (`bool`): whether the model pools at `input_ids.argmax()` (legacy CLIP configs with
+            `eos_token_id == 2`) rather than at the first end-of-text id.
+    """
+
+    n_ctx: int
+    position: ClassTokenPosition
+    suffix_token_ids: tuple[int, ...]
+    eos_token_id: int
+    placeholder_id: int
+    pool_at_argmax: bool
+
+    def end_of_text_index(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Index of the token each row is pooled at, by the same rule as the text model."""
+        if self.pool_at_argmax:
+            return input_ids.to(torch.int).argmax(dim=-1)
+        is_eos = input_ids == self.eos_token_id
+        if not bool(is_eos.any(dim=-1).all()):
+            raise ValueError(
+                f"Every text must end with the end-of-text token (id {self.eos_token_id}); tokenise with the model's "
+                "own tokenizer or processor, which adds it."
+            )
+        return is_eos.to(torch.int).argmax(dim=-1)
+
+    def _suffix_length(
+        self, input_ids: torch.Tensor, eos_index: torch.Tensor, min_start: torch.Tensor
+    ) -> torch.Tensor:
+        """Per row, `len(suffix)` where the tokens just before end-of-text are the suffix (starting at or after
+        `min_start`), else 0."""
+        n = len(self.suffix_token_ids)
+        if n == 0 or self.position == ClassTokenPosition.END:
+            return torch.zeros_like(eos_index)
+        offsets = torch.arange(-n, 0, device=input_ids.device)
+        index = (eos_index[:, None] + offsets).clamp(min=0)
+        suffix = torch.tensor(self.suffix_token_ids, device=input_ids.device, dtype=input_ids.dtype)
+        matches = (input_ids.gather(1, index) == suffix).all(dim=-1) & (eos_index - n >= min_start)
+        return matches.to(eos_index.dtype) * n
+
+    def context_positions(self, eos_index: torch.Tensor, suffix_length: torch.Tensor) -> torch.Tensor:
+        """Positions `(batch, n_ctx)` of the context in a prompt whose end-of-text token is at `eos_index`."""
+        n = self.n_ctx
+        steps = torch.arange(n, device=eos_index.device)
+        if self.position == ClassTokenPosition.END:
+            return (1 + steps).expand(eos_index.shape[0], n)
+        # the context after the text ends right before the suffix: [SOS ... text ctx suffix EOS]
+        after_text = n - n // 2 if self.position == ClassTokenPosition.MIDDLE else n
+        start = eos_index - suffix_length - after_text
+        if self.position == ClassTokenPosition.FRONT:
+            return start[:, None] + steps
+        half = n // 2
+        first = (1 + steps[:half]).expand(eos_index.shape[0], half)
+        second = start[:, None] + steps[:after_text]
+        return torch.cat([first, second], dim=1)
+
+    def expand(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_positions: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Insert `n_ctx` placeholder tokens into each row and drop padding past the longest prompt.
+
+        Returns the new `input_ids` and `attention_mask` (ones at the context slots).
+        """
+        batch, length = input_ids.shape
+        eos = self.end_of_text_index(input_ids)
+        needed = int(eos.max()) + 1 + self.n_ctx
+        if needed > max_positions:
+            raise ValueError(
+                f"A text of {int(eos.max()) + 1} tokens plus {self.n_ctx} context tokens needs {needed} positions, "
+                f"but the model has max_position_embeddings={max_positions}. Shorten the text or use a smaller n_ctx."
+            )
+        new_eos = eos + self.n_ctx
+        suffix = self._suffix_length(input_ids, eos, torch.ones_like(eos))
+        slots = self.context_positions(new_eos, suffix)
+        is_ctx = torch.zeros(batch, length + self.n_ctx, dtype=torch.bool, device=input_ids.device)
+        is_ctx.scatter_(1, slots, True)
+        # every row has exactly `length` non-context slots, filled with its tokens in order
+        ids = input_ids.new_full((batch, length + self.n_ctx), self.placeholder_id)
+        ids[~is_ctx] = input_ids.reshape(-1)
+        mask = None
+        if attention_mask is not None:
+            mask = attention_mask.new_ones((batch, length + self.n_ctx))
+            mask[~is_ctx] = attention_mask.reshape(-1)
+            mask = mask[:, :needed]
+        return ids[:, :needed], mask
+
+    def locate(self, expanded_ids: torch.Tensor) -> torch.Tensor:
+        """Positions `(batch, n_ctx)` of the context in ids made by [`expand`]."""
+        eos = self.end_of_text_index(expanded_ids)
+        # the suffix can only start after SOS and the context
+        suffix = self._suffix_length(expanded_ids, eos, torch.full_like(eos, 1 + self.n_ctx))
+        return self.context_positions(eos, suffix)

@@ -1,0 +1,121 @@
+"""The package's own entry points: attach a new prompt adapter, or load a saved one with clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+from peft import PeftModel, get_peft_model
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from .config import PEFT_TYPE, PromptEmbeddingConfig
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def get_prompt_model(model: nn.Module, config: PromptEmbeddingConfig, adapter_name: str = "default") -> PeftModel:
+    """
+    Attach a new prompt adapter to a CLIP-family model; the same as `peft.get_peft_model`.
+
+    Args:
+        model (`nn.Module`): a `CLIPModel`, `CLIPTextModel` or `CLIPTextModelWithProjection`.
+        config ([`PromptEmbeddingConfig`]): what to learn.
+        adapter_name (`str`, *optional*, defaults to `"default"`): the adapter's name.
+
+    Returns:
+        `PeftModel`: the model, whose only trainable parameters are the context vectors.
+    """
+    if not isinstance(config, PromptEmbeddingConfig):
+        raise TypeError(f"config must be a PromptEmbeddingConfig, got {type(config).__name__}.")
+    return get_peft_model(model, config, adapter_name=adapter_name)
+
+
+def load_prompt_model(
+    model: nn.Module,
+    adapter: str,
+    adapter_name: str = "default",
+    is_trainable: bool = False,
+    revision: str | None = None,
+    token: str | None = None,
+) -> PeftModel:
+    """
+    Load a saved prompt adapter (a folder or a Hub repo id) into `model`.
+
+    Checks the files before PEFT reads them, so that a wrong, corrupt or foreign adapter fails with a message that
+    names the file and the fix. Only JSON and safetensors are read.
+
+    Args:
+        model (`nn.Module`): the base model, or a `PeftModel` to add the adapter to (then `adapter_name` must be new).
+        adapter (`str`): a folder with `adapter_config.json` and `adapter_model.safetensors`, or a Hub repo id.
+        adapter_name (`str`, *optional*, defaults to `"default"`): the name to give the adapter.
+        is_trainable (`bool`, *optional*, defaults to `False`): keep the context trainable, to go on training.
+        revision (`str`, *optional*): branch, tag or commit of a Hub repo.
+        token (`str`, *optional*): Hub token, for private repos.
+
+    Returns:
+        `PeftModel`: the model with the adapter active.
+    """
+    folder = resolve_adapter(adapter, revision=revision, token=token)
+    config_path = os.path.join(folder, CONFIG_NAME)
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{config_path} is not valid JSON ({exc}); save or download the adapter again.") from None
+    if not isinstance(raw, dict) or raw.get("peft_type") != PEFT_TYPE:
+        found = raw.get("peft_type") if isinstance(raw, dict) else type(raw).__name__
+        raise ValueError(
+            f"{config_path} describes a {found!r} adapter, not a prompt adapter ({PEFT_TYPE!r}); "
+            "load other PEFT adapters with peft.PeftModel.from_pretrained."
+        )
+    weights_path = os.path.join(folder, WEIGHTS_NAME)
+    try:
+        load_file(weights_path)
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(
+            f"{weights_path} is corrupt or truncated ({exc}); save or download the adapter again."
+        ) from None
+    if isinstance(model, PeftModel):
+        model.load_adapter(folder, adapter_name=adapter_name, is_trainable=is_trainable)
+        model.set_adapter(adapter_name)
+        return model
+    return PeftModel.from_pretrained(model, folder, adapter_name=adapter_name, is_trainable=is_trainable)
+
+
+def resolve_adapter(adapter: str, revision: str | None = None, token: str | None = None) -> str:
+    """
+    Local folder holding the adapter's files: `adapter` itself, or the Hub cache folder they are downloaded to.
+
+    Honours `HF_HUB_OFFLINE`, `HF_HOME` and the saved token as `huggingface_hub` does.
+    """
+    if os.path.isdir(adapter):
+        missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if not os.path.isfile(os.path.join(adapter, name))]
+        if missing:
+            raise FileNotFoundError(f"{adapter} is not a saved prompt adapter: it has no {' or '.join(missing)}.")
+        return adapter
+    if os.path.exists(adapter) or adapter.startswith((".", "/", "~")) or adapter.count("/") > 1:
+        raise FileNotFoundError(
+            f"No adapter folder at {adapter!r}; give a folder made by save_pretrained or a repo id."
+        )
+    paths = []
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        try:
+            paths.append(hf_hub_download(adapter, name, revision=revision, token=token))
+        except RepositoryNotFoundError:
+            raise FileNotFoundError(
+                f"No Hub repo {adapter!r} (or it is private: pass token= or log in with `hf auth login`)."
+            ) from None
+        except RevisionNotFoundError:
+            raise FileNotFoundError(f"The Hub repo {adapter!r} has no revision {revision!r}.") from None
+        except EntryNotFoundError:
+            raise FileNotFoundError(
+                f"The Hub repo {adapter!r} has no {name}: it holds no saved prompt adapter."
+            ) from None
+        except HfHubHTTPError as exc:
+            raise OSError(f"Could not download {name} from the Hub repo {adapter!r}: {exc}") from None
+    return os.path.dirname(paths[0])

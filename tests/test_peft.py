@@ -1,0 +1,227 @@
+"""The adapter inside PEFT: get_peft_model, several adapters, disable/unload, trainability, text-tower models."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import text_features
+from peft import PeftModel, get_peft_model
+from transformers import CLIPModel, CLIPTextModel, CLIPTextModelWithProjection
+from transformers.models.clip.modeling_clip import CLIPTextEmbeddings
+
+import peft_prompt_clip
+from peft_prompt_clip import (
+    PEFT_TYPE,
+    PromptEmbeddingConfig,
+    PromptEmbeddingLayer,
+    find_text_embeddings,
+    get_prompt_model,
+)
+
+TEXTS = ["cat.", "x-ray dog.", "a small red car."]
+
+
+def encode(tokenizer, texts=TEXTS):
+    return tokenizer(texts, padding=True, return_tensors="pt")
+
+
+def layer_of(model) -> PromptEmbeddingLayer:
+    return next(m for m in model.modules() if isinstance(m, PromptEmbeddingLayer))
+
+
+def test_only_the_context_trains(clip, tokenizer, capsys):
+    model = get_peft_model(clip, PromptEmbeddingConfig(n_ctx=4))
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert list(trainable) == ["base_model.model.text_model.embeddings.prompt_embedding_ctx.default"]
+    assert trainable[next(iter(trainable))].shape == (4, 32)
+    assert not model.base_model.model.logit_scale.requires_grad
+    model.print_trainable_parameters()
+    assert "trainable params: 128 ||" in capsys.readouterr().out
+
+    inputs = encode(tokenizer)
+    pixels = torch.rand(2, 3, 30, 30)
+    out = model(**inputs, pixel_values=pixels)
+    out.logits_per_image.logsumexp(-1).sum().backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert grads == set(trainable)
+    assert trainable[next(iter(trainable))].grad.abs().sum() > 0
+
+
+def test_base_weights_are_reused_not_copied(clip):
+    embeddings = clip.text_model.embeddings
+    model = get_prompt_model(clip, PromptEmbeddingConfig(n_ctx=4))
+    layer = layer_of(model)
+    assert layer.base_layer is embeddings
+    assert layer.token_embedding.weight.data_ptr() == embeddings.token_embedding.weight.data_ptr()
+    tower = CLIPTextModel(clip.config.text_config)
+    token_embedding = tower.get_input_embeddings()
+    get_peft_model(tower, PromptEmbeddingConfig(n_ctx=4))
+    assert tower.get_input_embeddings() is token_embedding  # reached through the wrapper
+    assert sum(p.numel() for p in layer.parameters()) == sum(p.numel() for p in embeddings.parameters()) + 4 * 32
+
+
+def test_disable_adapter_gives_the_base_model(clip_dir, clip, tokenizer):
+    base = CLIPModel.from_pretrained(clip_dir).eval()
+    model = get_peft_model(clip, PromptEmbeddingConfig(n_ctx=4))
+    inputs = encode(tokenizer)
+    with torch.no_grad():
+        adapted = text_features(model, **inputs)
+        with model.disable_adapter():
+            disabled = text_features(model, **inputs)
+        again = text_features(model, **inputs)
+        reference = text_features(base, **inputs)
+    assert torch.equal(disabled, reference)
+    assert not torch.allclose(adapted, reference)
+    assert torch.equal(again, adapted)
+
+
+def test_unload_gives_back_the_original_module(clip_dir, clip, tokenizer):
+    original = clip.text_model.embeddings
+    model = get_peft_model(clip, PromptEmbeddingConfig(n_ctx=4))
+    unloaded = model.unload()
+    assert unloaded.text_model.embeddings is original
+    assert type(original) is CLIPTextEmbeddings
+    assert not hasattr(unloaded, "peft_config")
+    inputs = encode(tokenizer)
+    with torch.no_grad():  # the pre-hook that inserted the context is gone too
+        assert torch.equal(
+            text_features(unloaded, **inputs), text_features(CLIPModel.from_pretrained(clip_dir).eval(), **inputs)
+        )
+
+
+def test_merge_is_refused_with_a_reason(clip):
+    model = get_peft_model(clip, PromptEmbeddingConfig(n_ctx=4))
+    with pytest.raises(ValueError, match="no weight update to merge"):
+        model.merge_and_unload()
+
+
+def test_several_adapters(clip, tokenizer):
+    model = get_peft_model(clip, PromptEmbeddingConfig(n_ctx=4, init_seed=1))
+    model.add_adapter("other", PromptEmbeddingConfig(n_ctx=6, init_seed=2, class_token_position="front"))
+    inputs = encode(tokenizer)
+    with torch.no_grad():
+        first = text_features(model, **inputs)
+        model.set_adapter("other")
+        second = text_features(model, **inputs)
+        model.set_adapter("default")
+        assert torch.equal(text_features(model, **inputs), first)
+    assert not torch.allclose(first, second)
+    layer = layer_of(model)
+    assert set(layer.prompt_embedding_ctx) == {"default", "other"}
+    assert layer.prompt_embedding_ctx["other"].shape == (6, 32)
+    # only the active adapter trains
+    assert layer.prompt_embedding_ctx["default"].requires_grad
+    assert not layer.prompt_embedding_ctx["other"].requires_grad
+
+    model.set_adapter("other")
+    model.delete_adapter("default")
+    assert set(layer.prompt_embedding_ctx) == {"other"} and set(layer.prompt_layouts) == {"other"}
+    with torch.no_grad():
+        assert torch.equal(text_features(model, **inputs), second)
+
+
+def test_same_config_same_adapter(clip_dir):
+    one = get_peft_model(CLIPModel.from_pretrained(clip_dir), PromptEmbeddingConfig(n_ctx=4, init_seed=3))
+    two = get_peft_model(CLIPModel.from_pretrained(clip_dir), PromptEmbeddingConfig(n_ctx=4, init_seed=3))
+    three = get_peft_model(CLIPModel.from_pretrained(clip_dir), PromptEmbeddingConfig(n_ctx=4, init_seed=4))
+    ctx = [layer_of(m).prompt_embedding_ctx["default"] for m in (one, two, three)]
+    assert torch.equal(ctx[0], ctx[1]) and not torch.equal(ctx[0], ctx[2])
+    assert 0.01 < ctx[0].std().item() < 0.03  # normal, std 0.02
+
+
+def test_ctx_init_starts_from_the_words(clip, tokenizer):
+    model = get_peft_model(clip, PromptEmbeddingConfig(ctx_init="a photo of a"))
+    assert model.peft_config["default"].n_ctx == 4
+    ctx = layer_of(model).prompt_embedding_ctx["default"]
+    ids = tokenizer("a photo of a", add_special_tokens=False)["input_ids"]
+    assert torch.equal(ctx.data, clip.text_model.embeddings.token_embedding.weight[ids])
+    # so the adapter's "cat." equals the plain text "a photo of a cat."
+    with torch.no_grad():
+        ours = text_features(model, **encode(tokenizer, ["cat."]))
+        with model.disable_adapter():
+            plain = text_features(model, **encode(tokenizer, ["a photo of a cat."]))
+    torch.testing.assert_close(ours, plain, atol=1e-5, rtol=0)
+
+
+def test_ctx_init_fills_the_last_slots_of_a_longer_context(clip, tokenizer):
+    model = get_peft_model(clip, PromptEmbeddingConfig(n_ctx=6, ctx_init="a photo"))
+    ctx = layer_of(model).prompt_embedding_ctx["default"]
+    ids = tokenizer("a photo", add_special_tokens=False)["input_ids"]
+    assert torch.equal(ctx.data[4:], clip.text_model.embeddings.token_embedding.weight[ids])
+    assert ctx.data[:4].abs().max() < 0.2
+
+
+@pytest.mark.parametrize("model_cls", [CLIPTextModel, CLIPTextModelWithProjection])
+def test_text_tower_models(clip_dir, tokenizer, model_cls):
+    clip = CLIPModel.from_pretrained(clip_dir).eval()
+    full = get_peft_model(clip, PromptEmbeddingConfig(n_ctx=4))
+    tower = get_peft_model(model_cls.from_pretrained(clip_dir).eval(), PromptEmbeddingConfig(n_ctx=4))
+    inputs = encode(tokenizer)
+    with torch.no_grad():
+        pooled = tower(**inputs)
+        expected_clip = clip.text_model(**inputs).pooler_output  # same weights, same context
+    if model_cls is CLIPTextModel:
+        torch.testing.assert_close(pooled.pooler_output, expected_clip, atol=1e-6, rtol=0)
+    else:
+        with torch.no_grad():
+            torch.testing.assert_close(pooled.text_embeds, text_features(full, **inputs), atol=1e-6, rtol=0)
+
+
+def test_positional_input_ids_work(clip_dir, tokenizer):
+    tower = get_peft_model(CLIPTextModel.from_pretrained(clip_dir).eval(), PromptEmbeddingConfig(n_ctx=4))
+    inputs = encode(tokenizer)
+    with torch.no_grad():
+        by_position = tower.base_model.model(inputs["input_ids"]).pooler_output
+        by_name = tower(input_ids=inputs["input_ids"]).pooler_output
+    torch.testing.assert_close(by_position, by_name, atol=0, rtol=0)
+
+
+def test_find_text_embeddings_by_class_not_path(clip_dir, clip):
+    assert find_text_embeddings(clip) == "text_model.embeddings"
+    tower = CLIPTextModel.from_pretrained(clip_dir)
+    assert isinstance(tower.get_submodule(find_text_embeddings(tower)), CLIPTextEmbeddings)
+    with pytest.raises(ValueError, match="not a supported text embeddings module"):
+        find_text_embeddings(clip, "vision_model.embeddings")
+
+
+def test_unsupported_model_names_the_supported_families():
+    from transformers import BertConfig, BertModel
+
+    bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37))
+    with pytest.raises(ValueError, match=r"No text embeddings module .* Supported: CLIPTextEmbeddings"):
+        get_peft_model(bert, PromptEmbeddingConfig(n_ctx=4))
+
+
+def test_registration_is_idempotent():
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+
+    peft_prompt_clip.register()
+    peft_prompt_clip.register()
+    assert PEFT_TYPE_TO_CONFIG_MAPPING[PEFT_TYPE] is PromptEmbeddingConfig
+    assert PEFT_TYPE_TO_TUNER_MAPPING[PEFT_TYPE] is peft_prompt_clip.PromptEmbeddingModel
+
+
+def test_loading_without_import_names_the_package(clip_dir, tmp_path):
+    model = get_peft_model(CLIPModel.from_pretrained(clip_dir), PromptEmbeddingConfig(n_ctx=4))
+    model.save_pretrained(tmp_path / "adapter")
+    script = (
+        "from peft import PeftModel\nfrom transformers import CLIPModel\n"
+        f"PeftModel.from_pretrained(CLIPModel.from_pretrained({str(clip_dir)!r}), {str(tmp_path / 'adapter')!r})"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "KeyError: 'PEFT_PROMPT_CLIP'" in result.stderr
+
+
+def test_reloaded_adapter_is_frozen_unless_trainable(clip_dir, tmp_path):
+    model = get_peft_model(CLIPModel.from_pretrained(clip_dir), PromptEmbeddingConfig(n_ctx=4))
+    model.save_pretrained(tmp_path)
+    frozen = PeftModel.from_pretrained(CLIPModel.from_pretrained(clip_dir), tmp_path)
+    assert not any(p.requires_grad for p in frozen.parameters())
+    trainable = PeftModel.from_pretrained(CLIPModel.from_pretrained(clip_dir), tmp_path, is_trainable=True)
+    assert [n for n, p in trainable.named_parameters() if p.requires_grad] == [
+        "base_model.model.text_model.embeddings.prompt_embedding_ctx.default"
+    ]
