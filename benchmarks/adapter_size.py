@@ -69,13 +69,11 @@ def main() -> list[dict]:
                     "file_over_full_model": size / full_bytes,
                 }
             )
-    print(
-        f"{'model':9} {'adapter':32} {'file':>10} {'raw ctx':>10} {'header':>7} {'file/raw':>9} {'file/full model':>16}"
-    )
+    print(f"{'model':9} {'adapter':32} {'file':>10} {'raw ctx':>10} {'header':>7} {'file/raw':>9} {'file/full':>11}")
     for r in rows:
         print(
             f"{r['model']:9} {r['adapter']:32} {r['file_bytes']:>10,} {r['raw_context_bytes']:>10,} "
-            f"{r['header_bytes']:>7} {r['file_over_raw']:>9.4f} {r['file_over_full_model']:>16.2e}"
+            f"{r['header_bytes']:>7} {r['file_over_raw']:>9.4f} {r['file_over_full_model']:>11.2e}"
         )
     out = Path(__file__).parent / "results" / "adapter_size.json"
     out.write_text(json.dumps({"machine": platform.platform(), "torch": torch.__version__, "rows": rows}, indent=2))
