@@ -1,8 +1,9 @@
 """Learn a prompt end to end, offline, in about a minute on 2 CPU cores.
 
 The base model is a tiny random CLIP built from a config (`peft_prompt_clip.tiny`), loaded with `from_pretrained`
-like a real checkpoint. A "teacher" prompt adapter, whose context is unknown to the student, labels random images;
-a new adapter then learns its context from those labels alone. The script prints zero-shot accuracy against learned
+like a real checkpoint. A "teacher" prompt adapter with one random context per class (CoOp's CSC), unknown
+to the student, labels random images; a new adapter, starting from "a photo of a", learns its context from those labels
+alone. The script prints zero-shot accuracy against learned
 accuracy, saves the adapter (a few KB), loads it back through PEFT and checks the outputs are bit-identical.
 
 Run: python examples/quickstart.py [--steps 150] [--output ./quickstart-adapter]
@@ -41,13 +42,19 @@ def main(steps: int, output: Path) -> dict[str, float]:
     inputs = processor(text=[f"{name}." for name in CLASSES], return_tensors="pt", padding=True)
     train_pixels, test_pixels = torch.randn(512, 3, 30, 30), torch.randn(512, 3, 30, 30)
 
-    teacher = get_peft_model(CLIPModel.from_pretrained(base_dir).eval(), PromptEmbeddingConfig(n_ctx=4, init_seed=1))
+    teacher = get_peft_model(
+        CLIPModel.from_pretrained(base_dir).eval(),
+        PromptEmbeddingConfig(n_ctx=4, init_seed=1, class_specific=True, class_names=CLASSES),
+    )
     with torch.no_grad():
         next(p for p in teacher.parameters() if p.requires_grad).normal_(0, 1.0)
         train_labels = teacher(**inputs, pixel_values=train_pixels).logits_per_image.argmax(-1)
         test_labels = teacher(**inputs, pixel_values=test_pixels).logits_per_image.argmax(-1)
 
-    model = get_peft_model(CLIPModel.from_pretrained(base_dir).eval(), PromptEmbeddingConfig(ctx_init="a photo of a"))
+    model = get_peft_model(
+        CLIPModel.from_pretrained(base_dir).eval(),
+        PromptEmbeddingConfig(ctx_init="a photo of a", class_specific=True, class_names=CLASSES),
+    )
     model.print_trainable_parameters()
     zero_shot = accuracy(model, inputs, test_pixels, test_labels)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)

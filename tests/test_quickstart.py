@@ -1,4 +1,4 @@
-"""The README's first command: a prompt is learned end to end, saved in a few hundred bytes and reloaded exactly."""
+"""The README's first command: a prompt is learned end to end, saved in a few KB and reloaded exactly."""
 
 from __future__ import annotations
 
@@ -22,4 +22,5 @@ def test_quickstart_learns_the_teachers_prompt(tmp_path):
     learned = float(re.search(r"learned prompt\s+([\d.]+)", result.stdout).group(1))
     assert learned > zero_shot + 0.15, result.stdout
     assert "reloaded outputs identical: True" in result.stdout
-    assert (tmp_path / "a" / "adapter_model.safetensors").stat().st_size < 2048
+    raw = 8 * 4 * 32 * 4  # 8 classes x 4 context vectors x width 32, float32
+    assert raw <= (tmp_path / "a" / "adapter_model.safetensors").stat().st_size <= raw + 2048
