@@ -166,3 +166,15 @@ def test_load_a_second_adapter_into_a_peft_model(clip_dir, tokenizer, tmp_path):
         assert torch.equal(text_features(model, **inputs), text_features(second, **inputs))
         model.set_adapter("default")
         assert torch.equal(text_features(model, **inputs), text_features(first, **inputs))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_cpu_mem_usage_loading(clip_dir, tmp_path, dtype):
+    model = perturbed(get_peft_model(CLIPModel.from_pretrained(clip_dir), PromptEmbeddingConfig(n_ctx=4)))
+    model.save_pretrained(tmp_path)
+    again = PeftModel.from_pretrained(
+        CLIPModel.from_pretrained(clip_dir, dtype=dtype), tmp_path, low_cpu_mem_usage=True
+    )
+    loaded = context_of(again)["default"]
+    assert loaded.device.type == "cpu" and loaded.dtype == torch.float32
+    assert torch.equal(loaded, context_of(model)["default"])
