@@ -1,0 +1,124 @@
+"""Image classification over a fixed set of classes: the class text features are computed once and cached, so each
+batch of images costs one pass of the image tower and a matrix product."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from safetensors.torch import save_file
+from torch import nn
+
+#: CLIP's hand-written prompt, the zero-shot baseline of CoOp's tables.
+CLIP_TEMPLATE = ("a photo of a {}.",)
+#: The seven-template ensemble CLIP's authors selected for ImageNet (also used by CoOp's zero-shot baselines).
+IMAGENET_TEMPLATES = (
+    "itap of a {}.",
+    "a bad photo of the {}.",
+    "a origami {}.",
+    "a photo of the large {}.",
+    "a {} in a video game.",
+    "art of the {}.",
+    "a photo of the small {}.",
+)
+
+
+def _features(output) -> torch.Tensor:
+    # transformers 4 returns the projected features, 5 an output object holding them as pooler_output
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+class PromptClassifier:
+    """
+    Classify images among `class_names` with a CLIP model, with or without a prompt adapter.
+
+    Args:
+        model (`nn.Module`): a `CLIPModel`, or a `PeftModel` wrapping one with a prompt adapter.
+        processor: the model's processor (`AutoProcessor.from_pretrained(...)`): tokenizer and image processor.
+        class_names (`Sequence[str]`): the classes, in label order.
+        templates (`Sequence[str]`, *optional*, defaults to `("{}.",)`): texts with a `{}` for the class name; the
+            class feature is the normalised mean over templates (CLIP's prompt ensembling).
+        use_adapter (`bool`, *optional*, defaults to `True`): `False` runs the base model (zero-shot baseline) even
+            when `model` has an adapter.
+
+    The class features are cached on first use; call [`refresh`] after training the prompt or switching adapters.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        processor,
+        class_names: Sequence[str],
+        templates: Sequence[str] = ("{}.",),
+        use_adapter: bool = True,
+    ) -> None:
+        if not class_names:
+            raise ValueError("class_names is empty: give the names of the classes to classify among.")
+        if any("{}" not in t for t in templates) or not templates:
+            raise ValueError(f"Every template needs a '{{}}' for the class name, got {list(templates)}.")
+        self.model = model
+        self.processor = processor
+        self.class_names = list(class_names)
+        self.templates = list(templates)
+        self.use_adapter = use_adapter
+        self._class_features: torch.Tensor | None = None
+
+    @property
+    def base_model(self) -> nn.Module:
+        return self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
+
+    def _adapter_context(self):
+        if isinstance(self.model, PeftModel) and not self.use_adapter:
+            return self.model.disable_adapter()
+        return nullcontext()
+
+    @torch.no_grad()
+    def class_features(self) -> torch.Tensor:
+        """Normalised class text features `(num_classes, dim)`, computed once."""
+        if self._class_features is None:
+            device = self.base_model.logit_scale.device
+            per_template = []
+            with self._adapter_context():
+                for template in self.templates:
+                    texts = [template.format(name) for name in self.class_names]
+                    tokens = self.processor.tokenizer(texts, padding=True, return_tensors="pt").to(device)
+                    features = _features(self.model.get_text_features(**tokens))
+                    per_template.append(features / features.norm(dim=-1, keepdim=True))
+            mean = torch.stack(per_template).mean(dim=0)
+            self._class_features = mean / mean.norm(dim=-1, keepdim=True)
+        return self._class_features
+
+    def refresh(self) -> None:
+        """Forget the cached class features (after training, or after `set_adapter`)."""
+        self._class_features = None
+
+    @torch.no_grad()
+    def logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Scaled cosine similarities `(num_images, num_classes)`, as `CLIPModel`'s `logits_per_image`."""
+        base = self.base_model
+        image = _features(base.get_image_features(pixel_values=pixel_values.to(base.logit_scale.device)))
+        image = image / image.norm(dim=-1, keepdim=True)
+        text = self.class_features().to(image.dtype)
+        return base.logit_scale.exp().to(image.dtype) * image @ text.T
+
+    def predict(self, images: Sequence, top_k: int = 5) -> list[list[tuple[str, float]]]:
+        """The `top_k` most probable classes of each image (PIL images or arrays), with their probabilities."""
+        pixel_values = self.processor(images=list(images), return_tensors="pt")["pixel_values"]
+        probs = self.logits(pixel_values).float().softmax(dim=-1)
+        scores, indices = probs.topk(min(top_k, len(self.class_names)), dim=-1)
+        return [
+            [(self.class_names[i], s) for i, s in zip(row_i.tolist(), row_s.tolist(), strict=True)]
+            for row_i, row_s in zip(indices, scores, strict=True)
+        ]
+
+    def save_head(self, path: str | Path) -> None:
+        """Save the classifier as a plain linear head on the image features, for deployment without the text tower.
+
+        `adapter-free logits = normalise(image_features) @ weight.T`; the class names are in the file's metadata.
+        """
+        weight = (self.base_model.logit_scale.exp() * self.class_features()).float().cpu().contiguous()
+        save_file({"weight": weight}, str(path), metadata={"class_names": json.dumps(self.class_names)})
