@@ -4,6 +4,7 @@ Importing the package registers its adapter type with PEFT, so `get_peft_model` 
 know it. Import it before loading a saved prompt adapter.
 """
 
+from .classifier import CLIP_TEMPLATE, IMAGENET_TEMPLATES, PromptClassifier
 from .config import PEFT_TYPE, ClassTokenPosition, PromptEmbeddingConfig
 from .layer import PromptEmbeddingLayer
 from .loading import get_prompt_model, load_prompt_model
@@ -15,6 +16,9 @@ register()
 __version__ = "0.1.0"
 
 __all__ = [
+    "CLIP_TEMPLATE",
+    "IMAGENET_TEMPLATES",
+    "PromptClassifier",
     "PEFT_TYPE",
     "ClassTokenPosition",
     "PromptEmbeddingConfig",
