@@ -15,28 +15,12 @@ import tempfile
 from pathlib import Path
 
 import torch
+from common import SIZES, clip_config
 from peft import get_peft_model
-from transformers import CLIPConfig, CLIPModel, CLIPTextModel
+from transformers import CLIPModel, CLIPTextModel
 
 from peft_prompt_clip import PromptEmbeddingConfig
 
-# text/vision towers of openai/clip-vit-base-patch32 and openai/clip-vit-large-patch14
-MODELS = {
-    "ViT-B/32": CLIPConfig(
-        text_config=dict(hidden_size=512, intermediate_size=2048, num_attention_heads=8, num_hidden_layers=12),
-        vision_config=dict(
-            hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12, patch_size=32
-        ),
-        projection_dim=512,
-    ),
-    "ViT-L/14": CLIPConfig(
-        text_config=dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12),
-        vision_config=dict(
-            hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=24, patch_size=14
-        ),
-        projection_dim=768,
-    ),
-}
 ADAPTERS = {
     "CoOp n_ctx=4": dict(n_ctx=4),
     "CoOp n_ctx=16": dict(n_ctx=16),
@@ -46,7 +30,8 @@ ADAPTERS = {
 
 def main() -> list[dict]:
     rows = []
-    for model_name, config in MODELS.items():
+    for model_name in SIZES:
+        config = clip_config(model_name)
         with torch.device("meta"):
             full_bytes = sum(p.numel() * 4 for p in CLIPModel(config).parameters())  # fp32 checkpoint
         text_model = CLIPTextModel(config.text_config)

@@ -12,57 +12,26 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from common import clip_config, median_seconds
 from peft import get_peft_model
-from transformers import AutoProcessor, CLIPConfig, CLIPModel
+from transformers import AutoProcessor, CLIPModel
 
 from peft_prompt_clip import PromptEmbeddingConfig
 from peft_prompt_clip.classifier import PromptClassifier
 from peft_prompt_clip.tiny import save_tiny_clip, vocab_and_merges
 
 
-def vit_b32_config() -> CLIPConfig:
-    vocab, _ = vocab_and_merges()
-    text = dict(
-        hidden_size=512,
-        intermediate_size=2048,
-        num_attention_heads=8,
-        num_hidden_layers=12,
-        vocab_size=49408,
-        bos_token_id=vocab["<|startoftext|>"],
-        eos_token_id=vocab["<|endoftext|>"],
-    )
-    vision = dict(
-        hidden_size=768,
-        intermediate_size=3072,
-        num_attention_heads=12,
-        num_hidden_layers=12,
-        patch_size=32,
-        image_size=224,
-    )
-    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=512)
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main(num_classes: int, num_images: int, repeats: int) -> dict:
     torch.manual_seed(0)
     folder = save_tiny_clip(Path(tempfile.mkdtemp()) / "tok")  # for its tokenizer
     processor = AutoProcessor.from_pretrained(folder)
-    model = get_peft_model(CLIPModel(vit_b32_config()).eval(), PromptEmbeddingConfig(n_ctx=16))
+    vocab, _ = vocab_and_merges()  # the tiny tokenizer's special ids, in a full-size vocabulary
+    config = clip_config("ViT-B/32", bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"])
+    model = get_peft_model(CLIPModel(config).eval(), PromptEmbeddingConfig(n_ctx=16))
     names = [f"class {i}" for i in range(num_classes)]
     pixels = torch.randn(num_images, 3, 224, 224)
     texts = processor.tokenizer([f"{n}." for n in names], padding=True, return_tensors="pt")
