@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -51,6 +53,7 @@ class PromptEmbeddingLayer(nn.Module, BaseTunerLayer):
         self._active_adapter = adapter_name
         self.merged_adapters = []
         self.max_positions = base_layer.position_embedding.num_embeddings
+        self._class_rows: torch.Tensor | None = None
         self._owner_signature = inspect.signature(owner.forward)
         self._owner_var_kwargs = next(
             (p.name for p in self._owner_signature.parameters.values() if p.kind is p.VAR_KEYWORD), None
@@ -111,7 +114,10 @@ class PromptEmbeddingLayer(nn.Module, BaseTunerLayer):
         positions = self.prompt_layouts[name].locate(input_ids)
         embeds = self.base_layer.token_embedding(input_ids)
         batch, _, width = embeds.shape
-        ctx = self.prompt_embedding_ctx[name].to(embeds.dtype)
+        ctx = self.prompt_embedding_ctx[name]
+        if ctx.dim() == 3 and self._class_rows is not None:
+            ctx = ctx[self._class_rows.to(ctx.device)]
+        ctx = ctx.to(embeds.dtype)
         if ctx.dim() == 2:
             ctx = ctx.expand(batch, -1, -1)
         elif ctx.shape[0] != batch:
@@ -121,6 +127,16 @@ class PromptEmbeddingLayer(nn.Module, BaseTunerLayer):
             )
         embeds = embeds.scatter(1, positions[..., None].expand(-1, -1, width), ctx)
         return self.base_layer(inputs_embeds=embeds, position_ids=position_ids)
+
+    @contextmanager
+    def selecting_classes(self, indices: Sequence[int]) -> Iterator[None]:
+        """Within this block, the texts of a batch are the classes `indices` (in that order) rather than all classes:
+        class-specific context is taken from those rows. Used to encode many classes in chunks; not thread-safe."""
+        self._class_rows = torch.as_tensor(list(indices), dtype=torch.long)
+        try:
+            yield
+        finally:
+            self._class_rows = None
 
     def __getattr__(self, name: str) -> Any:
         # the text model reaches into its embeddings (get_input_embeddings() returns `embeddings.token_embedding`)

@@ -1,0 +1,268 @@
+"""Labelled images for few-shot prompt learning: image folders, CSV manifests and Hugging Face datasets, K-shot
+sampling, splits, base/novel classes, and CoOp's augmentation without torchvision."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+@dataclass
+class LabeledImages:
+    """
+    Images with integer labels and the class names they index.
+
+    Args:
+        class_names (`list[str]`): the classes, in label order.
+        images (`list`): image sources: file paths, or images in memory (PIL images or arrays).
+        labels (`list[int]`): one label per image.
+    """
+
+    class_names: list[str]
+    images: list[Any] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if len(self.images) != len(self.labels):
+            raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels.")
+        bad = sorted({y for y in self.labels if not 0 <= y < len(self.class_names)})
+        if bad:
+            raise ValueError(f"Labels {bad} are outside the {len(self.class_names)} classes.")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, indices: Sequence[int]) -> LabeledImages:
+        return LabeledImages(self.class_names, [self.images[i] for i in indices], [self.labels[i] for i in indices])
+
+    def counts(self) -> list[int]:
+        counts = [0] * len(self.class_names)
+        for y in self.labels:
+            counts[y] += 1
+        return counts
+
+
+def class_name_from_folder(name: str) -> str:
+    """`"golden_retriever"` -> `"golden retriever"`."""
+    return name.replace("_", " ").strip()
+
+
+def load_image_folder(root: str | Path) -> LabeledImages:
+    """
+    Images in `root/<class>/*.jpg`. Class names come from the folder names (`_` becomes a space), unless `root` has a
+    `classnames.txt` (lines `folder name`, or `folder`) or `classnames.json` (`{"folder": "name"}`).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"No data folder at {root}.")
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise ValueError(f"{root} has no class folders: expected {root}/<class name>/<image files>.")
+    names = {f.name: class_name_from_folder(f.name) for f in folders}
+    names.update(_class_name_mapping(root))
+    data = LabeledImages([names[f.name] for f in folders])
+    for label, folder in enumerate(folders):
+        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        data.images += files
+        data.labels += [label] * len(files)
+    _check_classes(data, str(root))
+    return data
+
+
+def _class_name_mapping(root: Path) -> dict[str, str]:
+    if (root / "classnames.json").is_file():
+        mapping = json.loads((root / "classnames.json").read_text(encoding="utf-8"))
+        if not isinstance(mapping, dict):
+            raise ValueError(f"{root / 'classnames.json'} must map folder names to class names.")
+        return {str(k): str(v) for k, v in mapping.items()}
+    if (root / "classnames.txt").is_file():
+        mapping = {}
+        for line in (root / "classnames.txt").read_text(encoding="utf-8").splitlines():
+            folder, _, name = line.strip().partition(" ")
+            if folder:
+                mapping[folder] = name.strip() or class_name_from_folder(folder)
+        return mapping
+    return {}
+
+
+def load_csv(path: str | Path) -> LabeledImages:
+    """A CSV manifest with a header `path,label`; relative paths are relative to the CSV's folder."""
+    path = Path(path)
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or not {"path", "label"} <= set(rows[0]):
+        raise ValueError(f"{path} needs a header 'path,label' and at least one row.")
+    names = sorted({r["label"] for r in rows})
+    index = {n: i for i, n in enumerate(names)}
+    images = [Path(r["path"]) if Path(r["path"]).is_absolute() else path.parent / r["path"] for r in rows]
+    return LabeledImages(names, images, [index[r["label"]] for r in rows])
+
+
+def from_hf_dataset(dataset: Any, image_column: str = "image", label_column: str = "label") -> LabeledImages:
+    """
+    A Hugging Face `datasets.Dataset` (any with an image column and a label column, `imagefolder` included).
+    Class names come from the label column's `ClassLabel` names, else from the sorted label values.
+    """
+    columns = getattr(dataset, "column_names", None) or list(dataset.features)
+    missing = [c for c in (image_column, label_column) if c not in columns]
+    if missing:
+        raise ValueError(f"The dataset has no column {missing}; its columns are {columns}. Pass image/label columns.")
+    feature = dataset.features[label_column]
+    labels = list(dataset[label_column])
+    if hasattr(feature, "names"):
+        names = list(feature.names)
+    else:
+        names = sorted({str(y) for y in labels})
+        index = {n: i for i, n in enumerate(names)}
+        labels = [index[str(y)] for y in labels]
+    data = LabeledImages(names, list(dataset[image_column]), labels)
+    _check_classes(data, "the dataset")
+    return data
+
+
+def load_data(source: str | Path) -> LabeledImages:
+    """A folder of class folders, or a `.csv` manifest."""
+    source = Path(source)
+    if source.suffix.lower() == ".csv":
+        return load_csv(source)
+    return load_image_folder(source)
+
+
+def _check_classes(data: LabeledImages, where: str) -> None:
+    if not len(data):
+        raise ValueError(f"No images found in {where} (looked for {', '.join(sorted(IMAGE_SUFFIXES))}).")
+    empty = [name for name, n in zip(data.class_names, data.counts(), strict=True) if n == 0]
+    if empty:
+        raise ValueError(f"Classes without images in {where}: {empty}. Add images or remove those folders.")
+
+
+def few_shot(data: LabeledImages, shots: int, seed: int = 1) -> LabeledImages:
+    """At most `shots` images per class, drawn with `seed` (a class with fewer keeps all of them)."""
+    if shots < 1:
+        raise ValueError(f"shots must be at least 1, got {shots}.")
+    rng = random.Random(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(data.labels):
+        by_class.setdefault(y, []).append(i)
+    chosen = []
+    for y in sorted(by_class):
+        items = by_class[y]
+        chosen += sorted(rng.sample(items, min(shots, len(items))))
+    return data.subset(chosen)
+
+
+def split(
+    data: LabeledImages, fractions: Sequence[float] = (0.6, 0.2, 0.2), seed: int = 1
+) -> tuple[LabeledImages, ...]:
+    """Stratified split into parts of the given fractions (per class, shuffled with `seed`)."""
+    if not math.isclose(sum(fractions), 1.0) or any(f < 0 for f in fractions):
+        raise ValueError(f"fractions must be non-negative and sum to 1, got {list(fractions)}.")
+    rng = random.Random(seed)
+    parts: list[list[int]] = [[] for _ in fractions]
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(data.labels):
+        by_class.setdefault(y, []).append(i)
+    for y in sorted(by_class):
+        items = by_class[y][:]
+        rng.shuffle(items)
+        bounds = [round(sum(fractions[: k + 1]) * len(items)) for k in range(len(fractions))]
+        start = 0
+        for k, end in enumerate(bounds):
+            parts[k] += items[start:end]
+            start = end
+    return tuple(data.subset(sorted(p)) for p in parts)
+
+
+def select_classes(data: LabeledImages, names: Sequence[str]) -> LabeledImages:
+    """Only the images of `names`, relabelled `0..len(names)-1` in that order."""
+    unknown = [n for n in names if n not in data.class_names]
+    if unknown:
+        raise ValueError(f"Unknown classes {unknown}; the data has {data.class_names}.")
+    old = {data.class_names.index(n): i for i, n in enumerate(names)}
+    keep = [i for i, y in enumerate(data.labels) if y in old]
+    return LabeledImages(list(names), [data.images[i] for i in keep], [old[data.labels[i]] for i in keep])
+
+
+def base_novel(class_names: Sequence[str]) -> tuple[list[str], list[str]]:
+    """CoCoOp's base-to-novel protocol: the first half of the classes (rounded up) are base, the rest novel."""
+    half = math.ceil(len(class_names) / 2)
+    return list(class_names[:half]), list(class_names[half:])
+
+
+def open_image(source: Any) -> Image.Image:
+    """An RGB PIL image from a path or an image in memory; EXIF orientation applied, 16-bit/CMYK/palette converted."""
+    image = source if isinstance(source, Image.Image) else None
+    if image is None and isinstance(source, (str, Path)):
+        with Image.open(source) as opened:
+            opened.load()
+            image = opened.copy()
+    elif image is None:
+        image = Image.fromarray(source)
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        image = image.point(lambda v: v / 256).convert("L")
+    if image.width == 0 or image.height == 0:
+        raise ValueError("zero-size image")
+    return image.convert("RGB")
+
+
+def drop_unreadable(data: LabeledImages) -> LabeledImages:
+    """The images that open; the others are skipped with one warning that names them."""
+    keep, bad = [], []
+    for i, source in enumerate(data.images):
+        try:
+            if isinstance(source, (str, Path)):
+                open_image(source)
+            keep.append(i)
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+            bad.append(f"{source} ({type(exc).__name__}: {exc})")
+    if bad:
+        warnings.warn(f"Skipped {len(bad)} unreadable image(s): " + "; ".join(bad), stacklevel=2)
+    kept = data.subset(keep)
+    _check_classes(kept, "the readable images")
+    return kept
+
+
+def random_resized_crop_flip(
+    image: Image.Image, generator: random.Random, scale: tuple[float, float] = (0.08, 1.0)
+) -> Image.Image:
+    """CoOp's training augmentation (torchvision's RandomResizedCrop + RandomHorizontalFlip), with PIL."""
+    width, height = image.size
+    area = width * height
+    for _ in range(10):
+        target = area * generator.uniform(*scale)
+        ratio = math.exp(generator.uniform(math.log(3 / 4), math.log(4 / 3)))
+        w, h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+        if 0 < w <= width and 0 < h <= height:
+            left, top = generator.randint(0, width - w), generator.randint(0, height - h)
+            image = image.crop((left, top, left + w, top + h))
+            break
+    if generator.random() < 0.5:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return image
+
+
+def pixel_values(
+    processor: Any, data: LabeledImages, indices: Sequence[int], augment_seed: int | None = None
+) -> torch.Tensor:
+    """Preprocessed images (`processor`'s own resize/crop/normalise) for `indices`; augmented when `augment_seed` is
+    given, with one random stream per (seed, index), so that any process or resumed run draws the same crops."""
+    images = []
+    for i in indices:
+        image = open_image(data.images[i])
+        if augment_seed is not None:
+            image = random_resized_crop_flip(image, random.Random(f"{augment_seed}-{i}"))
+        images.append(image)
+    return processor(images=images, return_tensors="pt")["pixel_values"]

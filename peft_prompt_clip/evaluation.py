@@ -1,0 +1,45 @@
+"""Accuracy of a classifier on labelled images: top-1, top-5, per class, and CoCoOp's base-to-novel harmonic mean."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .classifier import PromptClassifier
+from .data import LabeledImages, pixel_values
+
+
+@torch.no_grad()
+def evaluate(classifier: PromptClassifier, data: LabeledImages, batch_size: int = 64) -> dict[str, Any]:
+    """
+    Top-1 and top-5 accuracy, and accuracy per class, of `classifier` on `data` (whose classes must be the
+    classifier's, in the same order).
+    """
+    if list(data.class_names) != list(classifier.class_names):
+        raise ValueError(
+            "The data's classes differ from the classifier's; build the classifier with data.class_names."
+        )
+    labels = torch.tensor(data.labels)
+    top1, top5 = torch.zeros(len(data), dtype=torch.bool), torch.zeros(len(data), dtype=torch.bool)
+    k = min(5, len(data.class_names))
+    for start in range(0, len(data), batch_size):
+        indices = list(range(start, min(start + batch_size, len(data))))
+        logits = classifier.logits(pixel_values(classifier.processor, data, indices)).float().cpu()
+        best = logits.topk(k, dim=-1).indices
+        top1[indices] = best[:, 0] == labels[indices]
+        top5[indices] = (best == labels[indices, None]).any(dim=-1)
+    per_class = {
+        name: top1[labels == y].float().mean().item() for y, name in enumerate(data.class_names) if (labels == y).any()
+    }
+    return {
+        "top1": top1.float().mean().item(),
+        "top5": top5.float().mean().item(),
+        "per_class": per_class,
+        "n": len(data),
+    }
+
+
+def harmonic_mean(base: float, novel: float) -> float:
+    """CoCoOp's summary of base-to-novel generalisation: `2 * base * novel / (base + novel)`."""
+    return 0.0 if base + novel == 0 else 2 * base * novel / (base + novel)

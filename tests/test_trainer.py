@@ -1,0 +1,140 @@
+"""Training: it learns, it resumes exactly, chunked class encoding has the exact gradient, checkpoints are atomic."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import get_peft_model
+from transformers import AutoProcessor, CLIPModel
+
+from peft_prompt_clip import PromptEmbeddingConfig
+from peft_prompt_clip.data import LabeledImages
+from peft_prompt_clip.trainer import CHECKPOINT_NAME, PromptTrainer, TrainingArguments, coop_epochs, load_checkpoint
+
+CLASSES = ["cat", "dog", "bird", "car", "ship", "frog"]
+
+
+def teacher_data(clip_dir, n=96, seed=0) -> LabeledImages:
+    """Random images labelled by a hidden class-specific prompt: a task a prompt can learn and zero-shot cannot."""
+    processor = AutoProcessor.from_pretrained(clip_dir)
+    teacher = get_peft_model(
+        CLIPModel.from_pretrained(clip_dir).eval(),
+        PromptEmbeddingConfig(n_ctx=4, class_specific=True, class_names=CLASSES, init_seed=9),
+    )
+    generator = torch.Generator().manual_seed(seed)
+    images = [(torch.rand(30, 30, 3, generator=generator) * 255).to(torch.uint8).numpy() for _ in range(n)]
+    texts = processor.tokenizer([f"{c}." for c in CLASSES], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        next(p for p in teacher.parameters() if p.requires_grad).normal_(0, 1.0, generator=generator)
+        pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+        labels = teacher(**texts, pixel_values=pixels).logits_per_image.argmax(-1).tolist()
+    return LabeledImages(CLASSES, images, labels)
+
+
+def student(clip_dir, **kwargs):
+    config = PromptEmbeddingConfig(n_ctx=4, class_specific=True, class_names=CLASSES, **kwargs)
+    return get_peft_model(CLIPModel.from_pretrained(clip_dir).eval(), config), AutoProcessor.from_pretrained(clip_dir)
+
+
+def context(model) -> torch.Tensor:
+    return next(p for p in model.parameters() if p.requires_grad).detach().clone()
+
+
+def args(tmp_path, **kwargs) -> TrainingArguments:
+    defaults = dict(output_dir=str(tmp_path), epochs=4, batch_size=16, optimizer="adamw", lr=0.05, augment=False)
+    return TrainingArguments(**{**defaults, **kwargs})
+
+
+def test_coop_epochs_by_shots():
+    assert [coop_epochs(s) for s in (1, 2, 4, 8, 16)] == [50, 100, 100, 200, 200]
+
+
+def test_learning_rate_schedule_is_coops():
+    a = TrainingArguments(output_dir=".", lr=0.002)
+    assert a.learning_rate(0, 10) == 1e-5
+    assert a.learning_rate(1, 10) == pytest.approx(0.5 * 0.002 * (1 + torch.cos(torch.tensor(torch.pi / 10)).item()))
+    assert a.learning_rate(5, 10) == pytest.approx(0.001)
+
+
+def test_training_learns(clip_dir, tmp_path):
+    data = teacher_data(clip_dir)
+    model, processor = student(clip_dir)
+    before = PromptTrainer(model, processor, data, args(tmp_path / "probe", epochs=1, lr=0.0)).train()["accuracy"]
+    summary = PromptTrainer(model, processor, data, args(tmp_path / "run", epochs=8)).train()
+    assert summary["accuracy"] > before + 0.3, (before, summary)
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "run" / CHECKPOINT_NAME).is_file()
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_resume_gives_the_uninterrupted_result(clip_dir, tmp_path, augment, monkeypatch):
+    import peft_prompt_clip.trainer as trainer_module
+
+    data = teacher_data(clip_dir, n=48)
+    recipe = dict(optimizer="sgd", lr=0.5, augment=augment)
+    model, processor = student(clip_dir)
+    PromptTrainer(model, processor, data, args(tmp_path / "full", **recipe)).train()
+    full = context(model)
+
+    save = trainer_module.save_checkpoint
+
+    def save_then_die(path, params, optimizer, epoch):
+        save(path, params, optimizer, epoch)
+        if epoch == 2:
+            raise KeyboardInterrupt  # the process dies right after its second checkpoint
+
+    monkeypatch.setattr(trainer_module, "save_checkpoint", save_then_die)
+    model, processor = student(clip_dir)
+    with pytest.raises(KeyboardInterrupt):
+        PromptTrainer(model, processor, data, args(tmp_path / "cut", **recipe)).train()
+    monkeypatch.setattr(trainer_module, "save_checkpoint", save)
+    model, processor = student(clip_dir)  # a fresh model: only the checkpoint carries over
+    PromptTrainer(model, processor, data, args(tmp_path / "cut", resume=True, **recipe)).train()
+    assert torch.equal(context(model), full)
+    assert not torch.equal(context(model), context(student(clip_dir)[0]))
+
+
+def test_chunked_class_encoding_has_the_exact_gradient(clip_dir, tmp_path):
+    data = teacher_data(clip_dir, n=16)
+    grads = []
+    for chunk in (None, 4, 1):
+        model, processor = student(clip_dir)
+        model.double()  # float64, so that 1e-6 measures the method, not float32 rounding (gradients reach ~20)
+        trainer = PromptTrainer(model, processor, data, args(tmp_path, class_chunk_size=chunk))
+        features = trainer._cached_image_features()
+        trainer._step(trainer._text_chunks(), features, torch.tensor(data.labels), len(data))
+        assert features.dtype == torch.float64
+        grads.append(next(p for p in model.parameters() if p.requires_grad).grad.clone())
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(grads[2], grads[0], atol=1e-6, rtol=0)
+
+
+def test_checkpoint_write_is_atomic(clip_dir, tmp_path, monkeypatch):
+    data = teacher_data(clip_dir, n=16)
+    model, processor = student(clip_dir)
+    PromptTrainer(model, processor, data, args(tmp_path, epochs=1)).train()
+    before = (tmp_path / CHECKPOINT_NAME).read_bytes()
+
+    import peft_prompt_clip.trainer as trainer_module
+
+    def crash(*a, **k):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(trainer_module, "save_file", crash)
+    model, processor = student(clip_dir)
+    with pytest.raises(OSError, match="No space left"):
+        PromptTrainer(model, processor, data, args(tmp_path, epochs=2, resume=True)).train()
+    assert (tmp_path / CHECKPOINT_NAME).read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+    params = [torch.zeros(6, 4, 32, requires_grad=True)]
+    optimizer = torch.optim.AdamW(params)
+    assert load_checkpoint(tmp_path / CHECKPOINT_NAME, params, optimizer) == 1
+
+
+def test_trainer_refuses_a_frozen_adapter(clip_dir, tmp_path):
+    model, processor = student(clip_dir)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="is_trainable=True"):
+        PromptTrainer(model, processor, teacher_data(clip_dir, n=8), args(tmp_path))
