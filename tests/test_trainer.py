@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 from peft import get_peft_model
 from transformers import AutoProcessor, CLIPModel
 
@@ -94,20 +95,27 @@ def test_resume_gives_the_uninterrupted_result(clip_dir, tmp_path, augment, monk
     assert not torch.equal(context(model), context(student(clip_dir)[0]))
 
 
+# transformers 4 builds CLIP's causal mask with an overflow in float64, so there the check runs in float32, where
+# 1e-6 is relative to the gradient's size (it reaches ~20 here, and float32 keeps ~7 digits)
+FLOAT64 = int(transformers.__version__.split(".")[0]) >= 5
+
+
 def test_chunked_class_encoding_has_the_exact_gradient(clip_dir, tmp_path):
     data = teacher_data(clip_dir, n=16)
     grads = []
     for chunk in (None, 4, 1):
         model, processor = student(clip_dir)
-        model.double()  # float64, so that 1e-6 measures the method, not float32 rounding (gradients reach ~20)
+        if FLOAT64:
+            model.double()
         trainer = PromptTrainer(model, processor, data, args(tmp_path, class_chunk_size=chunk))
         features = trainer._cached_image_features()
+        assert features.dtype == (torch.float64 if FLOAT64 else torch.float32)
         trainer._step(trainer._text_chunks(), features, torch.tensor(data.labels), len(data))
-        assert features.dtype == torch.float64
         grads.append(next(p for p in model.parameters() if p.requires_grad).grad.clone())
     assert grads[0].abs().sum() > 0
-    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=0)
-    torch.testing.assert_close(grads[2], grads[0], atol=1e-6, rtol=0)
+    atol = 1e-6 if FLOAT64 else 1e-6 * grads[0].abs().max().item()
+    torch.testing.assert_close(grads[1], grads[0], atol=atol, rtol=0)
+    torch.testing.assert_close(grads[2], grads[0], atol=atol, rtol=0)
 
 
 def test_checkpoint_write_is_atomic(clip_dir, tmp_path, monkeypatch):
