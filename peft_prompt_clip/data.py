@@ -140,6 +140,24 @@ def load_data(source: str | Path) -> LabeledImages:
     return load_image_folder(source)
 
 
+SPLITS = ("train", "val", "test")
+
+
+def load_split(source: str | Path, split: str, seed: int = 1) -> LabeledImages:
+    """
+    One split of a data source: `source/<split>/<class>/...` when the source has split folders, else a stratified
+    60/20/20 train/val/test split of the whole source drawn with `seed`.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
+    source = Path(source)
+    if (source / split).is_dir():
+        return load_image_folder(source / split)
+    if source.is_dir() and any((source / s).is_dir() for s in SPLITS):
+        raise FileNotFoundError(f"{source} has split folders but no {split!r} folder.")
+    return split_data(load_data(source), (0.6, 0.2, 0.2), seed)[SPLITS.index(split)]
+
+
 def _check_classes(data: LabeledImages, where: str) -> None:
     if not len(data):
         raise ValueError(f"No images found in {where} (looked for {', '.join(sorted(IMAGE_SUFFIXES))}).")
@@ -163,7 +181,7 @@ def few_shot(data: LabeledImages, shots: int, seed: int = 1) -> LabeledImages:
     return data.subset(chosen)
 
 
-def split(
+def split_data(
     data: LabeledImages, fractions: Sequence[float] = (0.6, 0.2, 0.2), seed: int = 1
 ) -> tuple[LabeledImages, ...]:
     """Stratified split into parts of the given fractions (per class, shuffled with `seed`)."""
@@ -230,6 +248,8 @@ def drop_unreadable(data: LabeledImages) -> LabeledImages:
             bad.append(f"{source} ({type(exc).__name__}: {exc})")
     if bad:
         warnings.warn(f"Skipped {len(bad)} unreadable image(s): " + "; ".join(bad), stacklevel=2)
+    if not keep:
+        raise ValueError(f"None of the {len(data)} images could be read (see the warning for each file).")
     kept = data.subset(keep)
     _check_classes(kept, "the readable images")
     return kept

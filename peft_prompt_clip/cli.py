@@ -1,0 +1,225 @@
+"""The `peft-prompt-clip` command: train, eval, predict and demo. Each command calls the same functions as the Python
+API; user mistakes end in one line on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from .classifier import CLIP_TEMPLATE, IMAGENET_TEMPLATES, PromptClassifier
+from .config import PromptEmbeddingConfig
+from .data import LabeledImages, base_novel, drop_unreadable, few_shot, load_split, open_image, select_classes
+from .evaluation import evaluate, harmonic_mean
+from .loading import CONFIG_NAME, get_prompt_model, load_prompt_model, resolve_adapter
+from .trainer import PromptTrainer, TrainingArguments
+
+RESULTS_NAME = "eval_results.json"
+
+
+def _load_base(model_name: str):
+    from transformers import AutoProcessor, CLIPModel
+
+    return CLIPModel.from_pretrained(model_name).eval(), AutoProcessor.from_pretrained(model_name)
+
+
+def _classes(data: LabeledImages, which: str | None) -> LabeledImages:
+    if which is None or which == "all":
+        return data
+    base, novel = base_novel(data.class_names)
+    names = {"base": base, "novel": novel}.get(which) or [n.strip() for n in which.split(",") if n.strip()]
+    return select_classes(data, names)
+
+
+def _data(args: argparse.Namespace, split: str) -> LabeledImages:
+    return _classes(drop_unreadable(load_split(args.data, split, seed=args.seed)), args.classes)
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    """Learn a prompt adapter on `--data` and save it in `--output`."""
+    data = _data(args, "train")
+    data = few_shot(data, args.shots, seed=args.seed) if args.shots else data
+    model, processor = _load_base(args.model)
+    config = PromptEmbeddingConfig(
+        n_ctx=args.n_ctx,
+        ctx_init=args.ctx_init,
+        class_token_position=args.position,
+        class_specific=args.csc,
+        class_names=data.class_names,
+        init_seed=args.seed,
+    )
+    model = get_prompt_model(model, config)
+    training = TrainingArguments(
+        output_dir=args.output,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        optimizer=args.optimizer,
+        lr=args.lr if args.lr is not None else (0.002 if args.optimizer == "sgd" else 0.003),
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        augment=args.augment,
+        class_chunk_size=args.class_chunk_size,
+        seed=args.seed,
+        report_to=args.report_to,
+        resume=args.resume,
+    )
+    summary = PromptTrainer(model, processor, data, training).train()
+    print(
+        f"trained {summary['epochs']} epochs on {len(data)} images of {len(data.class_names)} classes: "
+        f"loss {summary['loss']:.4f}, train accuracy {summary['accuracy']:.3f}; adapter saved to {args.output}"
+    )
+    return summary
+
+
+def _adapter_model(args: argparse.Namespace):
+    folder = resolve_adapter(args.adapter, revision=getattr(args, "revision", None))
+    config = json.loads((Path(folder) / CONFIG_NAME).read_text(encoding="utf-8"))
+    base_name = args.model or config.get("base_model_name_or_path")
+    if not base_name:
+        raise ValueError("The adapter does not name its base model; pass --model.")
+    base, processor = _load_base(base_name)
+    return load_prompt_model(base, folder), processor, folder
+
+
+def _report(rows: dict[str, dict[str, float]], columns: list[str]) -> None:
+    print(f"{'':22}" + "".join(f"{c:>10}" for c in columns))
+    for name, values in rows.items():
+        print(f"{name:22}" + "".join(f"{values[c]:>10.3f}" for c in columns))
+
+
+def eval_(args: argparse.Namespace) -> dict[str, Any]:
+    """Accuracy of the learned prompt against the zero-shot prompt on `--data`."""
+    model, processor, folder = _adapter_model(args)
+    templates = IMAGENET_TEMPLATES if args.templates == "imagenet" else CLIP_TEMPLATE
+    data = _data(args, args.split)
+    config = model.peft_config[model.active_adapter]
+    if config.class_specific and data.class_names != config.class_names:
+        raise ValueError(
+            f"This adapter has one context per class for {config.class_names}; evaluate it on those classes."
+        )
+
+    def both(part: LabeledImages) -> dict[str, dict[str, Any]]:
+        return {
+            "zero-shot": evaluate(
+                PromptClassifier(model, processor, part.class_names, templates, use_adapter=False), part
+            ),
+            "learned prompt": evaluate(PromptClassifier(model, processor, part.class_names), part),
+        }
+
+    if args.base_to_novel:
+        base_names, novel_names = base_novel(data.class_names)
+        parts = {"base": both(select_classes(data, base_names)), "novel": both(select_classes(data, novel_names))}
+        rows = {
+            method: {
+                "base": parts["base"][method]["top1"],
+                "novel": parts["novel"][method]["top1"],
+                "HM": harmonic_mean(parts["base"][method]["top1"], parts["novel"][method]["top1"]),
+            }
+            for method in ("zero-shot", "learned prompt")
+        }
+        results: dict[str, Any] = {"split": args.split, "base_to_novel": rows, "details": parts}
+        _report(rows, ["base", "novel", "HM"])
+    else:
+        results = {"split": args.split, **both(data)}
+        _report({k: results[k] for k in ("zero-shot", "learned prompt")}, ["top1", "top5"])
+    out = Path(folder if Path(args.adapter).is_dir() else ".") / RESULTS_NAME
+    out.write_text(json.dumps(results, indent=2))
+    print(f"results written to {out}")
+    return results
+
+
+def predict(args: argparse.Namespace) -> list[list[tuple[str, float]]]:
+    """Top-k classes of each image, among the classes the adapter was learned for (or `--classes`)."""
+    model, processor, _ = _adapter_model(args)
+    names = args.classes.split(",") if args.classes else model.peft_config[model.active_adapter].class_names
+    if not names:
+        raise ValueError("The adapter has no class names; pass --classes 'name one,name two,...'.")
+    images = []
+    for path in args.images:
+        try:
+            images.append(open_image(path))
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"Cannot read image {path}: {exc}") from None
+    predictions = PromptClassifier(model, processor, names).predict(images, top_k=args.top_k)
+    for path, top in zip(args.images, predictions, strict=True):
+        print(f"{path}: " + ", ".join(f"{name} {score:.3f}" for name, score in top))
+    return predictions
+
+
+def demo(args: argparse.Namespace) -> dict[str, Any]:
+    """The whole flow offline on the embedded default model and data."""
+    from .demo import run_demo
+
+    return run_demo(Path(args.output), shots=args.shots, seed=args.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="peft-prompt-clip", description="Learned prompts for CLIP, as PEFT adapters."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def data_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--data", required=True, help="folder of class folders (optionally under train/val/test) or CSV"
+        )
+        p.add_argument("--classes", help="'base', 'novel' (CoCoOp's halves), 'all', or comma-separated class names")
+        p.add_argument("--seed", type=int, default=1, help="seed of the split, shots, batch order and augmentation")
+
+    p = commands.add_parser("train", help="learn a prompt adapter", description=train.__doc__)
+    p.add_argument("--model", required=True, help="base CLIP model: folder or Hub id")
+    data_options(p)
+    p.add_argument("--output", required=True, help="folder for the adapter and checkpoint")
+    p.add_argument("--shots", type=int, help="images per class (K-shot); all by default")
+    p.add_argument("--n-ctx", type=int, default=None, help="context vectors (default 16, or the words of --ctx-init)")
+    p.add_argument("--ctx-init", help="initial words, e.g. 'a photo of a'")
+    p.add_argument("--position", default="end", choices=["end", "middle", "front"], help="class token position")
+    p.add_argument("--csc", action="store_true", help="one context per class (CoOp's class-specific context)")
+    p.add_argument("--epochs", type=int, help="default: CoOp's by shots (50 / 100 / 200)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
+    p.add_argument("--lr", type=float, help="default 0.002 (sgd) or 0.003 (adamw)")
+    p.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None, help="default: on up to 16 shots")
+    p.add_argument("--class-chunk-size", type=int, help="encode class prompts this many at a time (bounds memory)")
+    p.add_argument("--report-to", help="Accelerate tracker, e.g. tensorboard")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output")
+    p.set_defaults(run=train)
+
+    p = commands.add_parser("eval", help="accuracy of an adapter vs zero-shot", description=eval_.__doc__)
+    p.add_argument("--adapter", required=True, help="adapter folder or Hub repo id")
+    p.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
+    data_options(p)
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--templates", default="clip", choices=["clip", "imagenet"], help="zero-shot prompt(s)")
+    p.add_argument("--base-to-novel", action="store_true", help="report base, novel and harmonic mean (CoCoOp)")
+    p.set_defaults(run=eval_)
+
+    p = commands.add_parser("predict", help="top-k classes of images", description=predict.__doc__)
+    p.add_argument("--adapter", required=True, help="adapter folder or Hub repo id")
+    p.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
+    p.add_argument("--classes", help="comma-separated class names (default: the adapter's)")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("images", nargs="+", help="image files")
+    p.set_defaults(run=predict)
+
+    p = commands.add_parser("demo", help="the whole flow offline on the embedded default", description=demo.__doc__)
+    p.add_argument("--output", default="demo-adapter", help="folder for the learned adapter")
+    p.add_argument("--shots", type=int, default=16)
+    p.add_argument("--seed", type=int, default=1)
+    p.set_defaults(run=demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, TypeError, OSError, KeyError) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"peft-prompt-clip {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    return 0

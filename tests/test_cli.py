@@ -1,0 +1,106 @@
+"""The command line, as a user runs it: train, eval, predict on a generated image folder; one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def run(*args, check=True):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "peft_prompt_clip", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for name in ("cat", "dog", "red_car"):
+        (root / name).mkdir()
+        for i in range(10):
+            Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(clip_dir, image_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("adapter")
+    result = run(
+        "train", "--model", clip_dir, "--data", image_folder, "--output", out, "--shots", "4", "--epochs", "2",
+        "--optimizer", "adamw", "--n-ctx", "4", "--batch-size", "4",
+    )  # fmt: skip
+    assert "trained 2 epochs on 12 images of 3 classes" in result.stdout
+    return out
+
+
+def test_train_saves_an_adapter_with_its_classes(trained, clip_dir):
+    config = json.loads((trained / "adapter_config.json").read_text())
+    assert config["class_names"] == ["cat", "dog", "red car"]
+    assert config["base_model_name_or_path"] == str(clip_dir)
+    assert (trained / "adapter_model.safetensors").is_file() and (trained / "checkpoint.safetensors").is_file()
+
+
+def test_eval_prints_zero_shot_and_learned_and_writes_json(trained, image_folder):
+    result = run("eval", "--adapter", trained, "--data", image_folder, "--split", "test")
+    assert "zero-shot" in result.stdout and "learned prompt" in result.stdout
+    results = json.loads((trained / "eval_results.json").read_text())
+    assert results["learned prompt"]["n"] == 6
+    assert set(results["learned prompt"]["per_class"]) == {"cat", "dog", "red car"}
+    assert 0 <= results["zero-shot"]["top1"] <= results["zero-shot"]["top5"] <= 1
+
+
+def test_eval_base_to_novel(trained, image_folder):
+    result = run("eval", "--adapter", trained, "--data", image_folder, "--base-to-novel")
+    rows = json.loads((trained / "eval_results.json").read_text())["base_to_novel"]
+    assert set(rows) == {"zero-shot", "learned prompt"} and set(rows["learned prompt"]) == {"base", "novel", "HM"}
+    assert "HM" in result.stdout
+
+
+def test_predict_top_k(trained, image_folder):
+    result = run(
+        "predict", "--adapter", trained, "--top-k", "2", image_folder / "cat" / "0.png", image_folder / "dog" / "1.png"
+    )
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith(str(image_folder / "cat" / "0.png"))
+    assert len(lines[0].split(": ")[1].split(", ")) == 2
+
+
+def test_help_on_every_command():
+    for command in ("train", "eval", "predict", "demo"):
+        assert "usage: peft-prompt-clip " + command in run(command, "--help").stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ("train", "--model", "{clip}", "--data", "/no/such/folder", "--output", "{tmp}"),
+            "No data folder at /no/such/folder",
+        ),
+        (("train", "--model", "/no/such/model", "--data", "{images}", "--output", "{tmp}"), "error:"),
+        (("eval", "--adapter", "/no/such/adapter", "--data", "{images}"), "No adapter folder"),
+        (("predict", "--adapter", "{adapter}", "/no/such/image.png"), "Cannot read image /no/such/image.png"),
+    ],
+)
+def test_user_mistakes_are_one_line(args, message, clip_dir, image_folder, trained, tmp_path):
+    values = {"clip": clip_dir, "images": image_folder, "adapter": trained, "tmp": tmp_path}
+    result = run(*[a.format(**values) for a in args], check=False)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len([line for line in result.stderr.splitlines() if "error:" in line]) == 1

@@ -1,0 +1,159 @@
+"""Data: image folders, CSV, HF-style datasets, K-shot sampling, splits, base/novel, and awkward image files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from peft_prompt_clip.data import (
+    LabeledImages,
+    base_novel,
+    drop_unreadable,
+    few_shot,
+    from_hf_dataset,
+    load_csv,
+    load_image_folder,
+    load_split,
+    open_image,
+    random_resized_crop_flip,
+    select_classes,
+    split_data,
+)
+
+
+def write_images(folder, n, size=(12, 10), mode="RGB"):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(len(str(folder)))
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).convert(mode).save(
+            folder / f"{i}.png"
+        )
+
+
+def test_image_folder_class_names(tmp_path):
+    write_images(tmp_path / "golden_retriever", 3)
+    write_images(tmp_path / "cat", 2)
+    data = load_image_folder(tmp_path)
+    assert data.class_names == ["cat", "golden retriever"]
+    assert data.counts() == [2, 3]
+    (tmp_path / "classnames.txt").write_text("cat tabby cat\ngolden_retriever\n")
+    assert load_image_folder(tmp_path).class_names == ["tabby cat", "golden retriever"]
+    (tmp_path / "classnames.json").write_text(json.dumps({"cat": "kitty"}))
+    assert load_image_folder(tmp_path).class_names == ["kitty", "golden retriever"]
+
+
+def test_empty_class_or_folder_is_a_clear_error(tmp_path):
+    write_images(tmp_path / "cat", 2)
+    (tmp_path / "dog").mkdir()
+    with pytest.raises(ValueError, match=r"Classes without images .*\['dog'\]"):
+        load_image_folder(tmp_path)
+    with pytest.raises(ValueError, match="has no class folders"):
+        load_image_folder(tmp_path / "dog")
+    with pytest.raises(FileNotFoundError, match="No data folder"):
+        load_image_folder(tmp_path / "nowhere")
+
+
+def test_csv_manifest(tmp_path):
+    write_images(tmp_path / "img", 4)
+    (tmp_path / "m.csv").write_text("path,label\nimg/0.png,cat\nimg/1.png,dog\nimg/2.png,cat\n")
+    data = load_csv(tmp_path / "m.csv")
+    assert data.class_names == ["cat", "dog"] and data.labels == [0, 1, 0]
+    assert data.images[0] == tmp_path / "img" / "0.png"
+    (tmp_path / "bad.csv").write_text("file,class\n")
+    with pytest.raises(ValueError, match="header 'path,label'"):
+        load_csv(tmp_path / "bad.csv")
+
+
+class FakeHFDataset:
+    """The part of `datasets.Dataset` that `from_hf_dataset` uses."""
+
+    class ClassLabel:
+        names = ["airplane", "ship"]
+
+    def __init__(self):
+        self.features = {"img": object(), "label": self.ClassLabel()}
+        self.column_names = ["img", "label"]
+        self._columns = {"img": [np.zeros((4, 4, 3), np.uint8)] * 3, "label": [1, 0, 1]}
+
+    def __getitem__(self, key):
+        return self._columns[key]
+
+
+def test_hf_dataset():
+    data = from_hf_dataset(FakeHFDataset(), image_column="img")
+    assert data.class_names == ["airplane", "ship"] and data.labels == [1, 0, 1]
+    with pytest.raises(ValueError, match=r"no column \['image'\]"):
+        from_hf_dataset(FakeHFDataset())
+
+
+def test_few_shot_split_and_classes():
+    data = LabeledImages(["a", "b", "c"], list(range(30)), [i % 3 for i in range(30)])
+    shots = few_shot(data, 4, seed=1)
+    assert shots.counts() == [4, 4, 4]
+    assert few_shot(data, 4, seed=1).images == shots.images and few_shot(data, 4, seed=2).images != shots.images
+    train, val, test = split_data(data, (0.6, 0.2, 0.2), seed=1)
+    assert (train.counts(), val.counts(), test.counts()) == ([6] * 3, [2] * 3, [2] * 3)
+    assert not set(train.images) & set(test.images)
+    assert base_novel(["a", "b", "c"]) == (["a", "b"], ["c"])
+    only = select_classes(data, ["c", "a"])
+    assert only.class_names == ["c", "a"] and set(only.labels) == {0, 1} and only.counts() == [10, 10]
+    with pytest.raises(ValueError, match=r"Unknown classes \['z'\]"):
+        select_classes(data, ["z"])
+
+
+def test_load_split_with_and_without_split_folders(tmp_path):
+    write_images(tmp_path / "flat" / "cat", 5)
+    write_images(tmp_path / "flat" / "dog", 5)
+    assert len(load_split(tmp_path / "flat", "train")) == 6 and len(load_split(tmp_path / "flat", "test")) == 2
+    write_images(tmp_path / "split" / "train" / "cat", 2)
+    write_images(tmp_path / "split" / "test" / "cat", 1)
+    assert len(load_split(tmp_path / "split", "test")) == 1
+    with pytest.raises(FileNotFoundError, match="no 'val' folder"):
+        load_split(tmp_path / "split", "val")
+
+
+def test_awkward_images_open_as_rgb_or_are_skipped_by_name(tmp_path):
+    folder = tmp_path / "cat"
+    write_images(folder, 1)
+    Image.new("CMYK", (8, 6), (10, 20, 30, 0)).save(folder / "cmyk.jpg")
+    Image.fromarray(np.full((6, 8), 40000, dtype=np.uint16)).save(folder / "deep.png")
+    Image.new("P", (8, 6)).save(folder / "palette.gif")
+    rotated = Image.new("RGB", (8, 6))
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    rotated.save(folder / "exif.jpg", exif=exif)
+    (folder / "truncated.png").write_bytes((folder / "0.png").read_bytes()[:40])
+    (folder / "empty.jpg").write_bytes(b"")
+    with pytest.warns(UserWarning, match=r"Skipped 2 unreadable image\(s\): .*empty.jpg.*; .*truncated.png") as record:
+        data = drop_unreadable(load_image_folder(tmp_path))
+    assert len(record) == 1
+    assert len(data) == 5
+    assert all(open_image(p).mode == "RGB" for p in data.images)
+    assert open_image(folder / "exif.jpg").size == (6, 8)
+    assert open_image(folder / "deep.png").getpixel((0, 0)) == (156, 156, 156)
+
+
+def test_only_unreadable_images_is_a_clear_error(tmp_path):
+    (tmp_path / "cat").mkdir()
+    (tmp_path / "cat" / "bad.png").write_bytes(b"not an image")
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="None of the 1 images could be read"):
+        drop_unreadable(load_image_folder(tmp_path))
+    (tmp_path / "dog").mkdir()
+    Image.new("RGB", (4, 4)).save(tmp_path / "dog" / "ok.png")
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"Classes without images .*\['cat'\]"):
+        drop_unreadable(load_image_folder(tmp_path))
+
+
+def test_augmentation_is_seeded_and_changes_the_image():
+    import random
+
+    image = Image.fromarray(np.arange(64 * 48 * 3, dtype=np.uint8).reshape(48, 64, 3))
+    a = random_resized_crop_flip(image, random.Random("s-1"))
+    b = random_resized_crop_flip(image, random.Random("s-1"))
+    c = random_resized_crop_flip(image, random.Random("s-2"))
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert a.size != image.size or not np.array_equal(np.asarray(a), np.asarray(image))
+    assert not (a.size == c.size and np.array_equal(np.asarray(a), np.asarray(c)))
