@@ -57,6 +57,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         batch_size=args.batch_size,
         optimizer=args.optimizer,
         lr=args.lr if args.lr is not None else (0.002 if args.optimizer == "sgd" else 0.003),
+        warmup_epochs=args.warmup_epochs,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         augment=args.augment,
@@ -65,11 +66,13 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         report_to=args.report_to,
         resume=args.resume,
     )
-    summary = PromptTrainer(model, processor, data, training).train()
-    print(
-        f"trained {summary['epochs']} epochs on {len(data)} images of {len(data.class_names)} classes: "
-        f"loss {summary['loss']:.4f}, train accuracy {summary['accuracy']:.3f}; adapter saved to {args.output}"
-    )
+    trainer = PromptTrainer(model, processor, data, training)
+    summary = trainer.train()
+    if trainer.accelerator.is_main_process:
+        print(
+            f"trained {summary['epochs']} epochs on {len(data)} images of {len(data.class_names)} classes: "
+            f"loss {summary['loss']:.4f}, train accuracy {summary['accuracy']:.3f}; adapter saved to {args.output}"
+        )
     return summary
 
 
@@ -181,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
     p.add_argument("--lr", type=float, help="default 0.002 (sgd) or 0.003 (adamw)")
+    p.add_argument("--warmup-epochs", type=int, default=1, help="epochs at lr 1e-5 first (CoOp)")
     p.add_argument("--gradient-accumulation-steps", type=int, default=1)
     p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None, help="default: on up to 16 shots")

@@ -1,0 +1,49 @@
+"""Two CPU processes (accelerate launch, gloo) learn the same context as one process with the same global batch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+
+def test_two_processes_match_one(clip_dir, tmp_path):
+    rng = np.random.default_rng(0)
+    for name in ("cat", "dog", "red_car"):
+        (tmp_path / "images" / name).mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(
+                tmp_path / "images" / name / f"{i}.png"
+            )
+    train = ["-m", "peft_prompt_clip", "train", "--model", str(clip_dir), "--data", str(tmp_path / "images")]
+    train += ["--epochs", "3", "--optimizer", "adamw", "--lr", "0.05", "--n-ctx", "4", "--batch-size", "6"]
+    train += ["--shots", "4", "--augment", "--warmup-epochs", "0"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu"]
+    two = subprocess.run(
+        [*launch, *train, "--output", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert two.returncode == 0, two.stderr
+    assert two.stdout.count("trained 3 epochs") == 1  # only the main process reports and writes
+    one = subprocess.run(
+        [sys.executable, *train, "--output", str(tmp_path / "one")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert one.returncode == 0, one.stderr
+
+    a, b = (load_file(tmp_path / run / "adapter_model.safetensors") for run in ("one", "two"))
+    (key,) = a
+    last_checkpoint = load_file(tmp_path / "one" / "checkpoint.safetensors")["param.0"]
+    assert not torch.equal(a[key], torch.zeros_like(a[key])) and torch.equal(last_checkpoint, a[key])
+    torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=0)
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "checkpoint.safetensors"
+    ]  # fmt: skip
