@@ -18,10 +18,12 @@ try:  # transformers 5: the PIL backend (the default one needs torchvision)
 except ImportError:  # transformers 4
     from transformers import CLIPImageProcessor
 
-WORDS = (
-    "a photo of the cat dog bird car x ray x-ray airplane ship truck frog horse deer "
-    "small large red blue picture . , ! x"
-).split()
+WORDS = tuple(
+    (
+        "a photo of the cat dog bird car x ray x-ray airplane ship truck frog horse deer "
+        "small large red blue picture . , ! x"
+    ).split()
+)
 
 
 def _byte_chars() -> list[str]:
@@ -40,12 +42,12 @@ def _byte_chars() -> list[str]:
 
 
 @lru_cache
-def vocab_and_merges() -> tuple[dict[str, int], list[str]]:
-    """Byte-level vocabulary plus the merges that make each of `WORDS` one token, then the special tokens."""
+def vocab_and_merges(words: tuple[str, ...] = WORDS) -> tuple[dict[str, int], list[str]]:
+    """Byte-level vocabulary plus the merges that make each of `words` one token, then the special tokens."""
     chars = _byte_chars()
     tokens = chars + [c + "</w>" for c in chars]
     merges: list[str] = []
-    for word in WORDS:
+    for word in words:
         parts = list(word[:-1]) + [word[-1] + "</w>"]
         while len(parts) > 1:
             merge = f"{parts[0]} {parts[1]}"
@@ -58,14 +60,14 @@ def vocab_and_merges() -> tuple[dict[str, int], list[str]]:
     return {t: i for i, t in enumerate(tokens)}, merges
 
 
-def save_tokenizer(folder: Path) -> CLIPTokenizer:
-    """Write a CLIP BPE tokenizer for the words in `WORDS` (any other text falls back to bytes) to `folder`."""
-    vocab, merges = vocab_and_merges()
+def save_tokenizer(folder: Path, words: tuple[str, ...] = WORDS, max_length: int = 24) -> CLIPTokenizer:
+    """Write a CLIP BPE tokenizer for `words` (any other text falls back to bytes) to `folder`."""
+    vocab, merges = vocab_and_merges(words)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     # from_pretrained reads vocab.json + merges.txt under transformers 4 and 5 alike
-    tok = CLIPTokenizer.from_pretrained(folder, model_max_length=24)
+    tok = CLIPTokenizer.from_pretrained(folder, model_max_length=max_length)
     tok.save_pretrained(folder)
     return tok
 
@@ -101,10 +103,15 @@ def save_tiny_clip(folder: Path, seed: int = 0, **config_kwargs) -> Path:
     torch.manual_seed(seed)
     model = CLIPModel(clip_config(**config_kwargs)).eval()
     model.save_pretrained(folder)
-    tokenizer = save_tokenizer(folder)
-    processor = CLIPProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30}),
-        tokenizer=tokenizer,
-    )
-    processor.save_pretrained(folder)
+    save_processor(folder, save_tokenizer(folder), image_size=30)
     return folder
+
+
+def save_processor(folder: Path, tokenizer: CLIPTokenizer, image_size: int, **image_kwargs) -> CLIPProcessor:
+    """Save a CLIP processor (PIL image backend, so no torchvision) for `image_size` pixels with `tokenizer`."""
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}, **image_kwargs
+    )
+    processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    processor.save_pretrained(folder)
+    return processor

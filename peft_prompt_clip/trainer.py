@@ -261,7 +261,7 @@ class PromptTrainer:
                 step_times.append(time.perf_counter() - start)
                 progress.update(1)
                 progress.set_postfix(
-                    epoch=epoch + 1, loss=f"{total_loss / seen:.4f}", acc=f"{total_correct / seen:.3f}"
+                    epoch=epoch + 1, loss=f"{total_loss / seen:.4f}", acc=f"{total_correct / seen:.3f}", refresh=False
                 )
             summary.update(loss=total_loss / seen, accuracy=total_correct / seen)
             if args.report_to:
