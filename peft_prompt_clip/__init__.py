@@ -6,10 +6,13 @@ know it. Import it before loading a saved prompt adapter.
 
 from .classifier import CLIP_TEMPLATE, IMAGENET_TEMPLATES, PromptClassifier
 from .config import PEFT_TYPE, ClassTokenPosition, PromptEmbeddingConfig
+from .data import LabeledImages, few_shot, from_hf_dataset, load_data, load_split
+from .evaluation import evaluate, harmonic_mean
 from .layer import PromptEmbeddingLayer
 from .loading import get_prompt_model, load_prompt_model
 from .model import PromptEmbeddingModel, find_text_embeddings
 from .registration import register
+from .trainer import PromptTrainer, TrainingArguments
 
 register()
 
@@ -24,7 +27,16 @@ __all__ = [
     "PromptEmbeddingConfig",
     "PromptEmbeddingLayer",
     "PromptEmbeddingModel",
+    "LabeledImages",
+    "PromptTrainer",
+    "TrainingArguments",
+    "evaluate",
+    "few_shot",
     "find_text_embeddings",
+    "from_hf_dataset",
+    "harmonic_mean",
+    "load_data",
+    "load_split",
     "get_prompt_model",
     "load_prompt_model",
     "register",

@@ -1,6 +1,6 @@
 """The embedded default: a small CLIP pretrained here on Fashion-MNIST, and the demo that learns a prompt with it.
 
-`fashion-clip` (in `assets/`) is a CLIP-architecture model of 0.5 M parameters: a ViT (28x28 images, 4x4 patches,
+`fashion-clip` (in `assets/`) is a CLIP-architecture model of 0.26 M parameters: a ViT (28x28 images, 4x4 patches,
 3 layers of width 64) and a text transformer (3 layers of width 64) over a byte-level BPE vocabulary that holds the
 words below. It was pretrained by [`pretrain`] on the 60,000 training images of Fashion-MNIST (Debian's
 `dataset-fashion-mnist`), each paired with a caption drawn from `PRETRAIN_TEMPLATES`, with CLIP's image-to-text

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import transformers
@@ -146,3 +150,22 @@ def test_trainer_refuses_a_frozen_adapter(clip_dir, tmp_path):
         p.requires_grad_(False)
     with pytest.raises(ValueError, match="is_trainable=True"):
         PromptTrainer(model, processor, teacher_data(clip_dir, n=8), args(tmp_path))
+
+
+def test_bf16_mixed_precision_keeps_a_float32_context(clip_dir, tmp_path):
+    # in its own process: Accelerate keeps one mixed-precision setting per process
+    script = f"""
+import math, sys, torch
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_trainer import args, student, teacher_data
+from peft_prompt_clip.trainer import PromptTrainer
+data = teacher_data({str(clip_dir)!r}, n=16)
+model, processor = student({str(clip_dir)!r})
+summary = PromptTrainer(model, processor, data, args({str(tmp_path)!r}, epochs=2, mixed_precision="bf16")).train()
+ctx = next(p for p in model.parameters() if p.requires_grad)
+assert ctx.dtype == torch.float32 and torch.isfinite(ctx).all() and math.isfinite(summary["loss"])
+print("ok", summary["accuracy"])
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ok")
