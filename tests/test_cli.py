@@ -104,3 +104,16 @@ def test_user_mistakes_are_one_line(args, message, clip_dir, image_folder, train
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert len([line for line in result.stderr.splitlines() if "error:" in line]) == 1
+
+
+def test_mismatched_adapter_is_one_line(clip_dir, image_folder, tmp_path):
+    from peft import get_peft_model
+    from transformers import CLIPModel
+
+    from peft_prompt_clip import PromptEmbeddingConfig
+
+    config = PromptEmbeddingConfig(n_ctx=2, class_specific=True, class_names=["cat", "dog", "red car"])
+    get_peft_model(CLIPModel.from_pretrained(clip_dir), config).save_pretrained(tmp_path / "csc")
+    result = run("eval", "--adapter", tmp_path / "csc", "--data", image_folder, "--classes", "cat,dog", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "one context per class for ['cat', 'dog', 'red car']" in result.stderr

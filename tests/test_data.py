@@ -157,3 +157,16 @@ def test_augmentation_is_seeded_and_changes_the_image():
     assert np.array_equal(np.asarray(a), np.asarray(b))
     assert a.size != image.size or not np.array_equal(np.asarray(a), np.asarray(image))
     assert not (a.size == c.size and np.array_equal(np.asarray(a), np.asarray(c)))
+
+
+def test_real_hf_imagefolder_dataset(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    write_images(tmp_path / "imgs" / "cat", 2)
+    write_images(tmp_path / "imgs" / "red_car", 3)
+    ds = datasets.load_dataset(
+        "imagefolder", data_dir=str(tmp_path / "imgs"), split="train", cache_dir=str(tmp_path / "c")
+    )
+    data = from_hf_dataset(ds)
+    assert data.class_names == ["cat", "red_car"] and sorted(data.labels) == [0, 0, 1, 1, 1]
+    assert all(open_image(image).mode == "RGB" for image in data.images)

@@ -169,3 +169,28 @@ print("ok", summary["accuracy"])
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("ok")
+
+
+def test_gradient_accumulation_equals_the_larger_batch(clip_dir, tmp_path):
+    data = teacher_data(clip_dir, n=48)
+    contexts = []
+    for batch_size, accumulation in ((16, 1), (8, 2)):
+        model, processor = student(clip_dir)
+        if FLOAT64:  # float64, so that 1e-6 measures the method, not the order of float32 sums
+            model.double()
+        recipe = args(tmp_path / f"{batch_size}", epochs=3, optimizer="sgd", lr=0.5, batch_size=batch_size)
+        recipe.gradient_accumulation_steps = accumulation
+        PromptTrainer(model, processor, data, recipe).train()
+        contexts.append(context(model))
+    torch.testing.assert_close(contexts[1], contexts[0], atol=1e-6 if FLOAT64 else 1e-4, rtol=0)
+    assert (contexts[0] - context(student(clip_dir)[0]).to(contexts[0].dtype)).abs().max() > 0.01
+
+
+def test_tensorboard_logging(clip_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    model, processor = student(clip_dir)
+    PromptTrainer(
+        model, processor, teacher_data(clip_dir, n=16), args(tmp_path, epochs=2, report_to="tensorboard")
+    ).train()
+    events = list(tmp_path.rglob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
