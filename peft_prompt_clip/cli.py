@@ -13,10 +13,9 @@ from .classifier import CLIP_TEMPLATE, IMAGENET_TEMPLATES, PromptClassifier
 from .config import PromptEmbeddingConfig
 from .data import LabeledImages, base_novel, drop_unreadable, few_shot, load_split, open_image, select_classes
 from .evaluation import evaluate, harmonic_mean
+from .hub import RESULTS_NAME
 from .loading import CONFIG_NAME, get_prompt_model, load_prompt_model, resolve_adapter
 from .trainer import PromptTrainer, TrainingArguments
-
-RESULTS_NAME = "eval_results.json"
 
 
 def _load_base(model_name: str):
@@ -151,6 +150,15 @@ def predict(args: argparse.Namespace) -> list[list[tuple[str, float]]]:
     return predictions
 
 
+def push(args: argparse.Namespace) -> str:
+    """Upload an adapter and its model card to a Hub repo."""
+    from .hub import push_adapter
+
+    url = push_adapter(args.adapter, args.repo, private=args.private, token=args.token, datasets=args.dataset)
+    print(f"pushed {args.adapter} to {args.repo}: {url}")
+    return url
+
+
 def demo(args: argparse.Namespace) -> dict[str, Any]:
     """The whole flow offline on the embedded default model and data."""
     from .demo import run_demo
@@ -209,6 +217,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("images", nargs="+", help="image files")
     p.set_defaults(run=predict)
+
+    p = commands.add_parser("push", help="upload an adapter and its model card to the Hub", description=push.__doc__)
+    p.add_argument("--adapter", required=True, help="adapter folder")
+    p.add_argument("--repo", required=True, help="Hub repo id, user/name")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--token", help="write token (default: the saved login or HF_TOKEN)")
+    p.add_argument("--dataset", action="append", help="dataset id for the model card (repeatable)")
+    p.set_defaults(run=push)
 
     p = commands.add_parser("demo", help="the whole flow offline on the embedded default", description=demo.__doc__)
     p.add_argument("--output", default="demo-adapter", help="folder for the learned adapter")

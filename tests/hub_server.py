@@ -1,0 +1,189 @@
+"""A local server speaking the part of the Hugging Face Hub HTTP API that `huggingface_hub`'s client uses to create a
+repo, commit files and download them, so that push and load run over a real socket without the internet.
+
+Repos live in memory: each commit is a full snapshot `{path: bytes}`; branches point at commits. Tokens: requests
+that write must carry `Authorization: Bearer <token>` with a token from `tokens`.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import unquote, urlparse
+
+import yaml
+
+
+class HubState:
+    def __init__(self, tokens: set[str]):
+        self.tokens = tokens
+        self.repos: dict[str, dict] = {}  # repo_id -> {"branches": {name: sha}, "commits": {sha: {path: bytes}}}
+        self.lock = threading.Lock()
+        self.requests: list[str] = []
+
+    def resolve(self, repo_id: str, revision: str) -> tuple[str, dict[str, bytes]] | None:
+        repo = self.repos[repo_id]
+        sha = repo["branches"].get(revision, revision if revision in repo["commits"] else None)
+        return None if sha is None else (sha, repo["commits"][sha])
+
+
+class Handler(BaseHTTPRequestHandler):
+    state: HubState
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args) -> None:  # keep test output clean
+        pass
+
+    # -- helpers ------------------------------------------------------------------------------------------------
+
+    def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, status: int, payload: dict, headers: dict[str, str] | None = None) -> None:
+        self._send(status, json.dumps(payload).encode(), {"Content-Type": "application/json", **(headers or {})})
+
+    def _error(self, status: int, code: str, message: str) -> None:
+        self._json(status, {"error": message}, {"X-Error-Code": code, "X-Error-Message": message})
+
+    def _authorized(self) -> bool:
+        token = self.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if token not in self.state.tokens:
+            self._json(401, {"error": "Invalid username or password."})
+            return False
+        return True
+
+    def _body(self) -> bytes:
+        return self.rfile.read(int(self.headers.get("Content-Length", 0)))
+
+    def _repo(self, repo_id: str) -> dict | None:
+        repo = self.state.repos.get(repo_id)
+        if repo is None:
+            self._error(404, "RepoNotFound", f"Repository Not Found for url: {self.path}.")
+        return repo
+
+    # -- routes -------------------------------------------------------------------------------------------------
+
+    def do_POST(self) -> None:
+        path = unquote(urlparse(self.path).path)
+        self.state.requests.append(f"POST {path}")
+        if path == "/api/repos/create":
+            if not self._authorized():
+                return
+            body = json.loads(self._body())
+            repo_id = f"{body['organization']}/{body['name']}" if body.get("organization") else body["name"]
+            with self.state.lock:
+                if repo_id in self.state.repos:
+                    return self._json(409, {"error": "You already created this model repo", "url": self._url(repo_id)})
+                self.state.repos[repo_id] = {"branches": {"main": "0" * 40}, "commits": {"0" * 40: {}}}
+            return self._json(200, {"url": self._url(repo_id), "name": repo_id})
+        if path == "/api/validate-yaml":  # the Hub checks a README's metadata before a commit
+            content = json.loads(self._body())["content"]
+            header = re.match(r"---\n(.*?)\n---\n", content, re.S)
+            try:
+                metadata = yaml.safe_load(header.group(1)) if header else {}
+            except yaml.YAMLError as exc:
+                return self._json(400, {"error": f"Invalid metadata in README.md: {exc}"})
+            if not isinstance(metadata, dict):
+                return self._json(400, {"error": "Invalid metadata in README.md: not a mapping"})
+            return self._json(200, {"warnings": []})
+        match = re.fullmatch(r"/api/models/(.+)/(preupload|commit)/([^/]+)", path)
+        if not match:
+            return self._error(404, "NotFound", f"Unknown route {path}")
+        repo_id, action, revision = match.groups()
+        if not self._authorized() or self._repo(repo_id) is None:
+            return
+        body = self._body()
+        if action == "preupload":
+            files = json.loads(body)["files"]
+            return self._json(
+                200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]}
+            )
+        with self.state.lock:
+            resolved = self.state.resolve(repo_id, revision)
+            if resolved is None:
+                return self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
+            tree = dict(resolved[1])
+            summary = ""
+            for line in body.splitlines():
+                item = json.loads(line)
+                value = item["value"]
+                if item["key"] == "header":
+                    summary = value.get("summary", "")
+                elif item["key"] == "file":
+                    tree[value["path"]] = base64.b64decode(value["content"])
+                elif item["key"] == "deletedFile":
+                    tree.pop(value["path"], None)
+                elif item["key"] == "deletedFolder":
+                    tree = {p: c for p, c in tree.items() if not p.startswith(value["path"].rstrip("/") + "/")}
+                else:
+                    return self._error(400, "BadRequest", f"Unsupported commit operation {item['key']}")
+            digest = hashlib.sha1(
+                summary.encode()
+                + json.dumps(sorted((p, hashlib.sha1(c).hexdigest()) for p, c in tree.items())).encode()
+            )
+            sha = digest.hexdigest()
+            repo = self.state.repos[repo_id]
+            repo["commits"][sha] = tree
+            repo["branches"][revision if revision in repo["branches"] else "main"] = sha
+        return self._json(200, {"commitUrl": f"{self._url(repo_id)}/commit/{sha}", "commitOid": sha})
+
+    def do_HEAD(self) -> None:
+        self.do_GET()
+
+    def do_GET(self) -> None:
+        path = unquote(urlparse(self.path).path)
+        self.state.requests.append(f"{self.command} {path}")
+        match = re.fullmatch(r"/api/models/(.+?)(?:/revision/([^/]+))?", path)
+        if match:
+            repo_id, revision = match.group(1), match.group(2) or "main"
+            if self._repo(repo_id) is None:
+                return
+            resolved = self.state.resolve(repo_id, revision)
+            if resolved is None:
+                return self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
+            sha, tree = resolved
+            siblings = [{"rfilename": p} for p in sorted(tree)]
+            return self._json(
+                200, {"id": repo_id, "modelId": repo_id, "sha": sha, "siblings": siblings, "private": False}
+            )
+        match = re.fullmatch(r"/(.+?)/resolve/([^/]+)/(.+)", path)
+        if not match:
+            return self._error(404, "NotFound", f"Unknown route {path}")
+        repo_id, revision, filename = match.groups()
+        if self._repo(repo_id) is None:
+            return
+        resolved = self.state.resolve(repo_id, revision)
+        if resolved is None:
+            return self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
+        sha, tree = resolved
+        if filename not in tree:
+            return self._error(404, "EntryNotFound", f"{filename} does not exist on {revision}")
+        content = tree[filename]
+        headers = {
+            "X-Repo-Commit": sha,
+            "ETag": f'"{hashlib.sha256(content).hexdigest()}"',
+            "Content-Type": "application/octet-stream",
+        }
+        self._send(200, content, headers)
+
+    def _url(self, repo_id: str) -> str:
+        return f"http://{self.headers.get('Host')}/{repo_id}"
+
+
+def serve(tokens: set[str]) -> tuple[ThreadingHTTPServer, HubState, str]:
+    """Start the server on a free loopback port; returns it, its state and its endpoint URL."""
+    state = HubState(tokens)
+    handler = type("BoundHandler", (Handler,), {"state": state})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, state, f"http://127.0.0.1:{server.server_address[1]}"

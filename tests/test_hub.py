@@ -1,0 +1,176 @@
+"""Hub round trip over a real socket: a local server speaks the Hub API; pushes and loads run in fresh processes with
+the real `huggingface_hub` client pointed at it (HF_ENDPOINT), as a user's would be."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from hub_server import serve
+from huggingface_hub import ModelCard
+from PIL import Image
+
+TOKEN = "hf_test_write_token"
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    server, state, endpoint = serve({TOKEN})
+    home = tmp_path_factory.mktemp("hf-home")
+    env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HOME": str(home), "HF_HUB_DISABLE_TELEMETRY": "1"}
+    env.pop("HF_HUB_OFFLINE", None)
+    env.pop("HF_TOKEN", None)
+    yield state, env
+    server.shutdown()
+
+
+def python(code: str, env: dict, check: bool = True, cwd=None) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300, cwd=cwd
+    )
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def cli(env: dict, *args, check: bool = True) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "peft_prompt_clip", *map(str, args)]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def head(state, repo_id: str) -> dict[str, bytes]:
+    repo = state.repos[repo_id]
+    return repo["commits"][repo["branches"]["main"]]
+
+
+@pytest.fixture(scope="module")
+def adapter(clip_dir, tmp_path_factory):
+    """A saved class-specific adapter, away from its initialisation, with evaluation results beside it."""
+    from peft import get_peft_model
+    from transformers import CLIPModel
+
+    from peft_prompt_clip import PromptEmbeddingConfig
+
+    folder = tmp_path_factory.mktemp("adapter")
+    config = PromptEmbeddingConfig(n_ctx=4, class_specific=True, class_names=["cat", "dog", "red car"])
+    model = get_peft_model(CLIPModel.from_pretrained(clip_dir), config)
+    with torch.no_grad():
+        next(p for p in model.parameters() if p.requires_grad).normal_(0, 1)
+    model.save_pretrained(folder)
+    results = {
+        "split": "test",
+        "zero-shot": {"top1": 0.5, "top5": 1.0, "n": 6},
+        "learned prompt": {"top1": 0.8333, "top5": 1.0, "n": 6},
+    }
+    (folder / "eval_results.json").write_text(json.dumps(results))
+    return folder
+
+
+OUTPUTS = """
+import torch, peft_prompt_clip
+from peft import PeftModel
+from transformers import AutoTokenizer, CLIPModel
+model = PeftModel.from_pretrained(CLIPModel.from_pretrained({clip!r}).eval(), {adapter!r}, revision={revision!r})
+tokens = AutoTokenizer.from_pretrained({clip!r})(["cat.", "dog.", "red car."], padding=True, return_tensors="pt")
+with torch.no_grad():
+    features = model.get_text_features(**tokens)
+features = features if isinstance(features, torch.Tensor) else features.pooler_output
+print(features.flatten().tolist())
+"""
+
+
+def outputs(env, clip_dir, adapter, revision=None) -> list[float]:
+    result = python(OUTPUTS.format(clip=str(clip_dir), adapter=str(adapter), revision=revision), env)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_push_then_load_by_repo_id_in_a_fresh_process(hub, clip_dir, adapter, tmp_path):
+    state, env = hub
+    result = cli({**env, "HF_TOKEN": TOKEN}, "push", "--adapter", adapter, "--repo", "user/coop-demo")
+    assert "pushed" in result.stdout
+    files = head(state, "user/coop-demo")
+    assert set(files) == {"adapter_config.json", "adapter_model.safetensors", "eval_results.json", "README.md"}
+    assert files["adapter_model.safetensors"] == (adapter / "adapter_model.safetensors").read_bytes()
+
+    local = outputs(env, clip_dir, adapter)
+    assert outputs(env, clip_dir, "user/coop-demo") == local  # bit-identical through the Hub
+
+    # the CLI finds the base model from the adapter's config, by repo id
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "image.png")
+    result = cli(env, "predict", "--adapter", "user/coop-demo", tmp_path / "image.png", "--top-k", "2")
+    assert re.match(r".*image.png: (cat|dog|red car) 0\.\d+, (cat|dog|red car) 0\.\d+", result.stdout)
+
+    # cached: loads again with HF_HUB_OFFLINE=1
+    assert outputs({**env, "HF_HUB_OFFLINE": "1"}, clip_dir, "user/coop-demo") == local
+
+
+def test_model_card(hub, adapter, clip_dir, tmp_path):
+    state, env = hub
+    cli({**env, "HF_TOKEN": TOKEN}, "push", "--adapter", adapter, "--repo", "user/card", "--dataset", "tiny/images")
+    (tmp_path / "README.md").write_bytes(head(state, "user/card")["README.md"])
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.library_name == "peft"
+    assert card.data.base_model == str(clip_dir)
+    assert card.data.pipeline_tag == "zero-shot-image-classification"
+    assert {"prompt-learning", "coop", "class-specific-context"} <= set(card.data.tags)
+    assert card.data.datasets == ["tiny/images"] and card.data.metrics == ["accuracy"]
+    assert "| learned prompt | 0.8333 | 1.0000 |" in card.text
+
+    # the usage snippet runs as written (with an image.jpg beside it)
+    snippet = re.search(r"```python\n(.*?)```", card.text, re.S).group(1)
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "image.jpg")
+    result = python(snippet, env, cwd=tmp_path)
+    assert re.search(r"\[\[\('(cat|dog|red car)', 0\.\d+", result.stdout)
+
+
+def test_peft_push_to_hub_and_revisions(hub, clip_dir, adapter):
+    state, env = hub
+    push = f"""
+import torch, peft_prompt_clip
+from peft import PeftModel
+from transformers import CLIPModel
+model = PeftModel.from_pretrained(CLIPModel.from_pretrained({str(clip_dir)!r}), {str(adapter)!r}, is_trainable=True)
+model.push_to_hub("user/peft-push", token={TOKEN!r})
+with torch.no_grad():
+    next(p for p in model.parameters() if p.requires_grad).add_(1.0)
+model.push_to_hub("user/peft-push", token={TOKEN!r})
+"""
+    python(push, env)
+    repo = state.repos["user/peft-push"]
+    first = next(sha for sha in repo["commits"] if sha not in ("0" * 40, repo["branches"]["main"]))
+    old, new = outputs(env, clip_dir, "user/peft-push", revision=first), outputs(env, clip_dir, "user/peft-push")
+    assert old == outputs(env, clip_dir, adapter) and new != old
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("eval", "--adapter", "user/missing", "--data", "."), "No Hub repo 'user/missing'"),
+        (("predict", "--adapter", "user/empty", "x.png"), "has no adapter_config.json"),
+        (("push", "--adapter", "{adapter}", "--repo", "user/x"), "needs a Hugging Face token"),
+    ],
+)
+def test_hub_mistakes_are_one_line(hub, adapter, args, message):
+    state, env = hub
+    state.repos.setdefault("user/empty", {"branches": {"main": "0" * 40}, "commits": {"0" * 40: {}}})
+    result = cli(env, *[a.format(adapter=adapter) for a in args], check=False)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_width_mismatch_through_the_hub(hub, adapter, tmp_path):
+    from peft_prompt_clip.tiny import save_tiny_clip
+
+    state, env = hub
+    cli({**env, "HF_TOKEN": TOKEN}, "push", "--adapter", adapter, "--repo", "user/narrow")
+    wide = save_tiny_clip(tmp_path / "wide", hidden=48)
+    result = cli(env, "predict", "--adapter", "user/narrow", "--model", wide, "x.png", check=False)
+    assert result.returncode == 2 and "text width 32" in result.stderr
