@@ -7,6 +7,7 @@ know it. Import it before loading a saved prompt adapter.
 from .classifier import CLIP_TEMPLATE, IMAGENET_TEMPLATES, PromptClassifier
 from .config import PEFT_TYPE, ClassTokenPosition, PromptEmbeddingConfig
 from .data import LabeledImages, few_shot, from_hf_dataset, load_data, load_split
+from .errors import InvalidAdapterError
 from .evaluation import evaluate, harmonic_mean
 from .layer import PromptEmbeddingLayer
 from .loading import get_prompt_model, load_prompt_model
@@ -21,6 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CLIP_TEMPLATE",
     "IMAGENET_TEMPLATES",
+    "InvalidAdapterError",
     "PromptClassifier",
     "PEFT_TYPE",
     "ClassTokenPosition",

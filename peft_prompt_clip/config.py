@@ -113,6 +113,12 @@ class PromptEmbeddingConfig(PeftConfig):
             raise ValueError(f"n_ctx must be at least 1, got {self.n_ctx}.")
         if self.ctx_init is not None and (not isinstance(self.ctx_init, str) or not self.ctx_init.strip()):
             raise ValueError(f"ctx_init must be non-empty words such as 'a photo of a', got {self.ctx_init!r}.")
+        for name in ("class_specific", "inference_mode"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be true or false, got {getattr(self, name)!r}.")
+        for name in ("tokenizer_name_or_path", "base_model_name_or_path", "revision"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise TypeError(f"{name} must be a string, got {getattr(self, name)!r}.")
         if isinstance(self.init_seed, bool) or not isinstance(self.init_seed, int):
             raise TypeError(f"init_seed must be an integer, got {self.init_seed!r}.")
         try:

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .config import PEFT_TYPE, PromptEmbeddingConfig
+from .errors import InvalidAdapterError
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -61,30 +62,71 @@ def load_prompt_model(
         `PeftModel`: the model with the adapter active.
     """
     folder = resolve_adapter(adapter, revision=revision, token=token)
+    config = read_adapter_config(folder)
+    check_adapter_weights(folder, config)
+    try:
+        if isinstance(model, PeftModel):
+            model.load_adapter(folder, adapter_name=adapter_name, is_trainable=is_trainable)
+            model.set_adapter(adapter_name)
+            return model
+        return PeftModel.from_pretrained(
+            model, folder, adapter_name=adapter_name, is_trainable=is_trainable, config=config
+        )
+    except InvalidAdapterError:
+        raise
+    except ValueError as exc:  # the adapter does not fit this model (positions, family, ...)
+        raise InvalidAdapterError(f"{adapter}: {exc}") from None
+
+
+def read_adapter_config(folder: str | os.PathLike) -> PromptEmbeddingConfig:
+    """The validated config of the adapter in `folder`; unknown keys are ignored with a warning (as PEFT does)."""
     config_path = os.path.join(folder, CONFIG_NAME)
     try:
         with open(config_path, encoding="utf-8") as f:
             raw = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{config_path} is not valid JSON ({exc}); save or download the adapter again.") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise InvalidAdapterError(
+            f"{config_path} is not valid JSON ({exc}); save or download the adapter again."
+        ) from None
     if not isinstance(raw, dict) or raw.get("peft_type") != PEFT_TYPE:
         found = raw.get("peft_type") if isinstance(raw, dict) else type(raw).__name__
-        raise ValueError(
+        raise InvalidAdapterError(
             f"{config_path} describes a {found!r} adapter, not a prompt adapter ({PEFT_TYPE!r}); "
             "load other PEFT adapters with peft.PeftModel.from_pretrained."
         )
+    try:
+        return PromptEmbeddingConfig.from_peft_type(**raw)
+    except (TypeError, ValueError) as exc:
+        raise InvalidAdapterError(f"{config_path}: {exc}") from None
+
+
+def check_adapter_weights(folder: str | os.PathLike, config: PromptEmbeddingConfig) -> None:
+    """Check that the adapter's safetensors file is whole and holds the one context tensor its config describes."""
     weights_path = os.path.join(folder, WEIGHTS_NAME)
     try:
-        load_file(weights_path)
-    except (SafetensorError, OSError) as exc:
-        raise ValueError(
+        tensors = load_file(weights_path)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise InvalidAdapterError(
             f"{weights_path} is corrupt or truncated ({exc}); save or download the adapter again."
         ) from None
-    if isinstance(model, PeftModel):
-        model.load_adapter(folder, adapter_name=adapter_name, is_trainable=is_trainable)
-        model.set_adapter(adapter_name)
-        return model
-    return PeftModel.from_pretrained(model, folder, adapter_name=adapter_name, is_trainable=is_trainable)
+    contexts = [k for k in tensors if k.endswith("prompt_embedding_ctx")]
+    if len(tensors) != 1 or len(contexts) != 1:
+        raise InvalidAdapterError(
+            f"{weights_path} holds {len(tensors)} tensors ({sorted(tensors)[:5]}); a prompt adapter holds "
+            "exactly one, its context (…prompt_embedding_ctx)."
+        )
+    context = tensors[contexts[0]]
+    if not context.is_floating_point():
+        raise InvalidAdapterError(f"The context in {weights_path} has dtype {context.dtype}, not floats.")
+    expected = (config.num_classes,) if config.class_specific else ()
+    if context.dim() != len(expected) + 2 or tuple(context.shape[:-1]) != (*expected, config.n_ctx):
+        what = f"num_classes={config.num_classes}, " if config.class_specific else ""
+        raise InvalidAdapterError(
+            f"The context in {weights_path} has shape {tuple(context.shape)}, but adapter_config.json says "
+            f"{what}n_ctx={config.n_ctx} (class_specific={config.class_specific}): the files do not belong together."
+        )
+    if not bool(context.isfinite().all()):
+        raise InvalidAdapterError(f"The context in {weights_path} holds NaN or infinite values; it cannot be used.")
 
 
 def resolve_adapter(adapter: str, revision: str | None = None, token: str | None = None) -> str:

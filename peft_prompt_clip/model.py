@@ -12,6 +12,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.models.clip.modeling_clip import CLIPTextEmbeddings
 
 from .config import ClassTokenPosition, PromptEmbeddingConfig
+from .errors import InvalidAdapterError
 from .layer import PromptEmbeddingLayer
 from .layout import PromptLayout
 
@@ -132,13 +133,13 @@ class PromptEmbeddingModel(BaseTuner):
         embeddings = target.get_base_layer() if isinstance(target, PromptEmbeddingLayer) else target
         text_config = parent.config
         max_positions = embeddings.position_embedding.num_embeddings
-        tokenizer = self._tokenizer(peft_config)
-        context = self._initial_context(peft_config, embeddings, tokenizer)
-        if peft_config.n_ctx + 2 > max_positions:
+        if peft_config.n_ctx is not None and peft_config.n_ctx + 2 > max_positions:
             raise ValueError(
                 f"n_ctx={peft_config.n_ctx} leaves no room for text: the model has max_position_embeddings="
                 f"{max_positions}, and a prompt also needs its start and end tokens. Use a smaller n_ctx."
             )
+        tokenizer = self._tokenizer(peft_config)
+        context = self._initial_context(peft_config, embeddings, tokenizer)
         if peft_config.class_token_position != ClassTokenPosition.END and peft_config.suffix_token_ids is None:
             peft_config.suffix_token_ids = self._suffix_ids(tokenizer)
         layout = _layout(peft_config, text_config)
@@ -239,15 +240,17 @@ class PromptEmbeddingModel(BaseTuner):
             remapped[next(iter(expected))] = remapped.pop(saved[0])
         for key, param in expected.items():
             if key not in remapped:
-                raise ValueError(
+                raise InvalidAdapterError(
                     f"The adapter weights hold no learned context for {key}: the adapter file is not a prompt adapter "
                     f"or was saved from another kind of model. Keys found: {sorted(state_dict)}."
                 )
             loaded = remapped[key]
             if not loaded.is_floating_point():
-                raise ValueError(f"The learned context in the adapter file has dtype {loaded.dtype}; expected floats.")
+                raise InvalidAdapterError(
+                    f"The learned context in the adapter file has dtype {loaded.dtype}; expected floats."
+                )
             if loaded.shape != param.shape:
-                raise ValueError(
+                raise InvalidAdapterError(
                     f"The adapter's context has shape {tuple(loaded.shape)}, but this model expects "
                     f"{tuple(param.shape)} "
                     f"(n_ctx={config.n_ctx}, text width {param.shape[-1]}). The adapter was learned on a base model "

@@ -12,7 +12,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import CLIPModel, CLIPTextConfig, CLIPTextModel
 
-from peft_prompt_clip import PromptEmbeddingConfig, PromptEmbeddingLayer, load_prompt_model
+from peft_prompt_clip import InvalidAdapterError, PromptEmbeddingConfig, PromptEmbeddingLayer, load_prompt_model
 from peft_prompt_clip.tiny import save_tiny_clip
 
 CLASSES = ["cat", "dog", "x-ray"]
@@ -117,7 +117,7 @@ def test_another_n_ctx_in_the_file_is_a_clear_error(clip_dir, tmp_path):
     get_peft_model(CLIPModel.from_pretrained(clip_dir), PromptEmbeddingConfig(n_ctx=4)).save_pretrained(tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "n_ctx": 5}))
-    with pytest.raises(ValueError, match=r"shape \(4, 32\), but this model expects \(5, 32\)"):
+    with pytest.raises(InvalidAdapterError, match=r"shape \(4, 32\), but adapter_config.json says n_ctx=5"):
         load_prompt_model(CLIPModel.from_pretrained(clip_dir), str(tmp_path))
 
 
