@@ -7,7 +7,7 @@ know it. Import it before loading a saved prompt adapter.
 from .classifier import CLIP_TEMPLATE, IMAGENET_TEMPLATES, PromptClassifier
 from .config import PEFT_TYPE, ClassTokenPosition, PromptEmbeddingConfig
 from .data import LabeledImages, few_shot, from_hf_dataset, load_data, load_split
-from .errors import InvalidAdapterError
+from .errors import InvalidAdapterError, TrainingDivergedError
 from .evaluation import evaluate, harmonic_mean
 from .layer import PromptEmbeddingLayer
 from .loading import get_prompt_model, load_prompt_model
@@ -32,6 +32,7 @@ __all__ = [
     "LabeledImages",
     "PromptTrainer",
     "TrainingArguments",
+    "TrainingDivergedError",
     "evaluate",
     "few_shot",
     "find_text_embeddings",

@@ -3,3 +3,7 @@
 
 class InvalidAdapterError(ValueError):
     """A saved adapter that cannot be used: damaged or inconsistent files, or made for another kind of model."""
+
+
+class TrainingDivergedError(RuntimeError):
+    """Training met a non-finite loss at every step of an epoch, or a non-finite context; the last checkpoint stays."""

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+import warnings
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,9 @@ from tqdm.auto import tqdm
 
 from .classifier import _features
 from .data import LabeledImages, pixel_values
+from .errors import TrainingDivergedError
 from .layer import PromptEmbeddingLayer
+from .storage import atomic_path, save_adapter
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 
@@ -239,7 +239,7 @@ class PromptTrainer:
         for epoch in range(start_epoch, self.epochs):
             for group in optimizer.param_groups:
                 group["lr"] = args.learning_rate(epoch, self.epochs)
-            total_loss, total_correct, seen = 0.0, 0, 0
+            total_loss, total_correct, seen, skipped = 0.0, 0, 0, 0
             for n, batch in enumerate(self._batches(epoch)):
                 start = time.perf_counter()
                 mine = batch[acc.process_index :: acc.num_processes]  # this process's share of the global batch
@@ -248,22 +248,29 @@ class PromptTrainer:
                 else:
                     features = self._image_features(mine, augment_seed=f"{args.seed}-{epoch}")
                 loss, correct = self._step(chunks, features, labels_all[mine], len(batch)) if mine else (0.0, 0)
-                if (n + 1) % args.gradient_accumulation_steps == 0 or n + 1 == batches_per_epoch:
-                    self._sync_gradients()
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
                 stats = acc.reduce(torch.tensor([loss, correct, len(mine)], device=acc.device), "sum")
-                total_loss, total_correct, seen = (
-                    total_loss + stats[0].item(),
-                    total_correct + stats[1].item(),
-                    seen + stats[2].item(),
-                )
+                if not math.isfinite(stats[0].item()):  # e.g. fp16 overflow: drop this step's gradient, keep going
+                    optimizer.zero_grad(set_to_none=True)
+                    skipped += 1
+                else:
+                    if (n + 1) % args.gradient_accumulation_steps == 0 or n + 1 == batches_per_epoch:
+                        self._sync_gradients()
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    total_loss += stats[0].item()
+                    total_correct += stats[1].item()
+                    seen += stats[2].item()
                 step_times.append(time.perf_counter() - start)
                 progress.update(1)
-                progress.set_postfix(
-                    epoch=epoch + 1, loss=f"{total_loss / seen:.4f}", acc=f"{total_correct / seen:.3f}", refresh=False
-                )
-            summary.update(loss=total_loss / seen, accuracy=total_correct / seen)
+                if seen:
+                    progress.set_postfix(
+                        epoch=epoch + 1,
+                        loss=f"{total_loss / seen:.4f}",
+                        acc=f"{total_correct / seen:.3f}",
+                        refresh=False,
+                    )
+            self._check_finite(epoch, skipped, batches_per_epoch, output / CHECKPOINT_NAME)
+            summary.update(loss=total_loss / seen, accuracy=total_correct / seen, skipped_steps=skipped)
             if args.report_to:
                 acc.log(
                     {"loss": summary["loss"], "accuracy": summary["accuracy"], "lr": optimizer.param_groups[0]["lr"]},
@@ -279,9 +286,23 @@ class PromptTrainer:
             config = self.model.peft_config[self.model.active_adapter]
             config.class_names = list(self.data.class_names)
             config.num_classes = len(self.data.class_names) if config.class_specific else config.num_classes
-            self.model.save_pretrained(output)
+            save_adapter(self.model, output)
         summary["seconds_per_step"] = sorted(step_times)[len(step_times) // 2] if step_times else None
         return summary
+
+    def _check_finite(self, epoch: int, skipped: int, steps: int, checkpoint: Path) -> None:
+        """Stop before saving anything non-finite; warn about skipped steps."""
+        if skipped == steps or not all(bool(p.isfinite().all()) for p in self.params):
+            kept = f"the checkpoint of epoch {epoch} is kept at {checkpoint}" if epoch else "no checkpoint was written"
+            raise TrainingDivergedError(
+                f"Training diverged in epoch {epoch + 1}: {skipped} of {steps} steps had a non-finite loss; {kept}. "
+                "Lower the learning rate, or use --mixed-precision bf16 (or no) instead of fp16."
+            )
+        if skipped:
+            warnings.warn(
+                f"Skipped {skipped} of {steps} steps of epoch {epoch + 1} whose loss was NaN or infinite.",
+                stacklevel=3,
+            )
 
     def _sync_gradients(self) -> None:
         if self.accelerator.num_processes > 1:  # exact: every process summed its share of the global mean
@@ -306,27 +327,8 @@ def save_checkpoint(path: Path, params: list[torch.Tensor], optimizer: Any, epoc
             else:
                 scalars[f"{index}.{key}"] = value
     metadata = {"epoch": str(epoch), "param_groups": json.dumps(state["param_groups"]), "scalars": json.dumps(scalars)}
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
-
-
-@contextmanager
-def _atomic_path(path: Path) -> Iterator[Path]:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def load_checkpoint(path: Path, params: list[torch.Tensor], optimizer: Any) -> int:

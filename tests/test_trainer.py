@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import transformers
 from peft import get_peft_model
 from transformers import AutoProcessor, CLIPModel
 
-from peft_prompt_clip import PromptEmbeddingConfig
+from peft_prompt_clip import PromptEmbeddingConfig, TrainingDivergedError
 from peft_prompt_clip.data import LabeledImages
 from peft_prompt_clip.trainer import CHECKPOINT_NAME, PromptTrainer, TrainingArguments, coop_epochs, load_checkpoint
 
@@ -194,3 +195,40 @@ def test_tensorboard_logging(clip_dir, tmp_path):
     ).train()
     events = list(tmp_path.rglob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
+
+
+class PoisonedTrainer(PromptTrainer):
+    """Image features of the listed images are NaN, as after an overflow."""
+
+    poisoned: set[int] = set()
+
+    def _cached_image_features(self):
+        features = super()._cached_image_features()
+        features[sorted(self.poisoned)] = float("nan")
+        return features
+
+
+def test_non_finite_steps_are_skipped(clip_dir, tmp_path):
+    data = teacher_data(clip_dir, n=48)
+    model, processor = student(clip_dir)
+    trainer = PoisonedTrainer(model, processor, data, args(tmp_path, epochs=2))
+    trainer.poisoned = {0}  # one image: one batch per epoch goes NaN
+    with pytest.warns(UserWarning, match=r"Skipped 1 of 3 steps of epoch 1 whose loss was NaN"):
+        summary = trainer.train()
+    assert summary["skipped_steps"] == 1 and math.isfinite(summary["loss"])
+    assert torch.isfinite(context(model)).all() and not torch.equal(context(model), context(student(clip_dir)[0]))
+
+
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(clip_dir, tmp_path):
+    data = teacher_data(clip_dir, n=16)
+    model, processor = student(clip_dir)
+    PromptTrainer(model, processor, data, args(tmp_path, epochs=1)).train()
+    good = (tmp_path / CHECKPOINT_NAME).read_bytes()
+    adapter = (tmp_path / "adapter_model.safetensors").read_bytes()
+    model, processor = student(clip_dir)
+    trainer = PoisonedTrainer(model, processor, data, args(tmp_path, epochs=3, resume=True))
+    trainer.poisoned = set(range(16))
+    with pytest.raises(TrainingDivergedError, match="the checkpoint of epoch 1 is kept"):
+        trainer.train()
+    assert (tmp_path / CHECKPOINT_NAME).read_bytes() == good
+    assert (tmp_path / "adapter_model.safetensors").read_bytes() == adapter
