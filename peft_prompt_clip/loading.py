@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
@@ -14,6 +15,7 @@ from torch import nn
 
 from .config import PEFT_TYPE, PromptEmbeddingConfig
 from .errors import InvalidAdapterError
+from .storage import locked
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -62,20 +64,21 @@ def load_prompt_model(
         `PeftModel`: the model with the adapter active.
     """
     folder = resolve_adapter(adapter, revision=revision, token=token)
-    config = read_adapter_config(folder)
-    check_adapter_weights(folder, config)
-    try:
-        if isinstance(model, PeftModel):
-            model.load_adapter(folder, adapter_name=adapter_name, is_trainable=is_trainable)
-            model.set_adapter(adapter_name)
-            return model
-        return PeftModel.from_pretrained(
-            model, folder, adapter_name=adapter_name, is_trainable=is_trainable, config=config
-        )
-    except InvalidAdapterError:
-        raise
-    except ValueError as exc:  # the adapter does not fit this model (positions, family, ...)
-        raise InvalidAdapterError(f"{adapter}: {exc}") from None
+    with locked(Path(folder), shared=True):  # a save into this folder by another process finishes first
+        config = read_adapter_config(folder)
+        check_adapter_weights(folder, config)
+        try:
+            if isinstance(model, PeftModel):
+                model.load_adapter(folder, adapter_name=adapter_name, is_trainable=is_trainable)
+                model.set_adapter(adapter_name)
+                return model
+            return PeftModel.from_pretrained(
+                model, folder, adapter_name=adapter_name, is_trainable=is_trainable, config=config
+            )
+        except InvalidAdapterError:
+            raise
+        except ValueError as exc:  # the adapter does not fit this model (positions, family, ...)
+            raise InvalidAdapterError(f"{adapter}: {exc}") from None
 
 
 def read_adapter_config(folder: str | os.PathLike) -> PromptEmbeddingConfig:

@@ -41,11 +41,17 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
 
 @contextmanager
-def locked(folder: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `folder` (one writer at a time, across processes)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / LOCK_NAME, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+def locked(folder: Path, shared: bool = False) -> Iterator[None]:
+    """Hold the folder's lock: exclusive for a writer, shared for readers, across processes. A reader of a folder that
+    no saver of this library has written to (no lock file) takes no lock."""
+    path = Path(folder) / LOCK_NAME
+    if shared and not path.exists():
+        yield
+        return
+    if not shared:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "r" if shared else "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         try:
             yield
         finally:
