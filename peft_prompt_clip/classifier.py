@@ -4,14 +4,18 @@ batch of images costs one pass of the image tower and a matrix product."""
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Sequence
-from contextlib import nullcontext
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 from peft import PeftModel
 from safetensors.torch import save_file
 from torch import nn
+
+from .layer import PromptEmbeddingLayer
+from .model import find_text_embeddings
 
 #: CLIP's hand-written prompt, the zero-shot baseline of CoOp's tables.
 CLIP_TEMPLATE = ("a photo of a {}.",)
@@ -25,6 +29,10 @@ IMAGENET_TEMPLATES = (
     "art of the {}.",
     "a photo of the small {}.",
 )
+
+
+# class features are computed with the model's prompt layer pointed at one adapter; one computation at a time
+_TEXT_LOCK = threading.Lock()
 
 
 def _features(output) -> torch.Tensor:
@@ -44,8 +52,11 @@ class PromptClassifier:
             class feature is the normalised mean over templates (CLIP's prompt ensembling).
         use_adapter (`bool`, *optional*, defaults to `True`): `False` runs the base model (zero-shot baseline) even
             when `model` has an adapter.
+        adapter_name (`str`, *optional*): the adapter to classify with; by default the model's active one.
 
-    The class features are cached on first use; call [`refresh`] after training the prompt or switching adapters.
+    The class features are cached on first use; call [`refresh`] after training the prompt. Classifiers are
+    thread-safe, also several of them on one model with different `adapter_name`s (switching adapters with the
+    model's own `set_adapter` while other threads run it is not).
     """
 
     def __init__(
@@ -55,9 +66,13 @@ class PromptClassifier:
         class_names: Sequence[str],
         templates: Sequence[str] = ("{}.",),
         use_adapter: bool = True,
+        adapter_name: str | None = None,
     ) -> None:
         if not class_names:
             raise ValueError("class_names is empty: give the names of the classes to classify among.")
+        repeated = sorted({n for n in class_names if list(class_names).count(n) > 1})
+        if repeated:
+            raise ValueError(f"class_names repeats {repeated}; every class needs its own name.")
         if any("{}" not in t for t in templates) or not templates:
             raise ValueError(f"Every template needs a '{{}}' for the class name, got {list(templates)}.")
         self.model = model
@@ -65,32 +80,48 @@ class PromptClassifier:
         self.class_names = list(class_names)
         self.templates = list(templates)
         self.use_adapter = use_adapter
+        self.adapter_name = adapter_name
         self._class_features: torch.Tensor | None = None
 
     @property
     def base_model(self) -> nn.Module:
         return self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
 
-    def _adapter_context(self):
-        if isinstance(self.model, PeftModel) and not self.use_adapter:
-            return self.model.disable_adapter()
-        return nullcontext()
+    def _prompt_layer(self) -> PromptEmbeddingLayer | None:
+        return next((m for m in self.model.modules() if isinstance(m, PromptEmbeddingLayer)), None)
 
     @torch.no_grad()
     def class_features(self) -> torch.Tensor:
         """Normalised class text features `(num_classes, dim)`, computed once."""
         if self._class_features is None:
             device = self.base_model.logit_scale.device
+            layer = self._prompt_layer()
             per_template = []
-            with self._adapter_context():
+            with _TEXT_LOCK, ExitStack() as stack:
+                if layer is not None and not self.use_adapter:
+                    stack.enter_context(self.model.disable_adapter())
+                elif layer is not None and self.adapter_name is not None:
+                    stack.enter_context(layer.using_adapter(self.adapter_name))
+                n_ctx = layer.prompt_layouts[layer.active_adapters[0]].n_ctx if layer and self.use_adapter else 0
                 for template in self.templates:
                     texts = [template.format(name) for name in self.class_names]
                     tokens = self.processor.tokenizer(texts, padding=True, return_tensors="pt").to(device)
+                    self._check_lengths(texts, tokens["attention_mask"].sum(-1), n_ctx)
                     features = _features(self.model.get_text_features(**tokens))
                     per_template.append(features / features.norm(dim=-1, keepdim=True))
             mean = torch.stack(per_template).mean(dim=0)
             self._class_features = mean / mean.norm(dim=-1, keepdim=True)
         return self._class_features
+
+    def _check_lengths(self, texts: list[str], lengths: torch.Tensor, n_ctx: int) -> None:
+        embeddings = self.base_model.get_submodule(find_text_embeddings(self.base_model))
+        limit = embeddings.position_embedding.num_embeddings
+        too_long = [t for t, n in zip(texts, lengths.tolist(), strict=True) if n + n_ctx > limit]
+        if too_long:
+            raise ValueError(
+                f"These prompts are too long for the model ({limit} positions, {n_ctx} of them for the learned "
+                f"context): {too_long[:5]}. Shorten those class names or templates."
+            )
 
     def refresh(self) -> None:
         """Forget the cached class features (after training, or after `set_adapter`)."""

@@ -138,6 +138,19 @@ class PromptEmbeddingLayer(nn.Module, BaseTunerLayer):
         finally:
             self._class_rows = None
 
+    @contextmanager
+    def using_adapter(self, name: str) -> Iterator[None]:
+        """Within this block, forwards use adapter `name`, without PEFT's `set_adapter` (which also changes which
+        parameters train). Not thread-safe by itself: the classifier holds a lock around it."""
+        if name not in self.prompt_embedding_ctx:
+            raise ValueError(f"No prompt adapter named {name!r}; this model has {list(self.prompt_embedding_ctx)}.")
+        previous = self._active_adapter
+        self._active_adapter = name
+        try:
+            yield
+        finally:
+            self._active_adapter = previous
+
     def __getattr__(self, name: str) -> Any:
         # the text model reaches into its embeddings (get_input_embeddings() returns `embeddings.token_embedding`)
         try:
