@@ -70,6 +70,9 @@ class PromptClassifier:
     ) -> None:
         if not class_names:
             raise ValueError("class_names is empty: give the names of the classes to classify among.")
+        blank = [i for i, n in enumerate(class_names) if not str(n).strip()]
+        if blank:
+            raise ValueError(f"class_names has empty names at positions {blank}; every class needs a name.")
         repeated = sorted({n for n in class_names if list(class_names).count(n) > 1})
         if repeated:
             raise ValueError(f"class_names repeats {repeated}; every class needs its own name.")

@@ -61,6 +61,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         mixed_precision=args.mixed_precision,
         augment=args.augment,
         class_chunk_size=args.class_chunk_size,
+        kg_weight=args.kg_weight,
+        kl_weight=args.kl_weight,
         seed=args.seed,
         report_to=args.report_to,
         resume=args.resume,
@@ -150,6 +152,16 @@ def predict(args: argparse.Namespace) -> list[list[tuple[str, float]]]:
     return predictions
 
 
+def interpret(args: argparse.Namespace) -> dict:
+    """The vocabulary tokens nearest to each learned context vector (CoOp's interpretation)."""
+    from .interpret import format_nearest_words, nearest_words
+
+    model, processor, _ = _adapter_model(args)
+    result = nearest_words(model, processor.tokenizer, k=args.top_k, metric=args.metric)
+    print(format_nearest_words(result))
+    return result
+
+
 def push(args: argparse.Namespace) -> str:
     """Upload an adapter and its model card to a Hub repo."""
     from .hub import push_adapter
@@ -197,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None, help="default: on up to 16 shots")
     p.add_argument("--class-chunk-size", type=int, help="encode class prompts this many at a time (bounds memory)")
+    p.add_argument("--kg-weight", type=float, default=0.0, help="KgCoOp regulariser weight (KgCoOp uses 8.0)")
+    p.add_argument("--kl-weight", type=float, default=0.0, help="ProGrad-style KL to zero-shot predictions")
     p.add_argument("--report-to", help="Accelerate tracker, e.g. tensorboard")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output")
     p.set_defaults(run=train)
@@ -217,6 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("images", nargs="+", help="image files")
     p.set_defaults(run=predict)
+
+    p = commands.add_parser("interpret", help="nearest words of the learned context", description=interpret.__doc__)
+    p.add_argument("--adapter", required=True, help="adapter folder or Hub repo id")
+    p.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--metric", default="euclidean", choices=["euclidean", "cosine"])
+    p.set_defaults(run=interpret)
 
     p = commands.add_parser("push", help="upload an adapter and its model card to the Hub", description=push.__doc__)
     p.add_argument("--adapter", required=True, help="adapter folder")

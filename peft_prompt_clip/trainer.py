@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .classifier import _features
+from .classifier import PromptClassifier, _features
 from .data import LabeledImages, pixel_values
 from .errors import TrainingDivergedError
 from .layer import PromptEmbeddingLayer
@@ -61,6 +61,11 @@ class TrainingArguments:
             most 16 images per class; off means image features are computed once and cached.
         class_chunk_size (`int`, *optional*): encode the class prompts this many at a time (exact gradient), to bound
             memory with many classes; all at once by default.
+        kg_weight (`float`, *optional*, defaults to 0): KgCoOp's regulariser (Yao et al., CVPR 2023): adds
+            `kg_weight * mean(1 - cos(learned class feature, hand-written class feature))`; KgCoOp uses 8.0.
+        kl_weight (`float`, *optional*, defaults to 0): a ProGrad-style regulariser (Zhu et al., ICCV 2023): adds
+            `kl_weight * KL(zero-shot probabilities || learned probabilities)` per image.
+        hand_template (`str`, *optional*, defaults to `"a photo of a {}."`): the hand-written prompt of both.
         seed (`int`, *optional*, defaults to 1): seeds batch order and augmentation.
         report_to (`str`, *optional*): an Accelerate tracker, e.g. `"tensorboard"`.
         resume (`bool`, *optional*, defaults to `False`): continue from the checkpoint in `output_dir`.
@@ -79,6 +84,9 @@ class TrainingArguments:
     mixed_precision: str = "no"
     augment: bool | None = None
     class_chunk_size: int | None = None
+    kg_weight: float = 0.0
+    kl_weight: float = 0.0
+    hand_template: str = "a photo of a {}."
     seed: int = 1
     report_to: str | None = None
     resume: bool = False
@@ -94,6 +102,10 @@ class TrainingArguments:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
         if self.epochs is not None and self.epochs < 1:
             raise ValueError(f"epochs must be at least 1, got {self.epochs}.")
+        if self.kg_weight < 0 or self.kl_weight < 0:
+            raise ValueError(f"kg_weight and kl_weight must be >= 0, got {self.kg_weight} and {self.kl_weight}.")
+        if "{}" not in self.hand_template:
+            raise ValueError(f"hand_template needs a '{{}}' for the class name, got {self.hand_template!r}.")
         if self.class_chunk_size is not None and self.class_chunk_size < 1:
             raise ValueError(f"class_chunk_size must be at least 1, got {self.class_chunk_size}.")
 
@@ -196,9 +208,14 @@ class PromptTrainer:
         if chunked:  # the loss's gradient w.r.t. all class features first, then each chunk again with autograd
             text.requires_grad_(True)
         logits = scale * image_features @ text.T
-        loss = F.cross_entropy(logits, labels, reduction="sum") / (
-            global_count * self.args.gradient_accumulation_steps
-        )
+        args, share = self.args, self.accelerator.num_processes * self.args.gradient_accumulation_steps
+        loss = F.cross_entropy(logits, labels, reduction="sum") / (global_count * args.gradient_accumulation_steps)
+        if args.kg_weight:  # the same term on every process: each adds its share
+            loss = loss + args.kg_weight * (1 - (text * self.hand_features).sum(-1)).mean() / share
+        if args.kl_weight:
+            zero_shot = (scale * image_features @ self.hand_features.T).log_softmax(-1)
+            kl = F.kl_div(logits.log_softmax(-1), zero_shot, log_target=True, reduction="sum")
+            loss = loss + args.kl_weight * kl / (global_count * args.gradient_accumulation_steps)
         self.accelerator.backward(loss)
         if chunked:
             for indices, tokens in chunks:
@@ -225,6 +242,10 @@ class PromptTrainer:
         if args.report_to:
             acc.init_trackers("peft-prompt-clip", config={k: v for k, v in asdict(args).items() if k != "extra"})
         chunks = self._text_chunks()
+        if args.kg_weight or args.kl_weight:  # the hand-written prompt's class features, computed once
+            names, template = self.data.class_names, [args.hand_template]
+            hand = PromptClassifier(self.model, self.processor, names, template, use_adapter=False).class_features()
+            self.hand_features = _at_least_fp32(hand)
         cached = None if self.augment else self._cached_image_features()
         labels_all = torch.tensor(self.data.labels, device=acc.device)
         batches_per_epoch = len(self._batches(0))

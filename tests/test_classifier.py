@@ -130,6 +130,8 @@ def test_classifiers_of_two_adapters_under_threads(clip, processor):
 
 
 def test_duplicate_and_too_long_class_names(clip, processor):
+    with pytest.raises(ValueError, match=r"empty names at positions \[1\]"):
+        PromptClassifier(clip, processor, ["cat", "  "])
     with pytest.raises(ValueError, match=r"class_names repeats \['cat'\]"):
         PromptClassifier(clip, processor, ["cat", "dog", "cat"])
     model = get_peft_model(clip, PromptEmbeddingConfig(n_ctx=8))

@@ -170,3 +170,8 @@ def test_real_hf_imagefolder_dataset(tmp_path, monkeypatch):
     data = from_hf_dataset(ds)
     assert data.class_names == ["cat", "red_car"] and sorted(data.labels) == [0, 0, 1, 1, 1]
     assert all(open_image(image).mode == "RGB" for image in data.images)
+
+
+def test_zero_size_image_is_refused():
+    with pytest.raises(ValueError, match="zero-size image"):
+        open_image(Image.new("RGB", (0, 0)))

@@ -13,7 +13,7 @@ import transformers
 from peft import get_peft_model
 from transformers import AutoProcessor, CLIPModel
 
-from peft_prompt_clip import PromptEmbeddingConfig, TrainingDivergedError
+from peft_prompt_clip import PromptClassifier, PromptEmbeddingConfig, TrainingDivergedError
 from peft_prompt_clip.data import LabeledImages
 from peft_prompt_clip.trainer import CHECKPOINT_NAME, PromptTrainer, TrainingArguments, coop_epochs, load_checkpoint
 
@@ -105,14 +105,19 @@ def test_resume_gives_the_uninterrupted_result(clip_dir, tmp_path, augment, monk
 FLOAT64 = int(transformers.__version__.split(".")[0]) >= 5
 
 
-def test_chunked_class_encoding_has_the_exact_gradient(clip_dir, tmp_path):
+@pytest.mark.parametrize("regularisers", [{}, {"kg_weight": 8.0, "kl_weight": 1.0}], ids=["coop", "kgcoop+kl"])
+def test_chunked_class_encoding_has_the_exact_gradient(clip_dir, tmp_path, regularisers):
     data = teacher_data(clip_dir, n=16)
     grads = []
     for chunk in (None, 4, 1):
         model, processor = student(clip_dir)
         if FLOAT64:
             model.double()
-        trainer = PromptTrainer(model, processor, data, args(tmp_path, class_chunk_size=chunk))
+        trainer = PromptTrainer(model, processor, data, args(tmp_path, class_chunk_size=chunk, **regularisers))
+        if regularisers:
+            names = data.class_names
+            hand = PromptClassifier(model, processor, names, ["a photo of a {}."], use_adapter=False).class_features()
+            trainer.hand_features = hand
         features = trainer._cached_image_features()
         assert features.dtype == (torch.float64 if FLOAT64 else torch.float32)
         trainer._step(trainer._text_chunks(), features, torch.tensor(data.labels), len(data))
@@ -232,3 +237,33 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(clip_dir, tmp_path)
         trainer.train()
     assert (tmp_path / CHECKPOINT_NAME).read_bytes() == good
     assert (tmp_path / "adapter_model.safetensors").read_bytes() == adapter
+
+
+def _cosine_to_hand(model, processor) -> float:
+    learned = PromptClassifier(model, processor, CLASSES).class_features()
+    hand = PromptClassifier(model, processor, CLASSES, ["a photo of a {}."], use_adapter=False).class_features()
+    return (learned * hand).sum(-1).mean().item()
+
+
+def test_kgcoop_keeps_class_features_near_the_hand_written_ones(clip_dir, tmp_path):
+    data = teacher_data(clip_dir)
+    cosines = {}
+    for weight in (0.0, 50.0):
+        model, processor = student(clip_dir, ctx_init="a photo of a")
+        PromptTrainer(model, processor, data, args(tmp_path / str(weight), epochs=8, kg_weight=weight)).train()
+        cosines[weight] = _cosine_to_hand(model, processor)
+    assert cosines[50.0] > cosines[0.0] + 0.05, cosines
+
+
+def test_kl_to_zero_shot_keeps_predictions_near_zero_shot(clip_dir, tmp_path):
+    data = teacher_data(clip_dir)
+    processor = AutoProcessor.from_pretrained(clip_dir)
+    pixels = processor(images=data.images, return_tensors="pt")["pixel_values"]
+    agreement = {}
+    for weight in (0.0, 50.0):
+        model, processor = student(clip_dir, ctx_init="a photo of a")
+        PromptTrainer(model, processor, data, args(tmp_path / str(weight), epochs=8, kl_weight=weight)).train()
+        learned = PromptClassifier(model, processor, CLASSES).logits(pixels).argmax(-1)
+        zero_shot = PromptClassifier(model, processor, CLASSES, ["a photo of a {}."], use_adapter=False)
+        agreement[weight] = (learned == zero_shot.logits(pixels).argmax(-1)).float().mean().item()
+    assert agreement[50.0] > agreement[0.0] + 0.2, agreement
