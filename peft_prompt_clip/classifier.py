@@ -136,8 +136,35 @@ class PromptClassifier:
         base = self.base_model
         image = _features(base.get_image_features(pixel_values=pixel_values.to(base.logit_scale.device)))
         image = image / image.norm(dim=-1, keepdim=True)
+        layer = self._prompt_layer()
+        if layer is not None and self.use_adapter and layer.is_conditional(self.adapter_name):
+            text = self._conditional_features(layer, image)
+            return base.logit_scale.exp().to(image.dtype) * torch.einsum("bd,bcd->bc", image, text.to(image.dtype))
         text = self.class_features().to(image.dtype)
         return base.logit_scale.exp().to(image.dtype) * image @ text.T
+
+    def _conditional_features(self, layer: PromptEmbeddingLayer, image: torch.Tensor) -> torch.Tensor:
+        """CoCoOp: class features for each image `(images, classes, dim)`, the text tower run over image x class
+        prompts in chunks of about 256 prompts."""
+        if len(self.templates) != 1:
+            raise ValueError("A conditional (CoCoOp) adapter classifies with one template, not an ensemble.")
+        texts = [self.templates[0].format(name) for name in self.class_names]
+        tokens = self.processor.tokenizer(texts, padding=True, return_tensors="pt").to(image.device)
+        per_call = max(1, 256 // len(texts))
+        parts = []
+        with _TEXT_LOCK, ExitStack() as stack:
+            if self.adapter_name is not None:
+                stack.enter_context(layer.using_adapter(self.adapter_name))
+            self._check_lengths(
+                texts, tokens["attention_mask"].sum(-1), layer.prompt_layouts[layer.active_adapters[0]].n_ctx
+            )
+            for start in range(0, len(image), per_call):
+                images = image[start : start + per_call]
+                with layer.conditioned_on(images):
+                    rows = {k: v.repeat(len(images), 1) for k, v in tokens.items()}
+                    features = _features(self.model.get_text_features(**rows))
+                parts.append((features / features.norm(dim=-1, keepdim=True)).view(len(images), len(texts), -1))
+        return torch.cat(parts)
 
     def predict(self, images: Sequence, top_k: int = 5) -> list[list[tuple[str, float]]]:
         """The `top_k` most probable classes of each image (PIL images or arrays), with their probabilities."""

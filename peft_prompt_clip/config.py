@@ -46,6 +46,11 @@ class PromptEmbeddingConfig(PeftConfig):
         suffix_token_ids (`list[int]`, *optional*):
             Token ids that end a text and stay after the context for `"middle"` and `"front"` (CoOp's period). Filled
             from the tokenizer with the ids of `"."` when the adapter is created; `[]` keeps every token with the text.
+        conditional (`bool`, *optional*, defaults to `False`): CoCoOp (Zhou et al., CVPR 2022): a meta-net maps each
+            image's feature to a bias added to every context vector (instance-conditional context). Needs a model
+            with an image tower and a shared context.
+        meta_net_reduction (`int`, *optional*, defaults to 16): the meta-net's hidden size is the image feature size
+            divided by this (CoCoOp's Linear(d, d/16) -> ReLU -> Linear(d/16, width)).
         target_modules (`str`, *optional*):
             Name (or regex) of the text embeddings module to replace. By default the text embeddings of a supported
             model are found by their class, wherever the model keeps them.
@@ -95,6 +100,13 @@ class PromptEmbeddingConfig(PeftConfig):
             "filled from the tokenizer's ids of '.' when the adapter is created."
         },
     )
+    conditional: bool = field(
+        default=False,
+        metadata={"help": "CoCoOp: a meta-net adds an image-conditioned bias to every context vector."},
+    )
+    meta_net_reduction: int = field(
+        default=16, metadata={"help": "CoCoOp's meta-net hidden size is the image feature size divided by this."}
+    )
     target_modules: str | None = field(
         default=None,
         metadata={"help": "Name or regex of the text embeddings module to replace (default: found by its class)."},
@@ -113,7 +125,7 @@ class PromptEmbeddingConfig(PeftConfig):
             raise ValueError(f"n_ctx must be at least 1, got {self.n_ctx}.")
         if self.ctx_init is not None and (not isinstance(self.ctx_init, str) or not self.ctx_init.strip()):
             raise ValueError(f"ctx_init must be non-empty words such as 'a photo of a', got {self.ctx_init!r}.")
-        for name in ("class_specific", "inference_mode"):
+        for name in ("class_specific", "inference_mode", "conditional"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be true or false, got {getattr(self, name)!r}.")
         for name in ("tokenizer_name_or_path", "base_model_name_or_path", "revision"):
@@ -141,6 +153,14 @@ class PromptEmbeddingConfig(PeftConfig):
             isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 1
         ):
             raise ValueError(f"num_classes must be a positive integer, got {self.num_classes!r}.")
+        if isinstance(self.meta_net_reduction, bool) or not isinstance(self.meta_net_reduction, int):
+            raise TypeError(f"meta_net_reduction must be an integer, got {self.meta_net_reduction!r}.")
+        if self.meta_net_reduction < 1:
+            raise ValueError(f"meta_net_reduction must be at least 1, got {self.meta_net_reduction}.")
+        if self.conditional and self.class_specific:
+            raise ValueError(
+                "conditional (CoCoOp) context is shared by all classes: drop class_specific or conditional."
+            )
         if self.class_specific and self.num_classes is None:
             raise ValueError("class_specific=True learns one context per class: set num_classes or class_names.")
         if self.suffix_token_ids is not None and not (

@@ -34,7 +34,7 @@ class PromptEmbeddingLayer(nn.Module, BaseTunerLayer):
         inference_mode (`bool`, *optional*, defaults to `False`): whether the context is frozen.
     """
 
-    adapter_layer_names = ("prompt_embedding_ctx",)
+    adapter_layer_names = ("prompt_embedding_ctx", "prompt_embedding_meta_net")
     other_param_names = ("prompt_layouts",)
 
     def __init__(
@@ -45,27 +45,37 @@ class PromptEmbeddingLayer(nn.Module, BaseTunerLayer):
         context: torch.Tensor,
         layout: PromptLayout,
         inference_mode: bool = False,
+        meta_net: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.prompt_embedding_ctx = nn.ParameterDict({})
+        self.prompt_embedding_meta_net = nn.ModuleDict({})
         self.prompt_layouts: dict[str, PromptLayout] = {}
         self._active_adapter = adapter_name
         self.merged_adapters = []
         self.max_positions = base_layer.position_embedding.num_embeddings
         self._class_rows: torch.Tensor | None = None
+        self._condition: torch.Tensor | None = None
         self._owner_signature = inspect.signature(owner.forward)
         self._owner_var_kwargs = next(
             (p.name for p in self._owner_signature.parameters.values() if p.kind is p.VAR_KEYWORD), None
         )
         self._owner_hook = owner.register_forward_pre_hook(self._expand_inputs, with_kwargs=True)
-        self.update_layer(adapter_name, context, layout, inference_mode=inference_mode)
+        self.update_layer(adapter_name, context, layout, inference_mode=inference_mode, meta_net=meta_net)
 
     def update_layer(
-        self, adapter_name: str, context: torch.Tensor, layout: PromptLayout, inference_mode: bool = False
+        self,
+        adapter_name: str,
+        context: torch.Tensor,
+        layout: PromptLayout,
+        inference_mode: bool = False,
+        meta_net: nn.Module | None = None,
     ) -> None:
-        """Add (or replace) the context of `adapter_name`."""
+        """Add (or replace) the context of `adapter_name`, and its CoCoOp meta-net if it has one."""
         self.prompt_embedding_ctx[adapter_name] = nn.Parameter(context)
+        if meta_net is not None:
+            self.prompt_embedding_meta_net[adapter_name] = meta_net
         self.prompt_layouts[adapter_name] = layout
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
@@ -115,7 +125,14 @@ class PromptEmbeddingLayer(nn.Module, BaseTunerLayer):
         embeds = self.base_layer.token_embedding(input_ids)
         batch, _, width = embeds.shape
         ctx = self.prompt_embedding_ctx[name]
-        if ctx.dim() == 3 and self._class_rows is not None:
+        if name in self.prompt_embedding_meta_net and self._condition is not None:
+            # CoCoOp: the texts are all classes for image 0, then image 1, ...; each image's bias shifts the context
+            images = self._condition.shape[0]
+            if batch % images:
+                raise ValueError(f"{batch} texts cannot be split evenly among {images} conditioning images.")
+            bias = self.prompt_embedding_meta_net[name](self._condition.to(ctx.dtype))
+            ctx = ctx[None] + bias.repeat_interleave(batch // images, dim=0)[:, None, :]
+        elif ctx.dim() == 3 and self._class_rows is not None:
             ctx = ctx[self._class_rows.to(ctx.device)]
         ctx = ctx.to(embeds.dtype)
         if ctx.dim() == 2:
@@ -137,6 +154,21 @@ class PromptEmbeddingLayer(nn.Module, BaseTunerLayer):
             yield
         finally:
             self._class_rows = None
+
+    @contextmanager
+    def conditioned_on(self, image_features: torch.Tensor) -> Iterator[None]:
+        """Within this block, a CoCoOp adapter shifts its context by its meta-net's output for `image_features`
+        (`(images, dim)`, normalised); a text batch then holds the class prompts once per image, image-major.
+        Not thread-safe by itself."""
+        self._condition = image_features
+        try:
+            yield
+        finally:
+            self._condition = None
+
+    def is_conditional(self, name: str | None = None) -> bool:
+        """Whether adapter `name` (default: the active one) has a CoCoOp meta-net."""
+        return (name or self.active_adapters[0]) in self.prompt_embedding_meta_net
 
     @contextmanager
     def using_adapter(self, name: str) -> Iterator[None]:

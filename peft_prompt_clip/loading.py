@@ -113,11 +113,17 @@ def check_adapter_weights(folder: str | os.PathLike, config: PromptEmbeddingConf
             f"{weights_path} is corrupt or truncated ({exc}); save or download the adapter again."
         ) from None
     contexts = [k for k in tensors if k.endswith("prompt_embedding_ctx")]
-    if len(tensors) != 1 or len(contexts) != 1:
+    meta_net = [k for k in tensors if ".prompt_embedding_meta_net." in k]
+    expected_meta = 4 if config.conditional else 0  # CoCoOp: two Linear layers, weights and biases
+    if len(contexts) != 1 or len(meta_net) != expected_meta or len(tensors) != 1 + expected_meta:
         raise InvalidAdapterError(
-            f"{weights_path} holds {len(tensors)} tensors ({sorted(tensors)[:5]}); a prompt adapter holds "
-            "exactly one, its context (…prompt_embedding_ctx)."
+            f"{weights_path} holds {len(tensors)} tensors ({sorted(tensors)[:6]}); this adapter "
+            f"(conditional={config.conditional}) holds its context (…prompt_embedding_ctx)"
+            + (" and its meta-net's 4 tensors." if expected_meta else " only.")
         )
+    for key in meta_net:
+        if not tensors[key].is_floating_point() or not bool(tensors[key].isfinite().all()):
+            raise InvalidAdapterError(f"The meta-net tensor {key} in {weights_path} is not finite floats.")
     context = tensors[contexts[0]]
     if not context.is_floating_point():
         raise InvalidAdapterError(f"The context in {weights_path} has dtype {context.dtype}, not floats.")

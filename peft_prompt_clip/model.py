@@ -143,15 +143,32 @@ class PromptEmbeddingModel(BaseTuner):
         if peft_config.class_token_position != ClassTokenPosition.END and peft_config.suffix_token_ids is None:
             peft_config.suffix_token_ids = self._suffix_ids(tokenizer)
         layout = _layout(peft_config, text_config)
+        meta_net = self._meta_net(peft_config, context) if peft_config.conditional else None
         if isinstance(target, PromptEmbeddingLayer):
-            target.update_layer(adapter_name, context, layout, inference_mode=peft_config.inference_mode)
+            target.update_layer(
+                adapter_name, context, layout, inference_mode=peft_config.inference_mode, meta_net=meta_net
+            )
             return
         new_module = PromptEmbeddingLayer(
-            embeddings, parent, adapter_name, context, layout, inference_mode=peft_config.inference_mode
+            embeddings, parent, adapter_name, context, layout, peft_config.inference_mode, meta_net
         )
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    def _meta_net(self, config: PromptEmbeddingConfig, context: torch.Tensor) -> nn.Module:
+        """CoCoOp's meta-net, image feature -> context bias: Linear(d, d/r), ReLU, Linear(d/r, width); seeded."""
+        image_dim = getattr(getattr(self.model, "config", None), "projection_dim", None)
+        if image_dim is None or not hasattr(self.model, "get_image_features"):
+            raise ValueError(
+                "conditional (CoCoOp) context needs the image features of a model with an image tower, such as "
+                f"CLIPModel; {type(self.model).__name__} has none."
+            )
+        hidden = max(1, image_dim // config.meta_net_reduction)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.init_seed)
+            meta_net = nn.Sequential(nn.Linear(image_dim, hidden), nn.ReLU(), nn.Linear(hidden, context.shape[-1]))
+        return meta_net.to(context.device)
 
     def _tokenizer(self, config: PromptEmbeddingConfig) -> PreTrainedTokenizerBase | None:
         needs_tokenizer = config.ctx_init is not None or (
@@ -232,8 +249,15 @@ class PromptEmbeddingModel(BaseTuner):
         cls, model: nn.Module, config: PromptEmbeddingConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        own = model.state_dict()
+        for key, value in remapped.items():
+            if "prompt_embedding_meta_net" in key and key in own and own[key].shape != value.shape:
+                raise InvalidAdapterError(
+                    f"The adapter's meta-net tensor {key} has shape {tuple(value.shape)}, but this model expects "
+                    f"{tuple(own[key].shape)}: the adapter was learned on another base model."
+                )
         suffix = f"prompt_embedding_ctx.{adapter_name}"
-        expected = {k: v for k, v in model.state_dict().items() if k.endswith(suffix)}
+        expected = {k: v for k, v in own.items() if k.endswith(suffix)}
         saved = [k for k in remapped if "prompt_embedding_ctx" in k and k not in expected]
         if len(expected) == 1 and next(iter(expected)) not in remapped and len(saved) == 1:
             # saved from another layout of the same text tower: CLIPModel vs CLIPTextModel, transformers 4 vs 5

@@ -144,6 +144,8 @@ class PromptTrainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("The adapter has no trainable context: load it with is_trainable=True to go on training.")
+        if self.layer.is_conditional() and (args.kg_weight or args.kl_weight):
+            raise ValueError("kg_weight and kl_weight regularise a context shared by all images, not CoCoOp's.")
         shots = max(train_data.counts())
         self.epochs = args.epochs or coop_epochs(shots)
         self.augment = shots <= 16 if args.augment is None else args.augment
@@ -202,6 +204,8 @@ class PromptTrainer:
     ) -> tuple[float, int]:
         """Forward and backward of one process's share of a batch; returns its summed loss and correct count."""
         scale = _at_least_fp32(self.model.get_base_model().logit_scale.exp())
+        if self.layer.is_conditional():
+            return self._conditional_step(chunks, scale, image_features, labels, global_count)
         chunked = len(chunks) > 1
         with torch.no_grad() if chunked else nullcontext():
             text = torch.cat([self._encode(i, t) for i, t in chunks])
@@ -222,6 +226,30 @@ class PromptTrainer:
                 self._encode(indices, tokens).backward(text.grad[indices[0] : indices[-1] + 1])
         correct = int((logits.argmax(-1) == labels).sum())
         return loss.item() * global_count * self.args.gradient_accumulation_steps, correct
+
+    def _conditional_step(self, chunks, scale, image_features, labels, global_count: int) -> tuple[float, int]:
+        """CoCoOp: every image has its own context, so the text tower runs over all (image, class) prompts at once,
+        in chunks of about `class_chunk_size` prompts, each chunk's loss back-propagated at once (exact: the loss is
+        a sum over images)."""
+        tokens = {k: torch.cat([t[k] for _, t in chunks]) for k in chunks[0][1]}
+        classes = tokens["input_ids"].shape[0]
+        per_call = max(1, (self.args.class_chunk_size or classes * len(labels)) // classes)
+        total, correct = 0.0, 0
+        for start in range(0, len(labels), per_call):
+            images = image_features[start : start + per_call]
+            rows = {k: v.repeat(len(images), 1) for k, v in tokens.items()}
+            with self.layer.conditioned_on(images), self.accelerator.autocast():
+                text = _at_least_fp32(_features(self.model.get_text_features(**rows)))
+            text = (text / text.norm(dim=-1, keepdim=True)).view(len(images), classes, -1)
+            logits = scale * torch.einsum("bd,bcd->bc", images, text)
+            part = labels[start : start + per_call]
+            loss = F.cross_entropy(logits, part, reduction="sum") / (
+                global_count * self.args.gradient_accumulation_steps
+            )
+            self.accelerator.backward(loss)
+            total += loss.item() * global_count * self.args.gradient_accumulation_steps
+            correct += int((logits.argmax(-1) == part).sum())
+        return total, correct
 
     def train(self) -> dict[str, Any]:
         """Run the training; returns a summary (epochs, final loss and accuracy, seconds per step)."""

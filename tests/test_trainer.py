@@ -20,12 +20,13 @@ from peft_prompt_clip.trainer import CHECKPOINT_NAME, PromptTrainer, TrainingArg
 CLASSES = ["cat", "dog", "bird", "car", "ship", "frog"]
 
 
-def teacher_data(clip_dir, n=96, seed=0) -> LabeledImages:
-    """Random images labelled by a hidden class-specific prompt: a task a prompt can learn and zero-shot cannot."""
+def teacher_data(clip_dir, n=96, seed=0, class_specific=True) -> LabeledImages:
+    """Random images labelled by a hidden prompt (one context per class by default): a task a prompt can learn and
+    zero-shot cannot."""
     processor = AutoProcessor.from_pretrained(clip_dir)
     teacher = get_peft_model(
         CLIPModel.from_pretrained(clip_dir).eval(),
-        PromptEmbeddingConfig(n_ctx=4, class_specific=True, class_names=CLASSES, init_seed=9),
+        PromptEmbeddingConfig(n_ctx=4, class_specific=class_specific, class_names=CLASSES, init_seed=9),
     )
     generator = torch.Generator().manual_seed(seed)
     images = [(torch.rand(30, 30, 3, generator=generator) * 255).to(torch.uint8).numpy() for _ in range(n)]
