@@ -1,6 +1,7 @@
 """Training step of the prompt trainer at ViT-B/32 size (random weights): time with cached image features against
-running the image tower each step (augmentation), and peak memory of a many-class step with and without chunked
-class encoding. Each configuration runs in its own process, so its peak resident memory is its own.
+running the image tower each step (augmentation), peak memory of a many-class step with and without chunked class
+encoding, and CoCoOp batched over images x classes against CoCoOp's per-image loop. Each configuration runs in its
+own process, so its peak resident memory is its own.
 
 Run: python benchmarks/training_step.py   (about 10 minutes on 2 CPU cores)
 """
@@ -27,15 +28,18 @@ from peft_prompt_clip.data import LabeledImages
 from peft_prompt_clip.tiny import save_tiny_clip, vocab_and_merges
 from peft_prompt_clip.trainer import PromptTrainer, TrainingArguments
 
-CONFIGS = [  # (name, classes, augment, class_chunk_size, repeats)
-    ("100 classes, cached image features", 100, False, None, 5),
-    ("100 classes, image tower every step", 100, True, None, 5),
-    ("1000 classes, all prompts at once", 1000, False, None, 1),
-    ("1000 classes, chunks of 100 (exact)", 1000, False, 100, 1),
+CONFIGS = [  # (name, classes, augment, class_chunk_size, repeats, mode)
+    ("100 classes, cached image features", 100, False, None, 5, "coop"),
+    ("100 classes, image tower every step", 100, True, None, 5, "coop"),
+    ("1000 classes, all prompts at once", 1000, False, None, 1, "coop"),
+    ("1000 classes, chunks of 100 (exact)", 1000, False, 100, 1, "coop"),
+    ("CoCoOp 10 classes, per-image loop", 10, False, None, 3, "cocoop-loop"),
+    ("CoCoOp 10 classes, batched", 10, False, None, 3, "cocoop"),
+    ("CoCoOp 10 classes, batched, 40 prompts/call", 10, False, 40, 3, "cocoop"),
 ]
 
 
-def one(classes: int, augment: bool, chunk: int | None, repeats: int) -> dict:
+def one(classes: int, augment: bool, chunk: int | None, repeats: int, mode: str) -> dict:
     torch.manual_seed(0)
     folder = save_tiny_clip(Path(tempfile.mkdtemp()) / "tok")
     processor = AutoProcessor.from_pretrained(folder)
@@ -43,10 +47,12 @@ def one(classes: int, augment: bool, chunk: int | None, repeats: int) -> dict:
     processor.image_processor.crop_size = {"height": 224, "width": 224}
     vocab, _ = vocab_and_merges()
     config = clip_config("ViT-B/32", bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"])
-    model = get_peft_model(CLIPModel(config).eval(), PromptEmbeddingConfig(n_ctx=16))
+    conditional = mode.startswith("cocoop")
+    model = get_peft_model(CLIPModel(config).eval(), PromptEmbeddingConfig(n_ctx=16, conditional=conditional))
     rng = np.random.default_rng(0)
-    images = [rng.integers(0, 255, (240, 320, 3), dtype=np.uint8) for _ in range(32)]
-    data = LabeledImages([f"class {i}" for i in range(classes)], images, [i % classes for i in range(32)])
+    count = 16 if conditional else 32
+    images = [rng.integers(0, 255, (240, 320, 3), dtype=np.uint8) for _ in range(count)]
+    data = LabeledImages([f"class {i}" for i in range(classes)], images, [i % classes for i in range(count)])
     args = TrainingArguments(output_dir=tempfile.mkdtemp(), epochs=1, augment=augment, class_chunk_size=chunk)
     trainer = PromptTrainer(model, processor, data, args)
     chunks = trainer._text_chunks()
@@ -59,33 +65,68 @@ def one(classes: int, augment: bool, chunk: int | None, repeats: int) -> dict:
         trainer._step(chunks, features, labels, len(order))
         model.zero_grad(set_to_none=True)
 
+    def per_image_loop():  # CoCoOp's own trainer: the text encoder once per image, one backward for the batch
+        tokens = chunks[0][1]
+        scale = model.get_base_model().logit_scale.exp()
+        logits = []
+        for i in range(len(order)):
+            with trainer.layer.conditioned_on(cached[i : i + 1]):
+                text = model.get_text_features(**tokens)
+            text = text if isinstance(text, torch.Tensor) else text.pooler_output
+            logits.append(scale * cached[i] @ (text / text.norm(dim=-1, keepdim=True)).T)
+        torch.nn.functional.cross_entropy(torch.stack(logits), labels).backward()
+        model.zero_grad(set_to_none=True)
+
+    if mode == "cocoop-loop":
+        step = per_image_loop
+
     seconds = median_seconds(step, repeats)
     return {"seconds_per_step": seconds, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
-def main() -> list[dict]:
-    rows = []
-    for name, classes, augment, chunk, repeats in CONFIGS:
-        command = [sys.executable, __file__, "--one", json.dumps([classes, augment, chunk, repeats])]
+def main(only: str | None = None) -> list[dict]:
+    rows = {}
+    for name, classes, augment, chunk, repeats, mode in CONFIGS:
+        if only and only not in name:
+            continue
+        command = [sys.executable, __file__, "--one", json.dumps([classes, augment, chunk, repeats, mode])]
         result = subprocess.run(command, capture_output=True, text=True, check=True)
-        rows.append({"config": name, **json.loads(result.stdout.strip().splitlines()[-1])})
+        rows[name] = {"config": name, **json.loads(result.stdout.strip().splitlines()[-1])}
         print(
-            f"{name:40} {rows[-1]['seconds_per_step']:8.2f} s/step   peak RSS {rows[-1]['peak_rss_gib']:6.2f} GiB",
-            flush=True,
+            f"{name:45} {rows[name]['seconds_per_step']:8.2f} s/step   peak RSS {rows[name]['peak_rss_gib']:6.2f} GiB"
         )
-    cached, every_step = rows[0]["seconds_per_step"], rows[1]["seconds_per_step"]
-    print(f"cached image features: {every_step / cached:.2f}x faster per step than the image tower every step")
-    print(f"chunked class encoding: peak memory {rows[3]['peak_rss_gib'] / rows[2]['peak_rss_gib']:.2f}x of unchunked")
-    out = Path(__file__).parent / "results" / "training_step.json"
-    out.write_text(json.dumps({"machine": platform.platform(), "torch": torch.__version__, "rows": rows}, indent=2))
-    return rows
+
+    def ratio(a: str, b: str, key: str = "seconds_per_step") -> float | None:
+        return rows[a][key] / rows[b][key] if a in rows and b in rows else None
+
+    ratios = {
+        "cache_speedup": ratio("100 classes, image tower every step", "100 classes, cached image features"),
+        "chunked_memory": ratio(
+            "1000 classes, chunks of 100 (exact)", "1000 classes, all prompts at once", "peak_rss_gib"
+        ),
+        "cocoop_batched_speedup": ratio("CoCoOp 10 classes, per-image loop", "CoCoOp 10 classes, batched"),
+        "cocoop_chunked_speedup": ratio(
+            "CoCoOp 10 classes, per-image loop", "CoCoOp 10 classes, batched, 40 prompts/call"
+        ),
+        "cocoop_chunked_memory": ratio(
+            "CoCoOp 10 classes, batched, 40 prompts/call", "CoCoOp 10 classes, per-image loop", "peak_rss_gib"
+        ),
+    }
+    for key, value in ratios.items():
+        if value is not None:
+            print(f"{key:24} {value:.2f}x")
+    out = Path(__file__).parent / "results" / f"training_step{'-' + only.lower() if only else ''}.json"
+    meta = {"machine": platform.platform(), "torch": torch.__version__}
+    out.write_text(json.dumps({**meta, "rows": list(rows.values()), "ratios": ratios}, indent=2))
+    return list(rows.values())
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--only", help="run only the configurations whose name contains this, e.g. CoCoOp")
     options = parser.parse_args()
     if options.one:
         print(json.dumps(one(*json.loads(options.one))))
     else:
-        main()
+        main(options.only)
