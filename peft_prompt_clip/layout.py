@@ -1,6 +1,7 @@
 """Where the learned context goes in a tokenised prompt.
 
-A text arrives tokenised as `[SOS] t_1 ... t_m [EOS] [pad ...]`. The adapter makes room for `n_ctx` context vectors by
+A text arrives tokenised as `[SOS] t_1 ... t_m [EOS] [pad ...]` (CLIP), or `t_1 ... t_m [EOS] [pad ...]` (SigLIP).
+The adapter makes room for `n_ctx` context vectors by
 inserting placeholder tokens, so that every module downstream of the embeddings (the causal mask, the pooling at the
 end-of-text token) sees a consistent sequence. The positions of the context are a function of the end-of-text
 index and of whether the text ends with the suffix (CoOp's period), so they can be derived again from the expanded ids
@@ -27,8 +28,11 @@ class PromptLayout:
         eos_token_id (`int`): the end-of-text id of the text model.
         placeholder_id (`int`): id written into the context slots; never the end-of-text id, never a suffix id, and
             below the end-of-text id for models that pool at the highest id.
-        pool_at_argmax (`bool`): whether the model pools at `input_ids.argmax()` (legacy CLIP configs with
-            `eos_token_id == 2`) rather than at the first end-of-text id.
+        pooling (`str`): where the text model pools: `"eos"` (the first end-of-text id: CLIP), `"argmax"` (the
+            highest id, the end-of-text token: legacy CLIP configs with `eos_token_id == 2`, OWL-ViT) or `"last"`
+            (the last position, usually padding: SigLIP). With `"last"` the sequence keeps its length (padding to
+            the model's length is part of its input) and the context takes the place of trailing padding.
+        prefix_length (`int`, defaults to 1): tokens before the text (CLIP's start-of-text; 0 for SigLIP).
     """
 
     n_ctx: int
@@ -36,11 +40,12 @@ class PromptLayout:
     suffix_token_ids: tuple[int, ...]
     eos_token_id: int
     placeholder_id: int
-    pool_at_argmax: bool
+    pooling: str = "eos"
+    prefix_length: int = 1
 
     def end_of_text_index(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Index of the token each row is pooled at, by the same rule as the text model."""
-        if self.pool_at_argmax:
+        """Index of each row's end-of-text token, found by the same rule as the text model."""
+        if self.pooling == "argmax":
             return input_ids.to(torch.int).argmax(dim=-1)
         is_eos = input_ids == self.eos_token_id
         if not bool(is_eos.any(dim=-1).all()):
@@ -69,14 +74,14 @@ class PromptLayout:
         n = self.n_ctx
         steps = torch.arange(n, device=eos_index.device)
         if self.position == ClassTokenPosition.END:
-            return (1 + steps).expand(eos_index.shape[0], n)
+            return (self.prefix_length + steps).expand(eos_index.shape[0], n)
         # the context after the text ends right before the suffix: [SOS ... text ctx suffix EOS]
         after_text = n - n // 2 if self.position == ClassTokenPosition.MIDDLE else n
         start = eos_index - suffix_length - after_text
         if self.position == ClassTokenPosition.FRONT:
             return start[:, None] + steps
         half = n // 2
-        first = (1 + steps[:half]).expand(eos_index.shape[0], half)
+        first = (self.prefix_length + steps[:half]).expand(eos_index.shape[0], half)
         second = start[:, None] + steps[:after_text]
         return torch.cat([first, second], dim=1)
 
@@ -90,13 +95,20 @@ class PromptLayout:
         batch, length = input_ids.shape
         eos = self.end_of_text_index(input_ids)
         needed = int(eos.max()) + 1 + self.n_ctx
+        if self.pooling == "last" and needed > length:
+            raise ValueError(
+                f"This model pools at the last position, so a prompt keeps its padded length ({length}) and the "
+                f"{self.n_ctx} context tokens replace padding; a text of {int(eos.max()) + 1} tokens leaves too "
+                "little. "
+                "Tokenise with padding='max_length' (as the model expects), or use a smaller n_ctx."
+            )
         if needed > max_positions:
             raise ValueError(
                 f"A text of {int(eos.max()) + 1} tokens plus {self.n_ctx} context tokens needs {needed} positions, "
                 f"but the model has max_position_embeddings={max_positions}. Shorten the text or use a smaller n_ctx."
             )
         new_eos = eos + self.n_ctx
-        suffix = self._suffix_length(input_ids, eos, torch.ones_like(eos))
+        suffix = self._suffix_length(input_ids, eos, torch.full_like(eos, self.prefix_length))
         slots = self.context_positions(new_eos, suffix)
         is_ctx = torch.zeros(batch, length + self.n_ctx, dtype=torch.bool, device=input_ids.device)
         is_ctx.scatter_(1, slots, True)
@@ -107,12 +119,12 @@ class PromptLayout:
         if attention_mask is not None:
             mask = attention_mask.new_ones((batch, length + self.n_ctx))
             mask[~is_ctx] = attention_mask.reshape(-1)
-            mask = mask[:, :needed]
-        return ids[:, :needed], mask
+        keep = length if self.pooling == "last" else needed  # SigLIP: same length, the last n_ctx pads dropped
+        return ids[:, :keep], None if mask is None else mask[:, :keep]
 
     def locate(self, expanded_ids: torch.Tensor) -> torch.Tensor:
         """Positions `(batch, n_ctx)` of the context in ids made by [`expand`]."""
         eos = self.end_of_text_index(expanded_ids)
-        # the suffix can only start after SOS and the context
-        suffix = self._suffix_length(expanded_ids, eos, torch.full_like(eos, 1 + self.n_ctx))
+        # the suffix can only start after the prefix and the context
+        suffix = self._suffix_length(expanded_ids, eos, torch.full_like(eos, self.prefix_length + self.n_ctx))
         return self.context_positions(eos, suffix)

@@ -4,22 +4,64 @@ from __future__ import annotations
 
 import re
 import warnings
+from dataclasses import dataclass
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.models.clip.modeling_clip import CLIPTextEmbeddings
+from transformers.models.groupvit.modeling_groupvit import GroupViTTextEmbeddings
+from transformers.models.owlvit.modeling_owlvit import OwlViTTextEmbeddings
+from transformers.models.siglip.modeling_siglip import SiglipTextEmbeddings
+
+try:
+    from transformers.models.siglip2.modeling_siglip2 import Siglip2TextEmbeddings
+except ImportError:  # transformers < 4.49
+    Siglip2TextEmbeddings = None
 
 from .config import ClassTokenPosition, PromptEmbeddingConfig
 from .errors import InvalidAdapterError
 from .layer import PromptEmbeddingLayer
 from .layout import PromptLayout
 
-#: Text embeddings modules the adapter knows how to wrap, and the models that hold them.
-SUPPORTED_TEXT_EMBEDDINGS: dict[type[nn.Module], str] = {
-    CLIPTextEmbeddings: "CLIP (CLIPModel, CLIPTextModel, CLIPTextModelWithProjection)",
+
+@dataclass(frozen=True)
+class TextFamily:
+    """What the adapter must know of a model family's text tower.
+
+    Args:
+        name (`str`): the family, as users know it.
+        models (`str`): its transformers classes.
+        pooling (`str`): where the text tower pools: `"eos"` (first end-of-text id, or the highest id for legacy
+            configs with `eos_token_id == 2`), `"argmax"` (the highest id) or `"last"` (the last position).
+        prefix_length (`int`): tokens before the text (a start-of-text token: 1).
+    """
+
+    name: str
+    models: str
+    pooling: str
+    prefix_length: int
+
+
+#: Text embeddings modules the adapter knows how to wrap (found by class), and how their text towers read a prompt.
+SUPPORTED_TEXT_EMBEDDINGS: dict[type[nn.Module], TextFamily] = {
+    CLIPTextEmbeddings: TextFamily("CLIP", "CLIPModel, CLIPTextModel, CLIPTextModelWithProjection", "eos", 1),
+    GroupViTTextEmbeddings: TextFamily("GroupViT", "GroupViTModel, GroupViTTextModel", "eos", 1),
+    OwlViTTextEmbeddings: TextFamily("OWL-ViT", "OwlViTModel, OwlViTTextModel", "argmax", 1),
+    SiglipTextEmbeddings: TextFamily("SigLIP", "SiglipModel, SiglipTextModel", "last", 0),
 }
+if Siglip2TextEmbeddings is not None:  # transformers >= 4.49
+    SUPPORTED_TEXT_EMBEDDINGS[Siglip2TextEmbeddings] = TextFamily(
+        "SigLIP 2", "Siglip2Model, Siglip2TextModel", "last", 0
+    )
+
+
+def text_family(embeddings: nn.Module) -> TextFamily:
+    """The family of a (possibly wrapped) text embeddings module."""
+    base = embeddings.get_base_layer() if isinstance(embeddings, PromptEmbeddingLayer) else embeddings
+    return next(family for cls, family in SUPPORTED_TEXT_EMBEDDINGS.items() if isinstance(base, cls))
+
 
 INIT_STD = 0.02  # CoOp's random initialisation: normal with std 0.02
 
@@ -74,7 +116,7 @@ def find_text_embeddings(model: nn.Module, target_modules: str | None = None) ->
 
 
 def _supported() -> str:
-    return "; ".join(f"{cls.__name__} in {models}" for cls, models in SUPPORTED_TEXT_EMBEDDINGS.items())
+    return "; ".join(f"{f.name} ({cls.__name__} in {f.models})" for cls, f in SUPPORTED_TEXT_EMBEDDINGS.items())
 
 
 class PromptEmbeddingModel(BaseTuner):
@@ -142,7 +184,7 @@ class PromptEmbeddingModel(BaseTuner):
         context = self._initial_context(peft_config, embeddings, tokenizer)
         if peft_config.class_token_position != ClassTokenPosition.END and peft_config.suffix_token_ids is None:
             peft_config.suffix_token_ids = self._suffix_ids(tokenizer)
-        layout = _layout(peft_config, text_config)
+        layout = _layout(peft_config, text_config, text_family(embeddings))
         meta_net = self._meta_net(peft_config, context) if peft_config.conditional else None
         if isinstance(target, PromptEmbeddingLayer):
             target.update_layer(
@@ -284,13 +326,20 @@ class PromptEmbeddingModel(BaseTuner):
         return remapped
 
 
-def _layout(config: PromptEmbeddingConfig, text_config) -> PromptLayout:
+def _layout(config: PromptEmbeddingConfig, text_config, family: TextFamily) -> PromptLayout:
     eos = text_config.eos_token_id
-    pool_at_argmax = eos == 2  # transformers keeps the legacy argmax pooling for configs saying eos_token_id == 2
+    # transformers keeps CLIP's legacy argmax pooling for configs saying eos_token_id == 2
+    pooling = "argmax" if family.pooling == "eos" and eos == 2 else family.pooling
     suffix = tuple(config.suffix_token_ids or ())
-    candidates = [getattr(text_config, "bos_token_id", None), 0, 1, 3, 4]
+    candidates = [getattr(text_config, "bos_token_id", None), 0, 1, 2, 3, 4]
     placeholder = next(
-        i for i in candidates if i is not None and i != eos and i not in suffix and (not pool_at_argmax or i < eos)
+        i
+        for i in candidates
+        if i is not None
+        and i < text_config.vocab_size
+        and i != eos
+        and i not in suffix
+        and (pooling != "argmax" or i < eos)
     )
     return PromptLayout(
         n_ctx=config.n_ctx,
@@ -298,5 +347,6 @@ def _layout(config: PromptEmbeddingConfig, text_config) -> PromptLayout:
         suffix_token_ids=suffix,
         eos_token_id=eos,
         placeholder_id=placeholder,
-        pool_at_argmax=pool_at_argmax,
+        pooling=pooling,
+        prefix_length=family.prefix_length,
     )

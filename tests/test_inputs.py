@@ -21,7 +21,7 @@ def layout(position: str, n_ctx: int = 4, argmax: bool = False) -> PromptLayout:
         suffix_token_ids=(DOT,),
         eos_token_id=2 if argmax else EOS,
         placeholder_id=P,
-        pool_at_argmax=argmax,
+        pooling="argmax" if argmax else "eos",
     )
 
 

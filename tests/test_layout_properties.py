@@ -31,7 +31,7 @@ def batches(draw):
 )
 def test_locate_finds_what_expand_inserted(batch, n_ctx, position, suffix):
     ids, texts = batch
-    layout = PromptLayout(n_ctx, position, suffix, EOS, placeholder_id=P, pool_at_argmax=False)
+    layout = PromptLayout(n_ctx, position, suffix, EOS, placeholder_id=P)
     expanded, mask = layout.expand(ids, torch.ones_like(ids), max_positions=64)
     slots = layout.locate(expanded)
     is_ctx = torch.zeros_like(expanded, dtype=torch.bool).scatter_(1, slots, True)

@@ -191,7 +191,9 @@ def test_unsupported_model_names_the_supported_families():
     from transformers import BertConfig, BertModel
 
     bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37))
-    with pytest.raises(ValueError, match=r"No text embeddings module .* Supported: CLIPTextEmbeddings"):
+    with pytest.raises(
+        ValueError, match=r"No text embeddings module .* Supported: CLIP \(CLIPTextEmbeddings in .*SigLIP"
+    ):
         get_peft_model(bert, PromptEmbeddingConfig(n_ctx=4))
 
 

@@ -1,0 +1,148 @@
+"""Other CLIP-family text towers: each family's own pooling rule is respected (CLIP-like first end-of-text token,
+OWL-ViT's highest id, SigLIP's last position with fixed-length padding), checked against a prompt built by hand, and
+adapters round-trip through save/load."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from transformers import (
+    GroupViTTextConfig,
+    GroupViTTextModel,
+    OwlViTTextConfig,
+    OwlViTTextModel,
+    SiglipTextConfig,
+    SiglipTextModel,
+)
+
+from peft_prompt_clip import PromptEmbeddingConfig, PromptEmbeddingLayer, load_prompt_model
+
+TOWER = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, vocab_size=99)
+BOS, EOS, DOT = 97, 98, 7
+TEXTS = [[11, 12, DOT], [13, DOT], [14, 15, 16]]  # token ids; the period is the suffix
+N_CTX = 3
+
+
+def clip_like(model_cls, config_cls, pad):
+    return model_cls(
+        config_cls(**TOWER, max_position_embeddings=24, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=pad)
+    )
+
+
+def siglip(model_cls=SiglipTextModel, config_cls=SiglipTextConfig):
+    return model_cls(
+        config_cls(**TOWER, max_position_embeddings=16, pad_token_id=1, eos_token_id=1, bos_token_id=None)
+    )
+
+
+FAMILIES = {
+    "groupvit": lambda: clip_like(GroupViTTextModel, GroupViTTextConfig, pad=1),
+    "owlvit": lambda: clip_like(OwlViTTextModel, OwlViTTextConfig, pad=0),
+    "siglip": siglip,
+}
+try:
+    from transformers import Siglip2TextConfig, Siglip2TextModel
+
+    FAMILIES["siglip2"] = lambda: siglip(Siglip2TextModel, Siglip2TextConfig)
+except ImportError:  # transformers < 4.49
+    pass
+
+
+def is_siglip(name: str) -> bool:
+    return name.startswith("siglip")
+
+
+def inputs(name: str) -> torch.Tensor:
+    if is_siglip(name):  # no start token, end-of-text then padding to the model's 16 positions
+        return torch.tensor([t + [1] + [1] * (16 - len(t) - 1) for t in TEXTS])
+    pad = 0 if name == "owlvit" else 1
+    longest = max(len(t) for t in TEXTS) + 2
+    return torch.tensor([[BOS, *t, EOS] + [pad] * (longest - len(t) - 2) for t in TEXTS])
+
+
+def hand_built(tower, ctx: torch.Tensor, name: str, position: str) -> torch.Tensor:
+    """The prompt laid out by hand, through the text tower's layers, pooled by the family's rule."""
+    text_model = next(m for m in tower.modules() if hasattr(m, "final_layer_norm") and hasattr(m, "encoder"))
+    table = text_model.embeddings.token_embedding
+    rows, pool = [], []
+    for i, text in enumerate(TEXTS):
+        body, suffix = (text[:-1], text[-1:]) if text[-1] == DOT else (text, [])
+        prefix = [] if is_siglip(name) else [BOS]
+        embed = lambda ids: table(torch.tensor(ids, dtype=torch.long))  # noqa: E731
+        c = ctx[i] if ctx.dim() == 3 else ctx
+        if position == "end":
+            parts = [embed(prefix), c, embed(text + [EOS if not is_siglip(name) else 1])]
+        else:  # front
+            parts = [embed(prefix), embed(body), c, embed(suffix + [EOS if not is_siglip(name) else 1])]
+        row = torch.cat(parts)
+        eos_at = row.shape[0] - 1
+        if is_siglip(name):  # pad to the original length; the context replaced trailing padding
+            row = torch.cat([row, embed([1] * (16 - row.shape[0]))])
+            pool.append(15)
+        else:
+            pool.append(eos_at)
+        rows.append(row)
+    length = max(r.shape[0] for r in rows)
+    rows = [torch.cat([r, table.weight[1].expand(length - r.shape[0], -1)]) for r in rows]
+    x = torch.stack(rows) + text_model.embeddings.position_embedding.weight[:length]
+    causal = torch.full((length, length), torch.finfo(x.dtype).min).triu(1).expand(len(rows), 1, length, length)
+    mask = None if is_siglip(name) else causal
+    for layer in text_model.encoder.layers:
+        if "causal_attention_mask" in inspect.signature(layer.forward).parameters:  # transformers 4, CLIP-like
+            x = layer(x, None, mask)[0]
+        else:
+            x = layer(x, mask)
+            x = x[0] if isinstance(x, tuple) else x
+    x = text_model.final_layer_norm(x)
+    pooled = x[torch.arange(len(rows)), torch.tensor(pool)]
+    return text_model.head(pooled) if hasattr(text_model, "head") else pooled
+
+
+@pytest.mark.parametrize("position", ["end", "front"])
+@pytest.mark.parametrize("class_specific", [False, True], ids=["shared", "csc"])
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_parity_with_a_hand_built_prompt(name, position, class_specific):
+    torch.manual_seed(0)
+    config = PromptEmbeddingConfig(
+        n_ctx=N_CTX, class_token_position=position, suffix_token_ids=[DOT], class_specific=class_specific,
+        num_classes=3 if class_specific else None,
+    )  # fmt: skip
+    model = get_peft_model(FAMILIES[name]().eval(), config)
+    layer = next(m for m in model.modules() if isinstance(m, PromptEmbeddingLayer))
+    with torch.no_grad():
+        layer.prompt_embedding_ctx["default"].normal_(0, 1)
+        ours = model(input_ids=inputs(name)).pooler_output
+        expected = hand_built(model.get_base_model(), layer.prompt_embedding_ctx["default"], name, position)
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
+    with torch.no_grad(), model.disable_adapter():
+        assert not torch.allclose(model(input_ids=inputs(name)).pooler_output, ours, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_save_load_round_trip(name, tmp_path):
+    torch.manual_seed(0)
+    base_state = FAMILIES[name]().state_dict()
+
+    def fresh():
+        tower = FAMILIES[name]().eval()
+        tower.load_state_dict(base_state)
+        return tower
+
+    model = get_peft_model(fresh(), PromptEmbeddingConfig(n_ctx=N_CTX))
+    with torch.no_grad():
+        next(p for p in model.parameters() if p.requires_grad).normal_(0, 1)
+        expected = model(input_ids=inputs(name)).pooler_output
+    model.save_pretrained(tmp_path)
+    for again in (PeftModel.from_pretrained(fresh(), tmp_path), load_prompt_model(fresh(), str(tmp_path))):
+        with torch.no_grad():
+            assert torch.equal(again(input_ids=inputs(name)).pooler_output, expected)
+
+
+def test_siglip_needs_room_in_its_padding():
+    model = get_peft_model(siglip().eval(), PromptEmbeddingConfig(n_ctx=N_CTX))
+    unpadded = torch.tensor([[11, 12, 13, 1]])
+    with pytest.raises(ValueError, match="padding='max_length'"):
+        model(input_ids=unpadded)
