@@ -8,6 +8,7 @@ import threading
 from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import PeftModel
@@ -15,7 +16,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .layer import PromptEmbeddingLayer
-from .model import find_text_embeddings
+from .model import find_text_embeddings, text_family
 
 #: CLIP's hand-written prompt, the zero-shot baseline of CoOp's tables.
 CLIP_TEMPLATE = ("a photo of a {}.",)
@@ -33,6 +34,16 @@ IMAGENET_TEMPLATES = (
 
 # class features are computed with the model's prompt layer pointed at one adapter; one computation at a time
 _TEXT_LOCK = threading.Lock()
+
+
+def tokenize_prompts(processor: Any, model: nn.Module, texts: list[str]) -> dict[str, torch.Tensor]:
+    """Class prompts tokenised as the model's family expects: padded to the longest prompt, or, for families that
+    pool at the last position (SigLIP), to the model's full length."""
+    embeddings = model.get_submodule(find_text_embeddings(model))
+    if text_family(embeddings).pooling == "last":
+        length = embeddings.position_embedding.num_embeddings
+        return dict(processor.tokenizer(texts, padding="max_length", max_length=length, return_tensors="pt"))
+    return dict(processor.tokenizer(texts, padding=True, return_tensors="pt"))
 
 
 def _features(output) -> torch.Tensor:
@@ -108,7 +119,7 @@ class PromptClassifier:
                 n_ctx = layer.prompt_layouts[layer.active_adapters[0]].n_ctx if layer and self.use_adapter else 0
                 for template in self.templates:
                     texts = [template.format(name) for name in self.class_names]
-                    tokens = self.processor.tokenizer(texts, padding=True, return_tensors="pt").to(device)
+                    tokens = {k: v.to(device) for k, v in tokenize_prompts(self.processor, self.model, texts).items()}
                     self._check_lengths(texts, tokens["attention_mask"].sum(-1), n_ctx)
                     features = _features(self.model.get_text_features(**tokens))
                     per_template.append(features / features.norm(dim=-1, keepdim=True))
@@ -149,7 +160,7 @@ class PromptClassifier:
         if len(self.templates) != 1:
             raise ValueError("A conditional (CoCoOp) adapter classifies with one template, not an ensemble.")
         texts = [self.templates[0].format(name) for name in self.class_names]
-        tokens = self.processor.tokenizer(texts, padding=True, return_tensors="pt").to(image.device)
+        tokens = {k: v.to(image.device) for k, v in tokenize_prompts(self.processor, self.model, texts).items()}
         per_call = max(1, 256 // len(texts))
         parts = []
         with _TEXT_LOCK, ExitStack() as stack:

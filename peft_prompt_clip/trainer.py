@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .classifier import PromptClassifier, _features
+from .classifier import PromptClassifier, _features, tokenize_prompts
 from .data import LabeledImages, pixel_values
 from .errors import TrainingDivergedError
 from .layer import PromptEmbeddingLayer
@@ -159,7 +159,9 @@ class PromptTrainer:
 
     def _text_chunks(self) -> list[tuple[list[int], dict[str, torch.Tensor]]]:
         texts = [f"{name}." for name in self.data.class_names]
-        tokens = self.processor.tokenizer(texts, padding=True, return_tensors="pt").to(self.accelerator.device)
+        tokens = {
+            k: v.to(self.accelerator.device) for k, v in tokenize_prompts(self.processor, self.model, texts).items()
+        }
         size = self.args.class_chunk_size or len(texts)
         # every chunk keeps the same padded length, so each class prompt is computed exactly as without chunks
         return [

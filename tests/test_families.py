@@ -146,3 +146,51 @@ def test_siglip_needs_room_in_its_padding():
     unpadded = torch.tensor([[11, 12, 13, 1]])
     with pytest.raises(ValueError, match="padding='max_length'"):
         model(input_ids=unpadded)
+
+
+def test_siglip_model_learns_a_prompt_and_classifies(clip_dir, tmp_path):
+    """A full SigLIP model (with the tiny CLIP BPE tokenizer, whose padding token is its end-of-text token as in
+    SigLIP): the trainer pads prompts to the model's length, learns a hidden prompt, and the classifier agrees."""
+    from transformers import AutoProcessor, SiglipConfig, SiglipModel
+
+    from peft_prompt_clip import PromptClassifier
+    from peft_prompt_clip.data import LabeledImages
+    from peft_prompt_clip.tiny import vocab_and_merges
+    from peft_prompt_clip.trainer import PromptTrainer, TrainingArguments
+
+    eos = len(vocab_and_merges()[0]) - 1
+    text = {**TOWER, "vocab_size": eos + 1, "max_position_embeddings": 16, "pad_token_id": eos, "eos_token_id": eos}
+    vision = {**TOWER, "image_size": 30, "patch_size": 6}
+    vision.pop("vocab_size")
+    torch.manual_seed(0)
+    state = SiglipModel(SiglipConfig(text_config=text, vision_config=vision)).state_dict()
+
+    def fresh():
+        model = SiglipModel(SiglipConfig(text_config=text, vision_config=vision)).eval()
+        model.load_state_dict(state)
+        return model
+
+    processor = AutoProcessor.from_pretrained(clip_dir)
+    classes = ["cat", "dog", "bird", "car"]
+    teacher = get_peft_model(fresh(), PromptEmbeddingConfig(n_ctx=4, init_seed=9))
+    generator = torch.Generator().manual_seed(0)
+    images = [(torch.rand(30, 30, 3, generator=generator) * 255).to(torch.uint8).numpy() for _ in range(64)]
+    with torch.no_grad():
+        next(p for p in teacher.parameters() if p.requires_grad).normal_(0, 1.0, generator=generator)
+        labels = (
+            PromptClassifier(teacher, processor, classes)
+            .logits(processor(images=images, return_tensors="pt")["pixel_values"])
+            .argmax(-1)
+        )
+    data = LabeledImages(classes, images, labels.tolist())
+
+    student = get_peft_model(fresh(), PromptEmbeddingConfig(n_ctx=4))
+    recipe = dict(batch_size=16, optimizer="adamw", augment=False, warmup_epochs=0)
+    probe = TrainingArguments(output_dir=str(tmp_path / "probe"), epochs=1, lr=0.0, **recipe)
+    before = PromptTrainer(student, processor, data, probe).train()
+    training = TrainingArguments(output_dir=str(tmp_path / "run"), epochs=30, lr=0.05, **recipe)
+    after = PromptTrainer(student, processor, data, training).train()
+    assert after["loss"] < 0.85 * before["loss"] and after["accuracy"] > before["accuracy"] + 0.1, (before, after)
+    pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+    learned = PromptClassifier(student, processor, classes).logits(pixels).argmax(-1)
+    assert (learned == labels).float().mean() > 0.6
