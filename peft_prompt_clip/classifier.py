@@ -142,10 +142,13 @@ class PromptClassifier:
         self._class_features = None
 
     @torch.no_grad()
-    def logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Scaled cosine similarities `(num_images, num_classes)`, as `CLIPModel`'s `logits_per_image`."""
+    def logits(self, pixel_values: torch.Tensor, **image_inputs: torch.Tensor) -> torch.Tensor:
+        """Scaled cosine similarities `(num_images, num_classes)`, as `CLIPModel`'s `logits_per_image`. Pass the
+        processor's other image outputs too where the model needs them (SigLIP 2: `pixel_attention_mask`,
+        `spatial_shapes`): `logits(**processor(images=images, return_tensors="pt"))`."""
         base = self.base_model
-        image = _features(base.get_image_features(pixel_values=pixel_values.to(base.logit_scale.device)))
+        inputs = {k: v.to(base.logit_scale.device) for k, v in {"pixel_values": pixel_values, **image_inputs}.items()}
+        image = _features(base.get_image_features(**inputs))
         image = image / image.norm(dim=-1, keepdim=True)
         layer = self._prompt_layer()
         if layer is not None and self.use_adapter and layer.is_conditional(self.adapter_name):
@@ -179,8 +182,7 @@ class PromptClassifier:
 
     def predict(self, images: Sequence, top_k: int = 5) -> list[list[tuple[str, float]]]:
         """The `top_k` most probable classes of each image (PIL images or arrays), with their probabilities."""
-        pixel_values = self.processor(images=list(images), return_tensors="pt")["pixel_values"]
-        probs = self.logits(pixel_values).float().softmax(dim=-1)
+        probs = self.logits(**self.processor(images=list(images), return_tensors="pt")).float().softmax(dim=-1)
         scores, indices = probs.topk(min(top_k, len(self.class_names)), dim=-1)
         return [
             [(self.class_names[i], s) for i, s in zip(row_i.tolist(), row_s.tolist(), strict=True)]

@@ -274,15 +274,16 @@ def random_resized_crop_flip(
     return image
 
 
-def pixel_values(
-    processor: Any, data: LabeledImages, indices: Sequence[int], augment_seed: int | None = None
-) -> torch.Tensor:
-    """Preprocessed images (`processor`'s own resize/crop/normalise) for `indices`; augmented when `augment_seed` is
-    given, with one random stream per (seed, index), so that any process or resumed run draws the same crops."""
+def image_inputs(
+    processor: Any, data: LabeledImages, indices: Sequence[int], augment_seed: str | None = None
+) -> dict[str, torch.Tensor]:
+    """The image tower's inputs for `indices`, made by `processor` (its own resize/crop/normalise; `pixel_values`,
+    plus `pixel_attention_mask` and `spatial_shapes` for SigLIP 2); augmented when `augment_seed` is given, with one
+    random stream per (seed, index), so that any process or resumed run draws the same crops."""
     images = []
     for i in indices:
         image = open_image(data.images[i])
         if augment_seed is not None:
             image = random_resized_crop_flip(image, random.Random(f"{augment_seed}-{i}"))
         images.append(image)
-    return processor(images=images, return_tensors="pt")["pixel_values"]
+    return dict(processor(images=images, return_tensors="pt"))

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from .classifier import PromptClassifier
-from .data import LabeledImages, pixel_values
+from .data import LabeledImages, image_inputs
 
 
 @torch.no_grad()
@@ -25,7 +25,7 @@ def evaluate(classifier: PromptClassifier, data: LabeledImages, batch_size: int 
     k = min(5, len(data.class_names))
     for start in range(0, len(data), batch_size):
         indices = list(range(start, min(start + batch_size, len(data))))
-        logits = classifier.logits(pixel_values(classifier.processor, data, indices)).float().cpu()
+        logits = classifier.logits(**image_inputs(classifier.processor, data, indices)).float().cpu()
         best = logits.topk(k, dim=-1).indices
         top1[indices] = best[:, 0] == labels[indices]
         top5[indices] = (best == labels[indices, None]).any(dim=-1)

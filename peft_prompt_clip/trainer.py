@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .classifier import PromptClassifier, _features, tokenize_prompts
-from .data import LabeledImages, pixel_values
+from .data import LabeledImages, image_inputs
 from .errors import TrainingDivergedError
 from .layer import PromptEmbeddingLayer
 from .storage import atomic_path, save_adapter
@@ -182,11 +182,10 @@ class PromptTrainer:
     @torch.no_grad()
     def _image_features(self, indices: list[int], augment_seed: str | None) -> torch.Tensor:
         base = self.model.get_base_model()
-        pixels = pixel_values(self.processor, self.data, indices, augment_seed=augment_seed)
+        inputs = image_inputs(self.processor, self.data, indices, augment_seed=augment_seed)
+        inputs = {k: v.to(self.accelerator.device) for k, v in inputs.items()}
         with self.accelerator.autocast():
-            features = _at_least_fp32(
-                _features(base.get_image_features(pixel_values=pixels.to(self.accelerator.device)))
-            )
+            features = _at_least_fp32(_features(base.get_image_features(**inputs)))
         return features / features.norm(dim=-1, keepdim=True)
 
     def _cached_image_features(self) -> torch.Tensor:

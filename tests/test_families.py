@@ -160,6 +160,11 @@ def full_model(name: str):
     vision = {k: v for k, v in TOWER.items() if k != "vocab_size"} | {"image_size": 30, "patch_size": 6}
     if name == "siglip":
         return SiglipModel(SiglipConfig(text_config=text, vision_config=vision))
+    if name == "siglip2":
+        from transformers import Siglip2Config, Siglip2Model
+
+        vision = {k: v for k, v in vision.items() if k != "image_size"} | {"patch_size": 4, "num_patches": 64}
+        return Siglip2Model(Siglip2Config(text_config=text, vision_config=vision))
     text["bos_token_id"] = eos - 1
     if name == "owlvit":
         return OwlViTModel(OwlViTConfig(text_config=text, vision_config=vision, projection_dim=16))
@@ -170,7 +175,23 @@ def full_model(name: str):
     return GroupViTModel(config)
 
 
-@pytest.mark.parametrize("name", ["siglip", "owlvit", "groupvit"])
+class Siglip2Processor:
+    """SigLIP 2's image processor (NaFlex patches: pixel_values, pixel_attention_mask, spatial_shapes) with the tiny
+    CLIP BPE tokenizer."""
+
+    def __init__(self, tokenizer):
+        try:  # transformers 5: the PIL backend
+            from transformers import Siglip2ImageProcessorPil as ImageProcessor
+        except ImportError:  # transformers 4
+            from transformers import Siglip2ImageProcessor as ImageProcessor
+        self.image_processor = ImageProcessor(patch_size=4, max_num_patches=64)
+        self.tokenizer = tokenizer
+
+    def __call__(self, images, return_tensors):
+        return self.image_processor(images=images, return_tensors=return_tensors)
+
+
+@pytest.mark.parametrize("name", ["siglip", "siglip2", "owlvit", "groupvit"])
 def test_full_model_learns_a_prompt_and_classifies(name, clip_dir, tmp_path):
     """The trainer pads prompts as the family expects, learns a hidden prompt, and the classifier agrees."""
     from transformers import AutoProcessor
@@ -188,6 +209,8 @@ def test_full_model_learns_a_prompt_and_classifies(name, clip_dir, tmp_path):
         return model
 
     processor = AutoProcessor.from_pretrained(clip_dir)
+    if name == "siglip2":
+        processor = Siglip2Processor(processor.tokenizer)
     classes = ["cat", "dog", "bird", "car"]
     teacher = get_peft_model(fresh(), PromptEmbeddingConfig(n_ctx=4, init_seed=9))
     generator = torch.Generator().manual_seed(0)
@@ -196,7 +219,7 @@ def test_full_model_learns_a_prompt_and_classifies(name, clip_dir, tmp_path):
         next(p for p in teacher.parameters() if p.requires_grad).normal_(0, 1.0, generator=generator)
         labels = (
             PromptClassifier(teacher, processor, classes)
-            .logits(processor(images=images, return_tensors="pt")["pixel_values"])
+            .logits(**processor(images=images, return_tensors="pt"))
             .argmax(-1)
         )
     data = LabeledImages(classes, images, labels.tolist())
@@ -208,6 +231,6 @@ def test_full_model_learns_a_prompt_and_classifies(name, clip_dir, tmp_path):
     training = TrainingArguments(output_dir=str(tmp_path / "run"), epochs=30, lr=0.05, **recipe)
     after = PromptTrainer(student, processor, data, training).train()
     assert after["loss"] < 0.85 * before["loss"] and after["accuracy"] >= before["accuracy"], (before, after)
-    pixels = processor(images=images, return_tensors="pt")["pixel_values"]
-    learned = PromptClassifier(student, processor, classes).logits(pixels).argmax(-1)
+    learned = PromptClassifier(student, processor, classes).logits(**processor(images=images, return_tensors="pt"))
+    learned = learned.argmax(-1)
     assert (learned == labels).float().mean() > 0.6
