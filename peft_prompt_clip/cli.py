@@ -78,7 +78,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _adapter_model(args: argparse.Namespace):
-    folder = resolve_adapter(args.adapter, revision=getattr(args, "revision", None))
+    folder = resolve_adapter(args.adapter, revision=args.revision)
     config = json.loads((Path(folder) / CONFIG_NAME).read_text(encoding="utf-8"))
     base_name = args.model or config.get("base_model_name_or_path")
     if not base_name:
@@ -217,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("eval", help="accuracy of an adapter vs zero-shot", description=eval_.__doc__)
     p.add_argument("--adapter", required=True, help="adapter folder or Hub repo id")
+    p.add_argument("--revision", help="branch, tag or commit of the adapter's Hub repo")
     p.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
     data_options(p)
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
@@ -226,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("predict", help="top-k classes of images", description=predict.__doc__)
     p.add_argument("--adapter", required=True, help="adapter folder or Hub repo id")
+    p.add_argument("--revision", help="branch, tag or commit of the adapter's Hub repo")
     p.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
     p.add_argument("--classes", help="comma-separated class names (default: the adapter's)")
     p.add_argument("--top-k", type=int, default=5)
@@ -234,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("interpret", help="nearest words of the learned context", description=interpret.__doc__)
     p.add_argument("--adapter", required=True, help="adapter folder or Hub repo id")
+    p.add_argument("--revision", help="branch, tag or commit of the adapter's Hub repo")
     p.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--metric", default="euclidean", choices=["euclidean", "cosine"])

@@ -9,7 +9,7 @@ import random
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +90,6 @@ class TrainingArguments:
     seed: int = 1
     report_to: str | None = None
     resume: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("sgd", "adamw"):
@@ -269,7 +268,7 @@ class PromptTrainer:
         if args.resume:
             start_epoch = load_checkpoint(output / CHECKPOINT_NAME, self.params, optimizer)
         if args.report_to:
-            acc.init_trackers("peft-prompt-clip", config={k: v for k, v in asdict(args).items() if k != "extra"})
+            acc.init_trackers("peft-prompt-clip", config=asdict(args))
         chunks = self._text_chunks()
         if args.kg_weight or args.kl_weight:  # the hand-written prompt's class features, computed once
             names, template = self.data.class_names, [args.hand_template]

@@ -149,6 +149,10 @@ model.push_to_hub("user/peft-push", token={TOKEN!r})
     first = next(sha for sha in repo["commits"] if sha not in ("0" * 40, repo["branches"]["main"]))
     old, new = outputs(env, clip_dir, "user/peft-push", revision=first), outputs(env, clip_dir, "user/peft-push")
     assert old == outputs(env, clip_dir, adapter) and new != old
+    # the CLI loads a revision too: the context moved by 1.0 in every coordinate, so its distances to words differ
+    by_revision = cli(env, "interpret", "--adapter", "user/peft-push", "--revision", first, "--top-k", "1")
+    latest = cli(env, "interpret", "--adapter", "user/peft-push", "--top-k", "1")
+    assert by_revision.stdout != latest.stdout
 
 
 @pytest.mark.parametrize(
