@@ -184,6 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
+    def adapter_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--adapter", required=True, help="adapter folder or Hub repo id")
+        p.add_argument("--revision", help="branch, tag or commit of the adapter's Hub repo")
+        p.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
+
     def data_options(p: argparse.ArgumentParser) -> None:
         p.add_argument(
             "--data", required=True, help="folder of class folders (optionally under train/val/test) or CSV"
@@ -216,9 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=train)
 
     p = commands.add_parser("eval", help="accuracy of an adapter vs zero-shot", description=eval_.__doc__)
-    p.add_argument("--adapter", required=True, help="adapter folder or Hub repo id")
-    p.add_argument("--revision", help="branch, tag or commit of the adapter's Hub repo")
-    p.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
+    adapter_options(p)
     data_options(p)
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--templates", default="clip", choices=["clip", "imagenet"], help="zero-shot prompt(s)")
@@ -226,18 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=eval_)
 
     p = commands.add_parser("predict", help="top-k classes of images", description=predict.__doc__)
-    p.add_argument("--adapter", required=True, help="adapter folder or Hub repo id")
-    p.add_argument("--revision", help="branch, tag or commit of the adapter's Hub repo")
-    p.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
+    adapter_options(p)
     p.add_argument("--classes", help="comma-separated class names (default: the adapter's)")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("images", nargs="+", help="image files")
     p.set_defaults(run=predict)
 
     p = commands.add_parser("interpret", help="nearest words of the learned context", description=interpret.__doc__)
-    p.add_argument("--adapter", required=True, help="adapter folder or Hub repo id")
-    p.add_argument("--revision", help="branch, tag or commit of the adapter's Hub repo")
-    p.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
+    adapter_options(p)
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--metric", default="euclidean", choices=["euclidean", "cosine"])
     p.set_defaults(run=interpret)

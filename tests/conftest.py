@@ -33,6 +33,19 @@ def clip(clip_dir) -> CLIPModel:
     return CLIPModel.from_pretrained(clip_dir).eval()
 
 
+def write_image_folder(root: Path, per_class: int) -> Path:
+    """`root/{cat,dog,red_car}/*.png`: random 32x24 images, the same for the same arguments."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name in ("cat", "dog", "red_car"):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
 def text_features(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask=None) -> torch.Tensor:
     """Projected text features under transformers 4 (a tensor) and 5 (an output object)."""
     out = model.get_text_features(input_ids=input_ids, attention_mask=attention_mask)

@@ -71,6 +71,15 @@ class Handler(BaseHTTPRequestHandler):
             self._error(404, "RepoNotFound", f"Repository Not Found for url: {self.path}.")
         return repo
 
+    def _tree(self, repo_id: str, revision: str) -> tuple[str, dict[str, bytes]] | None:
+        """The commit and files of `repo_id` at `revision`, or None after answering 404."""
+        if self._repo(repo_id) is None:
+            return None
+        resolved = self.state.resolve(repo_id, revision)
+        if resolved is None:
+            self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
+        return resolved
+
     # -- routes -------------------------------------------------------------------------------------------------
 
     def do_POST(self) -> None:
@@ -146,11 +155,8 @@ class Handler(BaseHTTPRequestHandler):
         match = re.fullmatch(r"/api/models/(.+?)(?:/revision/([^/]+))?", path)
         if match:
             repo_id, revision = match.group(1), match.group(2) or "main"
-            if self._repo(repo_id) is None:
+            if (resolved := self._tree(repo_id, revision)) is None:
                 return
-            resolved = self.state.resolve(repo_id, revision)
-            if resolved is None:
-                return self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
             sha, tree = resolved
             siblings = [{"rfilename": p} for p in sorted(tree)]
             return self._json(
@@ -160,11 +166,8 @@ class Handler(BaseHTTPRequestHandler):
         if not match:
             return self._error(404, "NotFound", f"Unknown route {path}")
         repo_id, revision, filename = match.groups()
-        if self._repo(repo_id) is None:
+        if (resolved := self._tree(repo_id, revision)) is None:
             return
-        resolved = self.state.resolve(repo_id, revision)
-        if resolved is None:
-            return self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
         sha, tree = resolved
         if filename not in tree:
             return self._error(404, "EntryNotFound", f"{filename} does not exist on {revision}")

@@ -7,9 +7,8 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
-from PIL import Image
+from conftest import write_image_folder
 
 
 def run(*args, check=True):
@@ -28,13 +27,7 @@ def run(*args, check=True):
 
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for name in ("cat", "dog", "red_car"):
-        (root / name).mkdir()
-        for i in range(10):
-            Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
-    return root
+    return write_image_folder(tmp_path_factory.mktemp("images"), per_class=10)
 
 
 @pytest.fixture(scope="module")

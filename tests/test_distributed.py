@@ -6,20 +6,13 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import torch
-from PIL import Image
+from conftest import write_image_folder
 from safetensors.torch import load_file
 
 
 def test_two_processes_match_one(clip_dir, tmp_path):
-    rng = np.random.default_rng(0)
-    for name in ("cat", "dog", "red_car"):
-        (tmp_path / "images" / name).mkdir(parents=True)
-        for i in range(8):
-            Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(
-                tmp_path / "images" / name / f"{i}.png"
-            )
+    write_image_folder(tmp_path / "images", per_class=8)
     train = ["-m", "peft_prompt_clip", "train", "--model", str(clip_dir), "--data", str(tmp_path / "images")]
     train += ["--epochs", "3", "--optimizer", "adamw", "--lr", "0.05", "--n-ctx", "4", "--batch-size", "6"]
     train += ["--shots", "4", "--augment", "--warmup-epochs", "0"]

