@@ -15,7 +15,7 @@ from peft import PeftModel
 from safetensors.torch import save_file
 from torch import nn
 
-from .layer import PromptEmbeddingLayer
+from .layer import PromptEmbeddingLayer, find_prompt_layer
 from .model import find_text_embeddings, text_family
 
 #: CLIP's hand-written prompt, the zero-shot baseline of CoOp's tables.
@@ -101,15 +101,12 @@ class PromptClassifier:
     def base_model(self) -> nn.Module:
         return self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
 
-    def _prompt_layer(self) -> PromptEmbeddingLayer | None:
-        return next((m for m in self.model.modules() if isinstance(m, PromptEmbeddingLayer)), None)
-
     @torch.no_grad()
     def class_features(self) -> torch.Tensor:
         """Normalised class text features `(num_classes, dim)`, computed once."""
         if self._class_features is None:
             device = self.base_model.logit_scale.device
-            layer = self._prompt_layer()
+            layer = find_prompt_layer(self.model)
             per_template = []
             with _TEXT_LOCK, ExitStack() as stack:
                 if layer is not None and not self.use_adapter:
@@ -150,7 +147,7 @@ class PromptClassifier:
         inputs = {k: v.to(base.logit_scale.device) for k, v in {"pixel_values": pixel_values, **image_inputs}.items()}
         image = _features(base.get_image_features(**inputs))
         image = image / image.norm(dim=-1, keepdim=True)
-        layer = self._prompt_layer()
+        layer = find_prompt_layer(self.model)
         if layer is not None and self.use_adapter and layer.is_conditional(self.adapter_name):
             text = self._conditional_features(layer, image)
             return base.logit_scale.exp().to(image.dtype) * torch.einsum("bd,bcd->bc", image, text.to(image.dtype))

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .layer import PromptEmbeddingLayer
+from .layer import find_prompt_layer
 
 
 def nearest_words(
@@ -31,7 +31,7 @@ def nearest_words(
     """
     if metric not in ("euclidean", "cosine"):
         raise ValueError(f"metric must be 'euclidean' or 'cosine', got {metric!r}.")
-    layer = next((m for m in model.modules() if isinstance(m, PromptEmbeddingLayer)), None)
+    layer = find_prompt_layer(model)
     if layer is None:
         raise ValueError("The model has no prompt adapter to interpret.")
     name = adapter_name or layer.active_adapters[0]

@@ -14,6 +14,11 @@ from torch import nn
 from .layout import PromptLayout
 
 
+def find_prompt_layer(model: nn.Module) -> PromptEmbeddingLayer | None:
+    """The prompt layer of `model` (a `PeftModel` or the model it wraps), or None when it has no prompt adapter."""
+    return next((m for m in model.modules() if isinstance(m, PromptEmbeddingLayer)), None)
+
+
 class PromptEmbeddingLayer(nn.Module, BaseTunerLayer):
     """
     Wraps a text embeddings module (such as `CLIPTextEmbeddings`) and writes the active adapter's context vectors into

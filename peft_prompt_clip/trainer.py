@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from .classifier import PromptClassifier, _features, tokenize_prompts
 from .data import LabeledImages, image_inputs
 from .errors import TrainingDivergedError
-from .layer import PromptEmbeddingLayer
+from .layer import find_prompt_layer
 from .storage import atomic_path, save_adapter
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
@@ -131,7 +131,8 @@ class PromptTrainer:
     """
 
     def __init__(self, model: PeftModel, processor: Any, train_data: LabeledImages, args: TrainingArguments) -> None:
-        if not isinstance(model, PeftModel) or not any(isinstance(m, PromptEmbeddingLayer) for m in model.modules()):
+        layer = find_prompt_layer(model)
+        if not isinstance(model, PeftModel) or layer is None:
             raise TypeError("model must be a PeftModel with a prompt adapter (see get_prompt_model).")
         if not len(train_data):
             raise ValueError("train_data is empty.")
@@ -139,7 +140,7 @@ class PromptTrainer:
         self.processor = processor
         self.data = train_data
         self.args = args
-        self.layer = next(m for m in model.modules() if isinstance(m, PromptEmbeddingLayer))
+        self.layer = layer
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("The adapter has no trainable context: load it with is_trainable=True to go on training.")
@@ -276,7 +277,7 @@ class PromptTrainer:
             self.hand_features = _at_least_fp32(hand)
         cached = None if self.augment else self._cached_image_features()
         labels_all = torch.tensor(self.data.labels, device=acc.device)
-        batches_per_epoch = len(self._batches(0))
+        batches_per_epoch = math.ceil(len(self.data) / args.batch_size)
         progress = tqdm(
             total=self.epochs * batches_per_epoch,
             initial=start_epoch * batches_per_epoch,
