@@ -70,9 +70,14 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     trainer = PromptTrainer(model, processor, data, training)
     summary = trainer.train()
     if trainer.accelerator.is_main_process:
+        result = (
+            "nothing left to train (the checkpoint holds every epoch)"
+            if summary["loss"] is None
+            else f"loss {summary['loss']:.4f}, train accuracy {summary['accuracy']:.3f}"
+        )
         print(
             f"trained {summary['epochs']} epochs on {len(data)} images of {len(data.class_names)} classes: "
-            f"loss {summary['loss']:.4f}, train accuracy {summary['accuracy']:.3f}; adapter saved to {args.output}"
+            f"{result}; adapter saved to {args.output}"
         )
     return summary
 

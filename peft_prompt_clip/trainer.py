@@ -284,7 +284,8 @@ class PromptTrainer:
             disable=not acc.is_local_main_process,
             desc="training",
         )
-        summary: dict[str, Any] = {"epochs": self.epochs, "augment": self.augment}
+        # a resumed run whose checkpoint already holds every epoch trains nothing and only saves the adapter
+        summary: dict[str, Any] = {"epochs": self.epochs, "augment": self.augment, "loss": None, "accuracy": None}
         step_times = []
         for epoch in range(start_epoch, self.epochs):
             for group in optimizer.param_groups:

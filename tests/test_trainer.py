@@ -268,3 +268,15 @@ def test_kl_to_zero_shot_keeps_predictions_near_zero_shot(clip_dir, tmp_path):
         zero_shot = PromptClassifier(model, processor, CLASSES, ["a photo of a {}."], use_adapter=False)
         agreement[weight] = (learned == zero_shot.logits(pixels).argmax(-1)).float().mean().item()
     assert agreement[50.0] > agreement[0.0] + 0.2, agreement
+
+
+def test_resuming_a_finished_run_saves_the_adapter(clip_dir, tmp_path):
+    data = teacher_data(clip_dir, n=16)
+    model, processor = student(clip_dir)
+    PromptTrainer(model, processor, data, args(tmp_path, epochs=2)).train()
+    learned = context(model)
+    (tmp_path / "adapter_model.safetensors").unlink()  # as if killed after the last checkpoint, before the save
+    model, processor = student(clip_dir)
+    summary = PromptTrainer(model, processor, data, args(tmp_path, epochs=2, resume=True)).train()
+    assert summary["loss"] is None and torch.equal(context(model), learned)
+    assert (tmp_path / "adapter_model.safetensors").is_file()
