@@ -1,8 +1,11 @@
 """Inference: classify a batch of images over many classes with cached class features (PromptClassifier) against
-CLIPModel.forward with the class texts every batch, and the cost of an active adapter in a plain forward.
+CLIPModel.forward with the class texts every batch, and the cost of an active adapter in a plain forward: against
+the same forward with the adapter disabled, and against a hand-written prompt of the same length (16 more words), the
+adapter's own overhead.
 
-ViT-B/32-size CLIP with random weights (the compute of the real model) and the tiny offline tokenizer. Medians of
-repeats after a warm-up, both sides in the same run. Writes benchmarks/results/inference.json.
+ViT-B/32-size CLIP with random weights (the compute of the real model) and the tiny offline tokenizer, on CUDA when
+present, else CPU. Medians of repeats after a warm-up, all sides in the same run (the plain forwards interleaved).
+Writes benchmarks/results/inference.json.
 
 Run: python benchmarks/inference.py [--classes 1000] [--images 32] [--repeats 5]
 """
@@ -13,10 +16,11 @@ import argparse
 import json
 import platform
 import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from common import clip_config, median_seconds
+from common import DEVICE, clip_config, device_name, interleaved_medians, median_seconds
 from peft import get_peft_model
 from transformers import AutoProcessor, CLIPModel
 
@@ -31,10 +35,10 @@ def main(num_classes: int, num_images: int, repeats: int) -> dict:
     processor = AutoProcessor.from_pretrained(folder)
     vocab, _ = vocab_and_merges()  # the tiny tokenizer's special ids, in a full-size vocabulary
     config = clip_config("ViT-B/32", bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"])
-    model = get_peft_model(CLIPModel(config).eval(), PromptEmbeddingConfig(n_ctx=16))
+    model = get_peft_model(CLIPModel(config).eval().to(DEVICE), PromptEmbeddingConfig(n_ctx=16))
     names = [f"class {i}" for i in range(num_classes)]
-    pixels = torch.randn(num_images, 3, 224, 224)
-    texts = processor.tokenizer([f"{n}." for n in names], padding=True, return_tensors="pt")
+    pixels = torch.randn(num_images, 3, 224, 224, device=DEVICE)
+    texts = processor.tokenizer([f"{n}." for n in names], padding=True, return_tensors="pt").to(DEVICE)
 
     def forward_with_texts():
         with torch.no_grad():
@@ -46,24 +50,27 @@ def main(num_classes: int, num_images: int, repeats: int) -> dict:
     per_batch_texts = median_seconds(forward_with_texts, repeats)
     torch.testing.assert_close(classifier.logits(pixels), forward_with_texts(), atol=1e-4, rtol=1e-4)
 
-    few = processor.tokenizer(["cat.", "a photo of a dog."], padding=True, return_tensors="pt")
+    texts = ["cat.", "a photo of a dog."]
+    short = processor.tokenizer(texts, padding=True, return_tensors="pt").to(DEVICE)
+    # the same texts after 16 hand-written words: as long as the adapter makes the short ones
+    long = processor.tokenizer([" ".join(["a"] * 16) + " " + t for t in texts], padding=True, return_tensors="pt")
+    long = long.to(DEVICE)
 
-    def plain(disabled: bool):
+    def plain(tokens, adapter: bool):
         def run():
-            with torch.no_grad():
-                if disabled:
-                    with model.disable_adapter():
-                        return model(**few, pixel_values=pixels[:1])
-                return model(**few, pixel_values=pixels[:1])
+            with torch.no_grad(), nullcontext() if adapter else model.disable_adapter():
+                return model(**tokens, pixel_values=pixels[:1])
 
         return run
 
-    on = median_seconds(plain(False), repeats * 4)
-    off = median_seconds(plain(True), repeats * 4)
+    forwards = interleaved_medians(
+        {"on": plain(short, True), "off": plain(short, False), "off_same_length": plain(long, False)}, repeats * 4
+    )
+    on, off, same = forwards["on"], forwards["off"], forwards["off_same_length"]
     result = {
         "machine": platform.platform(),
         "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        "device": device_name(),
         "classes": num_classes,
         "images": num_images,
         "cached_classifier_s": cached,
@@ -71,14 +78,16 @@ def main(num_classes: int, num_images: int, repeats: int) -> dict:
         "speedup": per_batch_texts / cached,
         "forward_adapter_on_s": on,
         "forward_adapter_off_s": off,
-        "adapter_overhead": on / off,
+        "forward_hand_written_same_length_s": same,
+        "adapter_on_over_off": on / off,
+        "adapter_overhead": on / same,
     }
-    print(f"{num_images} images x {num_classes} classes, ViT-B/32 size, {torch.get_num_threads()} threads")
+    print(f"{num_images} images x {num_classes} classes, ViT-B/32 size, {device_name()}")
     print(f"  CLIPModel.forward with class texts : {per_batch_texts * 1000:9.1f} ms")
     print(f"  PromptClassifier (cached features) : {cached * 1000:9.1f} ms   speed-up x{result['speedup']:.1f}")
     print(
         f"plain forward, 2 texts + 1 image: adapter on {on * 1000:.1f} ms, off {off * 1000:.1f} ms, "
-        f"ratio {result['adapter_overhead']:.3f}"
+        f"off with 16 hand-written words more {same * 1000:.1f} ms; overhead {result['adapter_overhead']:.3f}"
     )
     out = Path(__file__).parent / "results" / "inference.json"
     out.write_text(json.dumps(result, indent=2))

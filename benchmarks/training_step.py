@@ -1,7 +1,7 @@
 """Training step of the prompt trainer at ViT-B/32 size (random weights): time with cached image features against
 running the image tower each step (augmentation), peak memory of a many-class step with and without chunked class
-encoding, and CoCoOp batched over images x classes against CoCoOp's per-image loop. Each configuration runs in its
-own process, so its peak resident memory is its own.
+encoding, and CoCoOp batched over images x classes against CoCoOp's per-image loop, on CUDA when present, else
+CPU. Each configuration runs in its own process, so its peak memory (resident on CPU, allocated on CUDA) is its own.
 
 Run: python benchmarks/training_step.py   (about 10 minutes on 2 CPU cores)
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import clip_config, median_seconds
+from common import DEVICE, clip_config, device_name, median_seconds, peak_memory_gib
 from peft import get_peft_model
 from transformers import AutoProcessor, CLIPModel
 
@@ -48,7 +47,8 @@ def one(classes: int, augment: bool, chunk: int | None, repeats: int, mode: str)
     vocab, _ = vocab_and_merges()
     config = clip_config("ViT-B/32", bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"])
     conditional = mode.startswith("cocoop")
-    model = get_peft_model(CLIPModel(config).eval(), PromptEmbeddingConfig(n_ctx=16, conditional=conditional))
+    clip = CLIPModel(config).eval().to(DEVICE)
+    model = get_peft_model(clip, PromptEmbeddingConfig(n_ctx=16, conditional=conditional))
     rng = np.random.default_rng(0)
     count = 16 if conditional else 32
     images = [rng.integers(0, 255, (240, 320, 3), dtype=np.uint8) for _ in range(count)]
@@ -56,7 +56,7 @@ def one(classes: int, augment: bool, chunk: int | None, repeats: int, mode: str)
     args = TrainingArguments(output_dir=tempfile.mkdtemp(), epochs=1, augment=augment, class_chunk_size=chunk)
     trainer = PromptTrainer(model, processor, data, args)
     chunks = trainer._text_chunks()
-    labels = torch.tensor(data.labels)
+    labels = torch.tensor(data.labels, device=DEVICE)
     cached = None if augment else trainer._cached_image_features()
     order = list(range(len(data)))
 
@@ -81,7 +81,7 @@ def one(classes: int, augment: bool, chunk: int | None, repeats: int, mode: str)
         step = per_image_loop
 
     seconds = median_seconds(step, repeats)
-    return {"seconds_per_step": seconds, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    return {"seconds_per_step": seconds, "peak_memory_gib": peak_memory_gib()}
 
 
 def main(only: str | None = None) -> list[dict]:
@@ -93,7 +93,7 @@ def main(only: str | None = None) -> list[dict]:
         result = subprocess.run(command, capture_output=True, text=True, check=True)
         rows[name] = {"config": name, **json.loads(result.stdout.strip().splitlines()[-1])}
         print(
-            f"{name:45} {rows[name]['seconds_per_step']:8.2f} s/step   peak RSS {rows[name]['peak_rss_gib']:6.2f} GiB"
+            f"{name:45} {rows[name]['seconds_per_step']:8.2f} s/step   peak {rows[name]['peak_memory_gib']:6.2f} GiB"
         )
 
     def ratio(a: str, b: str, key: str = "seconds_per_step") -> float | None:
@@ -102,21 +102,21 @@ def main(only: str | None = None) -> list[dict]:
     ratios = {
         "cache_speedup": ratio("100 classes, image tower every step", "100 classes, cached image features"),
         "chunked_memory": ratio(
-            "1000 classes, chunks of 100 (exact)", "1000 classes, all prompts at once", "peak_rss_gib"
+            "1000 classes, chunks of 100 (exact)", "1000 classes, all prompts at once", "peak_memory_gib"
         ),
         "cocoop_batched_speedup": ratio("CoCoOp 10 classes, per-image loop", "CoCoOp 10 classes, batched"),
         "cocoop_chunked_speedup": ratio(
             "CoCoOp 10 classes, per-image loop", "CoCoOp 10 classes, batched, 40 prompts/call"
         ),
         "cocoop_chunked_memory": ratio(
-            "CoCoOp 10 classes, batched, 40 prompts/call", "CoCoOp 10 classes, per-image loop", "peak_rss_gib"
+            "CoCoOp 10 classes, batched, 40 prompts/call", "CoCoOp 10 classes, per-image loop", "peak_memory_gib"
         ),
     }
     for key, value in ratios.items():
         if value is not None:
             print(f"{key:24} {value:.2f}x")
     out = Path(__file__).parent / "results" / f"training_step{'-' + only.lower() if only else ''}.json"
-    meta = {"machine": platform.platform(), "torch": torch.__version__}
+    meta = {"machine": platform.platform(), "device": device_name(), "torch": torch.__version__}
     out.write_text(json.dumps({**meta, "rows": list(rows.values()), "ratios": ratios}, indent=2))
     return list(rows.values())
 

@@ -152,6 +152,22 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         path = unquote(urlparse(self.path).path)
         self.state.requests.append(f"{self.command} {path}")
+        match = re.fullmatch(r"/api/models/(.+?)/tree/([^/]+)(?:/(.*))?", path)
+        if match:  # one folder's entries, not recursive (transformers lists additional_chat_templates/)
+            repo_id, revision, folder = match.group(1), match.group(2), (match.group(3) or "").strip("/")
+            if (resolved := self._tree(repo_id, revision)) is None:
+                return
+            prefix = f"{folder}/" if folder else ""
+            below = [p.removeprefix(prefix) for p in sorted(resolved[1]) if p.startswith(prefix)]
+            if folder and not below:
+                return self._error(404, "EntryNotFound", f"{folder} does not exist on {revision}")
+            files = [
+                {"type": "file", "path": prefix + p, "size": len(resolved[1][prefix + p])}
+                for p in below
+                if "/" not in p
+            ]
+            folders = sorted({prefix + p.split("/")[0] for p in below if "/" in p})
+            return self._json(200, files + [{"type": "directory", "path": f, "oid": "0" * 40} for f in folders])
         match = re.fullmatch(r"/api/models/(.+?)(?:/revision/([^/]+))?", path)
         if match:
             repo_id, revision = match.group(1), match.group(2) or "main"

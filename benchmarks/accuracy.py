@@ -1,0 +1,239 @@
+"""Accuracy of the prompt-learning methods, offline, with the project's small pretrained CLIP (`fashion-clip`, the
+demo's model) on Fashion-MNIST (the demo's embedded subset: a pool of 32 training images per class, 100 test images
+per class).
+
+This stands in for the ImageNet and 11-dataset tables of the CoOp, CoCoOp and KgCoOp papers, which need pretrained
+weights that cannot be downloaded here. It measures the same things on a model that was pretrained on the
+original Fashion-MNIST domain:
+
+- few-shot: 1/2/4/8/16 shots per class, 3 seeds (mean and std), learning on the original images and on a domain
+  shift the model never saw (faded, low-contrast scans): zero-shot with one template and with the model's template
+  ensemble, CoOp (shared context with the class at the end, middle or front; class-specific context), CoCoOp,
+  KgCoOp, and a linear probe on the image features;
+- base-to-novel (CoCoOp's protocol): 16 shots of the first 5 classes, accuracy on base and novel classes, and their
+  harmonic mean;
+- domain generalisation (CoOp's protocol): learned on 16 shots of the original images, tested on faded, inverted
+  and rotated ones.
+
+Every prompt is learned with the demo's recipe (AdamW, lr 3e-3, 50 epochs, batches of 32, no augmentation; context
+initialised from "a photo of a"); KgCoOp adds its regulariser with weight 8.0, as in its paper.
+
+Run: python benchmarks/accuracy.py   (about 20 minutes on 2 CPU cores; --shots 16 --seeds 1 for a quick look)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import AutoProcessor, CLIPModel
+
+from peft_prompt_clip import PromptEmbeddingConfig, get_prompt_model
+from peft_prompt_clip.classifier import CLIP_TEMPLATE, PromptClassifier
+from peft_prompt_clip.data import LabeledImages, base_novel, few_shot, image_inputs, select_classes
+from peft_prompt_clip.demo import CLASSES, MODEL_DIR, PRETRAIN_TEMPLATES, SUBSET, fade
+from peft_prompt_clip.evaluation import evaluate, harmonic_mean
+from peft_prompt_clip.trainer import PromptTrainer, TrainingArguments
+
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
+
+DOMAINS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "original": lambda x: x,
+    "faded": fade,
+    "inverted": lambda x: 255 - x,
+    "rotated": lambda x: np.ascontiguousarray(np.rot90(x, axes=(-2, -1))),
+}
+# name -> (PromptEmbeddingConfig fields, TrainingArguments fields)
+PROMPT_METHODS: dict[str, tuple[dict, dict]] = {
+    "CoOp": ({}, {}),
+    "CoOp, class in the middle": ({"class_token_position": "middle"}, {}),
+    "CoOp, class in front": ({"class_token_position": "front"}, {}),
+    "CoOp, class-specific (CSC)": ({"class_specific": True}, {}),
+    "CoCoOp": ({"conditional": True}, {}),
+    "KgCoOp": ({}, {"kg_weight": 8.0}),
+}
+ZERO_SHOT = {"zero-shot, 'a photo of a {}.'": CLIP_TEMPLATE, "zero-shot, template ensemble": PRETRAIN_TEMPLATES}
+LINEAR_PROBE = "linear probe"
+PROCESSOR = AutoProcessor.from_pretrained(MODEL_DIR)
+
+
+def load(domain: str) -> tuple[LabeledImages, LabeledImages]:
+    """The few-shot pool and the test set in `domain`."""
+    arrays = np.load(SUBSET)
+    shift = DOMAINS[domain]
+    return tuple(
+        LabeledImages(list(CLASSES), list(shift(arrays[f"{s}_images"])), arrays[f"{s}_labels"].astype(int).tolist())
+        for s in ("train", "test")
+    )
+
+
+def learn_prompt(method: str, train: LabeledImages, seed: int) -> torch.nn.Module:
+    config_fields, args_fields = PROMPT_METHODS[method]
+    config = PromptEmbeddingConfig(
+        ctx_init="a photo of a", class_names=list(train.class_names), init_seed=seed, **config_fields
+    )
+    model = get_prompt_model(CLIPModel.from_pretrained(MODEL_DIR).eval(), config)
+    args = TrainingArguments(
+        output_dir=tempfile.mkdtemp(), epochs=50, optimizer="adamw", lr=3e-3, augment=False, seed=seed, **args_fields
+    )
+    PromptTrainer(model, PROCESSOR, train, args).train()
+    return model
+
+
+@torch.no_grad()
+def image_features(model: CLIPModel, data: LabeledImages) -> torch.Tensor:
+    features = model.get_image_features(**image_inputs(PROCESSOR, data, range(len(data))))
+    features = features if isinstance(features, torch.Tensor) else features.pooler_output
+    return F.normalize(features, dim=-1)
+
+
+def linear_probe(train: LabeledImages, test: LabeledImages, weight_decay: float = 1e-3) -> float:
+    """Logistic regression on the frozen image features (full-batch L-BFGS, L2 penalty), CLIP's linear probe."""
+    base = CLIPModel.from_pretrained(MODEL_DIR).eval()
+    x, y = image_features(base, train), torch.tensor(train.labels)
+    head = torch.nn.Linear(x.shape[1], len(train.class_names))
+    optimizer = torch.optim.LBFGS(head.parameters(), max_iter=500, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(head(x), y) + weight_decay * head.weight.square().sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        predictions = head(image_features(base, test)).argmax(-1)
+    return (predictions == torch.tensor(test.labels)).float().mean().item()
+
+
+def zero_shot(templates: list[str], test: LabeledImages) -> float:
+    base = CLIPModel.from_pretrained(MODEL_DIR).eval()
+    return evaluate(PromptClassifier(base, PROCESSOR, test.class_names, templates), test)["top1"]
+
+
+def learned(model: torch.nn.Module, test: LabeledImages) -> float:
+    return evaluate(PromptClassifier(model, PROCESSOR, test.class_names), test)["top1"]
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.mean(values), "std": statistics.pstdev(values), "runs": values}
+
+
+def few_shot_table(domain: str, shots_list: list[int], seeds: list[int], models: dict) -> dict:
+    """Accuracy on `domain`'s test set after learning from its few-shot pool; keeps the 16-shot original-domain
+    models in `models` for the domain-generalisation table."""
+    pool, test = load(domain)
+    rows = {name: {"any": summary([zero_shot(list(t), test)])} for name, t in ZERO_SHOT.items()}
+    for method in [*PROMPT_METHODS, LINEAR_PROBE]:
+        rows[method] = {}
+        for shots in shots_list:
+            values = []
+            for seed in seeds:
+                train = few_shot(pool, shots, seed=seed)
+                if method == LINEAR_PROBE:
+                    values.append(linear_probe(train, test))
+                    continue
+                model = learn_prompt(method, train, seed)
+                values.append(learned(model, test))
+                if domain == "original" and shots == max(shots_list):
+                    models.setdefault(method, []).append((seed, model))
+            rows[method][str(shots)] = summary(values)
+            print(f"{domain:9} {method:30} {shots:2} shots  {rows[method][str(shots)]['mean']:.3f}", flush=True)
+    return rows
+
+
+def base_to_novel_table(shots: int, seeds: list[int]) -> dict:
+    pool, test = load("original")
+    base_names, novel_names = base_novel(CLASSES)
+    tests = {"base": select_classes(test, base_names), "novel": select_classes(test, novel_names)}
+    rows = {}
+    for method in ["zero-shot", "CoOp", "CoCoOp", "KgCoOp"]:
+        runs = []
+        for seed in seeds:
+            if method == "zero-shot":
+                accuracy = {part: zero_shot(list(CLIP_TEMPLATE), data) for part, data in tests.items()}
+            else:
+                model = learn_prompt(method, select_classes(few_shot(pool, shots, seed=seed), base_names), seed)
+                accuracy = {part: learned(model, data) for part, data in tests.items()}
+            runs.append({**accuracy, "hm": harmonic_mean(accuracy["base"], accuracy["novel"])})
+        rows[method] = {key: summary([run[key] for run in runs]) for key in ("base", "novel", "hm")}
+        print(f"base-to-novel {method:12} " + " ".join(f"{k} {v['mean']:.3f}" for k, v in rows[method].items()))
+    return rows
+
+
+def domain_shift_table(models: dict, shots: int, seeds: list[int]) -> dict:
+    """Learned on the original domain, tested on every domain."""
+    tests = {domain: load(domain)[1] for domain in DOMAINS}
+    pool, _ = load("original")
+    rows = {
+        name: {d: summary([zero_shot(list(t), data)]) for d, data in tests.items()} for name, t in ZERO_SHOT.items()
+    }
+    for method, runs in models.items():
+        rows[method] = {d: summary([learned(model, data) for _, model in runs]) for d, data in tests.items()}
+    rows[LINEAR_PROBE] = {
+        d: summary([linear_probe(few_shot(pool, shots, seed=s), data) for s in seeds]) for d, data in tests.items()
+    }
+    for method, row in rows.items():
+        print(f"domain shift {method:30} " + " ".join(f"{d} {v['mean']:.3f}" for d, v in row.items()))
+    return rows
+
+
+def markdown(results: dict) -> str:
+    """The results as the tables of benchmarks/README.md."""
+
+    def cell(value: dict) -> str:
+        return f"{value['mean']:.3f}" if value["std"] == 0 else f"{value['mean']:.3f} ± {value['std']:.3f}"
+
+    shots = [str(s) for s in results["shots"]]
+    lines = []
+    for domain, rows in results["few_shot"].items():
+        lines += [f"\nFew-shot, learned and tested on {domain} images (top-1, mean ± std over seeds):\n"]
+        lines += ["| method | " + " | ".join(f"{s} shots" for s in shots) + " |", "| --- |" + " ---: |" * len(shots)]
+        for method, row in rows.items():
+            cells = [cell(row["any"])] * len(shots) if "any" in row else [cell(row[s]) for s in shots]
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += [f"\nBase-to-novel, {max(results['shots'])} shots of {', '.join(base_novel(CLASSES)[0])}:\n"]
+    lines += ["| method | base | novel | HM |", "| --- | ---: | ---: | ---: |"]
+    for method, row in results["base_to_novel"].items():
+        lines.append(f"| {method} | {cell(row['base'])} | {cell(row['novel'])} | {cell(row['hm'])} |")
+    lines += [f"\nDomain generalisation, learned from {max(results['shots'])} shots of original images:\n"]
+    lines += ["| method | " + " | ".join(DOMAINS) + " |", "| --- |" + " ---: |" * len(DOMAINS)]
+    for method, row in results["domain_shift"].items():
+        lines.append(f"| {method} | " + " | ".join(cell(row[d]) for d in DOMAINS) + " |")
+    return "\n".join(lines)
+
+
+def main(shots_list: list[int], seeds: list[int]) -> dict:
+    torch.set_num_threads(min(2, torch.get_num_threads()))  # the tiny model gains nothing from more
+    models: dict = {}
+    results = {
+        "machine": platform.platform(),
+        "torch": torch.__version__,
+        "shots": shots_list,
+        "seeds": seeds,
+        "few_shot": {domain: few_shot_table(domain, shots_list, seeds, models) for domain in ("original", "faded")},
+        "base_to_novel": base_to_novel_table(max(shots_list), seeds),
+    }
+    results["domain_shift"] = domain_shift_table(models, max(shots_list), seeds)
+    table = markdown(results)
+    print(table)
+    out = Path(__file__).parent / "results" / "accuracy.json"
+    out.write_text(json.dumps({**results, "markdown": table}, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    options = parser.parse_args()
+    main(options.shots, options.seeds)
