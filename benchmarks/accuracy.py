@@ -10,8 +10,8 @@ original Fashion-MNIST domain:
   shift the model never saw (faded, low-contrast scans): zero-shot with one template and with the model's template
   ensemble, CoOp (shared context with the class at the end, middle or front; class-specific context), CoCoOp,
   KgCoOp, and a linear probe on the image features;
-- base-to-novel (CoCoOp's protocol): 16 shots of the first 5 classes, accuracy on base and novel classes, and their
-  harmonic mean;
+- base-to-novel (CoCoOp's protocol), on original and on faded images: 16 shots of the first 5 classes, accuracy on
+  base and novel classes, and their harmonic mean;
 - domain generalisation (CoOp's protocol): learned on 16 shots of the original images, tested on faded, inverted
   and rotated ones.
 
@@ -63,6 +63,7 @@ PROMPT_METHODS: dict[str, tuple[dict, dict]] = {
 }
 ZERO_SHOT = {"zero-shot, 'a photo of a {}.'": CLIP_TEMPLATE, "zero-shot, template ensemble": PRETRAIN_TEMPLATES}
 LINEAR_PROBE = "linear probe"
+LEARNED_ON = ("original", "faded")  # the domains prompts are learned on
 PROCESSOR = AutoProcessor.from_pretrained(MODEL_DIR)
 
 
@@ -151,8 +152,8 @@ def few_shot_table(domain: str, shots_list: list[int], seeds: list[int], models:
     return rows
 
 
-def base_to_novel_table(shots: int, seeds: list[int]) -> dict:
-    pool, test = load("original")
+def base_to_novel_table(domain: str, shots: int, seeds: list[int]) -> dict:
+    pool, test = load(domain)
     base_names, novel_names = base_novel(CLASSES)
     tests = {"base": select_classes(test, base_names), "novel": select_classes(test, novel_names)}
     rows = {}
@@ -166,7 +167,10 @@ def base_to_novel_table(shots: int, seeds: list[int]) -> dict:
                 accuracy = {part: learned(model, data) for part, data in tests.items()}
             runs.append({**accuracy, "hm": harmonic_mean(accuracy["base"], accuracy["novel"])})
         rows[method] = {key: summary([run[key] for run in runs]) for key in ("base", "novel", "hm")}
-        print(f"base-to-novel {method:12} " + " ".join(f"{k} {v['mean']:.3f}" for k, v in rows[method].items()))
+        print(
+            f"{domain:9} base-to-novel {method:10} "
+            + " ".join(f"{k} {v['mean']:.3f}" for k, v in rows[method].items())
+        )
     return rows
 
 
@@ -201,10 +205,12 @@ def markdown(results: dict) -> str:
         for method, row in rows.items():
             cells = [cell(row["any"])] * len(shots) if "any" in row else [cell(row[s]) for s in shots]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    lines += [f"\nBase-to-novel, {max(results['shots'])} shots of {', '.join(base_novel(CLASSES)[0])}:\n"]
-    lines += ["| method | base | novel | HM |", "| --- | ---: | ---: | ---: |"]
-    for method, row in results["base_to_novel"].items():
-        lines.append(f"| {method} | {cell(row['base'])} | {cell(row['novel'])} | {cell(row['hm'])} |")
+    for domain, rows in results["base_to_novel"].items():
+        base = ", ".join(base_novel(CLASSES)[0])
+        lines += [f"\nBase-to-novel on {domain} images, learned from {max(results['shots'])} shots of {base}:\n"]
+        lines += ["| method | base | novel | HM |", "| --- | ---: | ---: | ---: |"]
+        for method, row in rows.items():
+            lines.append(f"| {method} | {cell(row['base'])} | {cell(row['novel'])} | {cell(row['hm'])} |")
     lines += [f"\nDomain generalisation, learned from {max(results['shots'])} shots of original images:\n"]
     lines += ["| method | " + " | ".join(DOMAINS) + " |", "| --- |" + " ---: |" * len(DOMAINS)]
     for method, row in results["domain_shift"].items():
@@ -220,8 +226,8 @@ def main(shots_list: list[int], seeds: list[int]) -> dict:
         "torch": torch.__version__,
         "shots": shots_list,
         "seeds": seeds,
-        "few_shot": {domain: few_shot_table(domain, shots_list, seeds, models) for domain in ("original", "faded")},
-        "base_to_novel": base_to_novel_table(max(shots_list), seeds),
+        "few_shot": {domain: few_shot_table(domain, shots_list, seeds, models) for domain in LEARNED_ON},
+        "base_to_novel": {domain: base_to_novel_table(domain, max(shots_list), seeds) for domain in LEARNED_ON},
     }
     results["domain_shift"] = domain_shift_table(models, max(shots_list), seeds)
     table = markdown(results)

@@ -26,18 +26,22 @@ def _fsync_dir(folder: Path) -> None:
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; once the block has written it, it replaces `path` in one step. If the
-    block fails (disk full, crash), `path` keeps its previous content and the temporary file is removed."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    block fails (disk full, crash), `path` keeps its previous content and the temporary file is removed; one left by
+    a process killed while writing is removed by the next write. Writers of one folder take turns (its lock)."""
+    with locked(path.parent):
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # no live writer holds one: we hold the lock
+            stale.unlink(missing_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            yield Path(tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
 
 @contextmanager
@@ -64,6 +68,8 @@ def save_adapter(model: Any, folder: str | Path) -> None:
     processes saving to one folder never mix their files."""
     folder = Path(folder)
     with locked(folder):
+        for stale in folder.glob(".save-*"):  # left by a process killed while saving
+            shutil.rmtree(stale, ignore_errors=True)
         staging = Path(tempfile.mkdtemp(dir=folder, prefix=".save-"))
         try:
             model.save_pretrained(staging)

@@ -98,7 +98,9 @@ def test_sigkill_while_writing_a_checkpoint(clip_dir, images, tmp_path):
         result = subprocess.run([sys.executable, "-c", DIE_WHILE_WRITING.format(epoch=epoch), *command], env=ENV)
         assert result.returncode == -signal.SIGKILL
         load_file(output / "checkpoint.safetensors")  # the previous checkpoint, whole
+        assert len(list(output.glob(".checkpoint.safetensors.*.tmp"))) == 1  # the dead writer's half file
     subprocess.run(train_command(clip_dir, images, output, resume=True), env=ENV, check=True, capture_output=True)
+    assert not list(output.glob(".*.tmp")), "the next write removes what a killed writer left"
     final = load_file(output / "adapter_model.safetensors")
     assert all(torch.equal(final[k], v) for k, v in reference.items())
 
