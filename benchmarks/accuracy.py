@@ -201,7 +201,8 @@ def markdown(results: dict) -> str:
     lines = []
     for domain, rows in results["few_shot"].items():
         lines += [f"\nFew-shot, learned and tested on {domain} images (top-1, mean ± std over seeds):\n"]
-        lines += ["| method | " + " | ".join(f"{s} shots" for s in shots) + " |", "| --- |" + " ---: |" * len(shots)]
+        header = " | ".join(f"{s} shot{'' if s == '1' else 's'}" for s in shots)
+        lines += [f"| method | {header} |", "| --- |" + " ---: |" * len(shots)]
         for method, row in rows.items():
             cells = [cell(row["any"])] * len(shots) if "any" in row else [cell(row[s]) for s in shots]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
