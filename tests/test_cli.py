@@ -48,6 +48,22 @@ def test_train_saves_an_adapter_with_its_classes(trained, clip_dir):
     assert (trained / "adapter_model.safetensors").is_file() and (trained / "checkpoint.safetensors").is_file()
 
 
+def test_train_opens_only_the_shots_it_uses(clip_dir, tmp_path):
+    from peft_prompt_clip.data import few_shot, load_split
+
+    folder = write_image_folder(tmp_path / "images", per_class=10)
+    train = load_split(folder, "train")
+    used = set(few_shot(train, 2).images)
+    for path in set(train.images) - used:  # every other training image is unreadable: never opened, never warned of
+        path.write_bytes(b"not an image")
+    result = run(
+        "train", "--model", clip_dir, "--data", folder, "--output", tmp_path / "a", "--shots", "2", "--epochs", "1",
+        "--n-ctx", "2",
+    )  # fmt: skip
+    assert "trained 1 epochs on 6 images of 3 classes" in result.stdout
+    assert "unreadable" not in result.stderr
+
+
 def test_eval_prints_zero_shot_and_learned_and_writes_json(trained, image_folder):
     result = run("eval", "--adapter", trained, "--data", image_folder, "--split", "test")
     assert "zero-shot" in result.stdout and "learned prompt" in result.stdout
