@@ -38,9 +38,9 @@ import torch.nn.functional as F
 from transformers import AutoProcessor, CLIPModel
 
 from peft_prompt_clip import PromptEmbeddingConfig, get_prompt_model
-from peft_prompt_clip.classifier import CLIP_TEMPLATE, PromptClassifier
+from peft_prompt_clip.classifier import CLIP_TEMPLATE, PromptClassifier, _features
 from peft_prompt_clip.data import LabeledImages, base_novel, few_shot, image_inputs, select_classes
-from peft_prompt_clip.demo import CLASSES, MODEL_DIR, PRETRAIN_TEMPLATES, SUBSET, fade
+from peft_prompt_clip.demo import CLASSES, MODEL_DIR, PRETRAIN_TEMPLATES, demo_data, fade
 from peft_prompt_clip.evaluation import evaluate, harmonic_mean
 from peft_prompt_clip.trainer import PromptTrainer, TrainingArguments
 
@@ -65,16 +65,12 @@ ZERO_SHOT = {"zero-shot, 'a photo of a {}.'": CLIP_TEMPLATE, "zero-shot, templat
 LINEAR_PROBE = "linear probe"
 LEARNED_ON = ("original", "faded")  # the domains prompts are learned on
 PROCESSOR = AutoProcessor.from_pretrained(MODEL_DIR)
+BASE = CLIPModel.from_pretrained(MODEL_DIR).eval()  # zero-shot and linear probes; each prompt gets a fresh copy
 
 
 def load(domain: str) -> tuple[LabeledImages, LabeledImages]:
     """The few-shot pool and the test set in `domain`."""
-    arrays = np.load(SUBSET)
-    shift = DOMAINS[domain]
-    return tuple(
-        LabeledImages(list(CLASSES), list(shift(arrays[f"{s}_images"])), arrays[f"{s}_labels"].astype(int).tolist())
-        for s in ("train", "test")
-    )
+    return demo_data(DOMAINS[domain])
 
 
 def learn_prompt(method: str, train: LabeledImages, seed: int) -> torch.nn.Module:
@@ -91,16 +87,13 @@ def learn_prompt(method: str, train: LabeledImages, seed: int) -> torch.nn.Modul
 
 
 @torch.no_grad()
-def image_features(model: CLIPModel, data: LabeledImages) -> torch.Tensor:
-    features = model.get_image_features(**image_inputs(PROCESSOR, data, range(len(data))))
-    features = features if isinstance(features, torch.Tensor) else features.pooler_output
-    return F.normalize(features, dim=-1)
+def image_features(data: LabeledImages) -> torch.Tensor:
+    return F.normalize(_features(BASE.get_image_features(**image_inputs(PROCESSOR, data, range(len(data))))), dim=-1)
 
 
-def linear_probe(train: LabeledImages, test: LabeledImages, weight_decay: float = 1e-3) -> float:
+def linear_probe(train: LabeledImages, weight_decay: float = 1e-3) -> torch.nn.Linear:
     """Logistic regression on the frozen image features (full-batch L-BFGS, L2 penalty), CLIP's linear probe."""
-    base = CLIPModel.from_pretrained(MODEL_DIR).eval()
-    x, y = image_features(base, train), torch.tensor(train.labels)
+    x, y = image_features(train), torch.tensor(train.labels)
     head = torch.nn.Linear(x.shape[1], len(train.class_names))
     optimizer = torch.optim.LBFGS(head.parameters(), max_iter=500, line_search_fn="strong_wolfe")
 
@@ -111,17 +104,19 @@ def linear_probe(train: LabeledImages, test: LabeledImages, weight_decay: float 
         return loss
 
     optimizer.step(closure)
-    with torch.no_grad():
-        predictions = head(image_features(base, test)).argmax(-1)
-    return (predictions == torch.tensor(test.labels)).float().mean().item()
+    return head
 
 
 def zero_shot(templates: list[str], test: LabeledImages) -> float:
-    base = CLIPModel.from_pretrained(MODEL_DIR).eval()
-    return evaluate(PromptClassifier(base, PROCESSOR, test.class_names, templates), test)["top1"]
+    return evaluate(PromptClassifier(BASE, PROCESSOR, test.class_names, templates), test)["top1"]
 
 
-def learned(model: torch.nn.Module, test: LabeledImages) -> float:
+def score(method: str, model: torch.nn.Module, test: LabeledImages) -> float:
+    """Top-1 accuracy on `test` of a learned prompt, or of a linear probe's head."""
+    if method == LINEAR_PROBE:
+        with torch.no_grad():
+            predictions = model(image_features(test)).argmax(-1)
+        return (predictions == torch.tensor(test.labels)).float().mean().item()
     return evaluate(PromptClassifier(model, PROCESSOR, test.class_names), test)["top1"]
 
 
@@ -131,7 +126,7 @@ def summary(values: list[float]) -> dict[str, float]:
 
 def few_shot_table(domain: str, shots_list: list[int], seeds: list[int], models: dict) -> dict:
     """Accuracy on `domain`'s test set after learning from its few-shot pool; keeps the 16-shot original-domain
-    models in `models` for the domain-generalisation table."""
+    models (prompts and probes) in `models` for the domain-generalisation table."""
     pool, test = load(domain)
     rows = {name: {"any": summary([zero_shot(list(t), test)])} for name, t in ZERO_SHOT.items()}
     for method in [*PROMPT_METHODS, LINEAR_PROBE]:
@@ -140,13 +135,10 @@ def few_shot_table(domain: str, shots_list: list[int], seeds: list[int], models:
             values = []
             for seed in seeds:
                 train = few_shot(pool, shots, seed=seed)
-                if method == LINEAR_PROBE:
-                    values.append(linear_probe(train, test))
-                    continue
-                model = learn_prompt(method, train, seed)
-                values.append(learned(model, test))
+                model = linear_probe(train) if method == LINEAR_PROBE else learn_prompt(method, train, seed)
+                values.append(score(method, model, test))
                 if domain == "original" and shots == max(shots_list):
-                    models.setdefault(method, []).append((seed, model))
+                    models.setdefault(method, []).append(model)
             rows[method][str(shots)] = summary(values)
             print(f"{domain:9} {method:30} {shots:2} shots  {rows[method][str(shots)]['mean']:.3f}", flush=True)
     return rows
@@ -159,12 +151,12 @@ def base_to_novel_table(domain: str, shots: int, seeds: list[int]) -> dict:
     rows = {}
     for method in ["zero-shot", "CoOp", "CoCoOp", "KgCoOp"]:
         runs = []
-        for seed in seeds:
+        for seed in [None] if method == "zero-shot" else seeds:  # zero-shot has nothing to draw
             if method == "zero-shot":
                 accuracy = {part: zero_shot(list(CLIP_TEMPLATE), data) for part, data in tests.items()}
             else:
                 model = learn_prompt(method, select_classes(few_shot(pool, shots, seed=seed), base_names), seed)
-                accuracy = {part: learned(model, data) for part, data in tests.items()}
+                accuracy = {part: score(method, model, data) for part, data in tests.items()}
             runs.append({**accuracy, "hm": harmonic_mean(accuracy["base"], accuracy["novel"])})
         rows[method] = {key: summary([run[key] for run in runs]) for key in ("base", "novel", "hm")}
         print(
@@ -174,18 +166,14 @@ def base_to_novel_table(domain: str, shots: int, seeds: list[int]) -> dict:
     return rows
 
 
-def domain_shift_table(models: dict, shots: int, seeds: list[int]) -> dict:
-    """Learned on the original domain, tested on every domain."""
+def domain_shift_table(models: dict) -> dict:
+    """The models learned on the original domain, tested on every domain."""
     tests = {domain: load(domain)[1] for domain in DOMAINS}
-    pool, _ = load("original")
     rows = {
         name: {d: summary([zero_shot(list(t), data)]) for d, data in tests.items()} for name, t in ZERO_SHOT.items()
     }
     for method, runs in models.items():
-        rows[method] = {d: summary([learned(model, data) for _, model in runs]) for d, data in tests.items()}
-    rows[LINEAR_PROBE] = {
-        d: summary([linear_probe(few_shot(pool, shots, seed=s), data) for s in seeds]) for d, data in tests.items()
-    }
+        rows[method] = {d: summary([score(method, model, data) for model in runs]) for d, data in tests.items()}
     for method, row in rows.items():
         print(f"domain shift {method:30} " + " ".join(f"{d} {v['mean']:.3f}" for d, v in row.items()))
     return rows
@@ -230,7 +218,7 @@ def main(shots_list: list[int], seeds: list[int]) -> dict:
         "few_shot": {domain: few_shot_table(domain, shots_list, seeds, models) for domain in LEARNED_ON},
         "base_to_novel": {domain: base_to_novel_table(domain, max(shots_list), seeds) for domain in LEARNED_ON},
     }
-    results["domain_shift"] = domain_shift_table(models, max(shots_list), seeds)
+    results["domain_shift"] = domain_shift_table(models)
     table = markdown(results)
     print(table)
     out = Path(__file__).parent / "results" / "accuracy.json"

@@ -42,7 +42,7 @@ from torch import nn
 from transformers import AutoProcessor, CLIPModel
 
 from peft_prompt_clip import PromptEmbeddingConfig, find_text_embeddings
-from peft_prompt_clip.classifier import tokenize_prompts
+from peft_prompt_clip.classifier import _features, tokenize_prompts
 from peft_prompt_clip.data import LabeledImages, image_inputs
 from peft_prompt_clip.layer import find_prompt_layer
 from peft_prompt_clip.tiny import save_tiny_clip, vocab_and_merges
@@ -88,8 +88,7 @@ class FixedEmbeddings(nn.Module):
 
 
 def text_features(model: nn.Module, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
-    output = model.get_text_features(**tokens)
-    features = output if isinstance(output, torch.Tensor) else output.pooler_output
+    features = _features(model.get_text_features(**tokens))
     return features / features.norm(dim=-1, keepdim=True)
 
 
@@ -116,8 +115,7 @@ def setup(mode: str, classes: int) -> Callable[[], None]:
         with torch.no_grad():
             inputs = image_inputs(processor, data, order, augment_seed="bench" if augment else None)
             inputs = {k: v.to(DEVICE) for k, v in inputs.items()}
-            features = clip.get_image_features(**inputs)
-            features = features if isinstance(features, torch.Tensor) else features.pooler_output
+            features = _features(clip.get_image_features(**inputs))
         return features / features.norm(dim=-1, keepdim=True)
 
     def loss_of(model: nn.Module, tokens: dict[str, torch.Tensor], images: torch.Tensor) -> torch.Tensor:

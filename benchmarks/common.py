@@ -43,15 +43,7 @@ def synchronize() -> None:
 
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:
     """Median wall time of `repeats` calls of `fn`, after one warm-up call."""
-    fn()
-    synchronize()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return interleaved_medians({"fn": fn}, repeats)["fn"]
 
 
 def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:

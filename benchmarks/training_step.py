@@ -23,6 +23,7 @@ from peft import get_peft_model
 from transformers import AutoProcessor, CLIPModel
 
 from peft_prompt_clip import PromptEmbeddingConfig
+from peft_prompt_clip.classifier import _features
 from peft_prompt_clip.data import LabeledImages
 from peft_prompt_clip.tiny import save_tiny_clip, vocab_and_merges
 from peft_prompt_clip.trainer import PromptTrainer, TrainingArguments
@@ -71,8 +72,7 @@ def one(classes: int, augment: bool, chunk: int | None, repeats: int, mode: str)
         logits = []
         for i in range(len(order)):
             with trainer.layer.conditioned_on(cached[i : i + 1]):
-                text = model.get_text_features(**tokens)
-            text = text if isinstance(text, torch.Tensor) else text.pooler_output
+                text = _features(model.get_text_features(**tokens))
             logits.append(scale * cached[i] @ (text / text.norm(dim=-1, keepdim=True)).T)
         torch.nn.functional.cross_entropy(torch.stack(logits), labels).backward()
         model.zero_grad(set_to_none=True)

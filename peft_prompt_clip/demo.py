@@ -18,6 +18,7 @@ import gzip
 import json
 import math
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,7 @@ def pretrain(
     """Pretrain `fashion-clip` on Fashion-MNIST's training split and save it (model, tokenizer, processor)."""
     from transformers import CLIPConfig, CLIPModel
 
+    from .classifier import _features
     from .tiny import save_processor, save_tokenizer, vocab_and_merges
 
     torch.manual_seed(seed)
@@ -112,11 +114,10 @@ def pretrain(
         for start in range(0, len(images), batch_size):
             batch = order[start : start + batch_size]
             template = torch.randint(len(PRETRAIN_TEMPLATES), (len(batch),), generator=generator)
-            text = model.get_text_features(**captions)
-            text = text if isinstance(text, torch.Tensor) else text.pooler_output
-            text = F.normalize(text, dim=-1).view(len(PRETRAIN_TEMPLATES), len(CLASSES), -1)
+            text = F.normalize(_features(model.get_text_features(**captions)), dim=-1)
+            text = text.view(len(PRETRAIN_TEMPLATES), len(CLASSES), -1)
             image = model.get_image_features(pixel_values=_pixels(images[batch.numpy()]))
-            image = F.normalize(image if isinstance(image, torch.Tensor) else image.pooler_output, dim=-1)
+            image = F.normalize(_features(image), dim=-1)
             # each image against its caption and the same template's captions of the other classes
             logits = model.logit_scale.exp() * torch.einsum("bd,bcd->bc", image, text[template])
             loss = F.cross_entropy(logits, labels[batch])
@@ -150,13 +151,13 @@ def fade(images: np.ndarray) -> np.ndarray:
     return (images // 3 + 80).astype(np.uint8)
 
 
-def demo_data(faded: bool) -> tuple[LabeledImages, LabeledImages]:
-    """The few-shot pool and the test set, optionally faded (the domain shift)."""
+def demo_data(shift: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[LabeledImages, LabeledImages]:
+    """The few-shot pool and the test set, with `shift` applied to the images (a domain shift such as [`fade`])."""
     arrays = np.load(SUBSET)
 
     def labeled(split: str) -> LabeledImages:
         images = arrays[f"{split}_images"]
-        images = fade(images) if faded else images
+        images = shift(images) if shift else images
         return LabeledImages(list(CLASSES), list(images), arrays[f"{split}_labels"].astype(int).tolist())
 
     return labeled("train"), labeled("test")
@@ -179,8 +180,8 @@ def run_demo(output: Path, shots: int = 16, seed: int = 1, epochs: int = 50) -> 
 
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
     processor = AutoProcessor.from_pretrained(MODEL_DIR)
-    pool, test_faded = demo_data(faded=True)
-    _, test_original = demo_data(faded=False)
+    pool, test_faded = demo_data(fade)
+    _, test_original = demo_data()
     tests = {"original": test_original, "faded": test_faded}
     train = few_shot(pool, shots, seed=seed)
     base = CLIPModel.from_pretrained(MODEL_DIR).eval()

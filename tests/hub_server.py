@@ -10,9 +10,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import yaml
@@ -206,3 +208,12 @@ def serve(tokens: set[str]) -> tuple[ThreadingHTTPServer, HubState, str]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, state, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def client_env(endpoint: str, home: Path, token: str | None = None) -> dict[str, str]:
+    """The environment of a process whose `huggingface_hub` client talks to the server at `endpoint`: its own cache
+    in `home`, online, no telemetry, and `token` (or none) as its login."""
+    env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HOME": str(home), "HF_HUB_DISABLE_TELEMETRY": "1"}
+    env.pop("HF_HUB_OFFLINE", None)
+    env.pop("HF_TOKEN", None)
+    return env if token is None else {**env, "HF_TOKEN": token}

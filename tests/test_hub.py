@@ -4,7 +4,6 @@ the real `huggingface_hub` client pointed at it (HF_ENDPOINT), as a user's would
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from hub_server import serve
+from hub_server import client_env, serve
 from huggingface_hub import ModelCard
 from PIL import Image
 
@@ -22,11 +21,7 @@ TOKEN = "hf_test_write_token"
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
     server, state, endpoint = serve({TOKEN})
-    home = tmp_path_factory.mktemp("hf-home")
-    env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HOME": str(home), "HF_HUB_DISABLE_TELEMETRY": "1"}
-    env.pop("HF_HUB_OFFLINE", None)
-    env.pop("HF_TOKEN", None)
-    yield state, env
+    yield state, client_env(endpoint, tmp_path_factory.mktemp("hf-home"))
     server.shutdown()
 
 

@@ -10,7 +10,6 @@ the installed `peft-prompt-clip` command, except installs (`pip`), logging in (`
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import shutil
@@ -21,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import write_image_folder
-from hub_server import serve
+from hub_server import client_env, serve
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,14 +58,7 @@ def workspace(clip_dir, tmp_path_factory):
     server, state, endpoint = serve({TOKEN})
     files = {p.name: p.read_bytes() for p in clip_dir.iterdir() if p.is_file()}
     state.repos[BASE_REPO] = {"branches": {"main": "1" * 40}, "commits": {"1" * 40: files}}
-    env = {
-        **os.environ,
-        "HF_ENDPOINT": endpoint,
-        "HF_HOME": str(tmp_path_factory.mktemp("hf-home")),
-        "HF_TOKEN": TOKEN,
-        "HF_HUB_DISABLE_TELEMETRY": "1",
-    }
-    env.pop("HF_HUB_OFFLINE", None)
+    env = client_env(endpoint, tmp_path_factory.mktemp("hf-home"), token=TOKEN)
     folder = tmp_path_factory.mktemp("workspace")
     write_image_folder(folder / "eurosat", per_class=20)
     rng = np.random.default_rng(1)
