@@ -38,9 +38,10 @@ import torch.nn.functional as F
 from transformers import AutoProcessor, CLIPModel
 
 from peft_prompt_clip import PromptEmbeddingConfig, get_prompt_model
-from peft_prompt_clip.classifier import CLIP_TEMPLATE, PromptClassifier, _features
+from peft_prompt_clip.classifier import CLIP_TEMPLATE, PromptClassifier
 from peft_prompt_clip.data import LabeledImages, base_novel, few_shot, image_inputs, select_classes
 from peft_prompt_clip.demo import CLASSES, MODEL_DIR, PRETRAIN_TEMPLATES, demo_data, fade
+from peft_prompt_clip.encoder import PromptEncoder
 from peft_prompt_clip.evaluation import evaluate, harmonic_mean
 from peft_prompt_clip.trainer import PromptTrainer, TrainingArguments
 
@@ -88,7 +89,7 @@ def learn_prompt(method: str, train: LabeledImages, seed: int) -> torch.nn.Modul
 
 @torch.no_grad()
 def image_features(data: LabeledImages) -> torch.Tensor:
-    return F.normalize(_features(BASE.get_image_features(**image_inputs(PROCESSOR, data, range(len(data))))), dim=-1)
+    return PromptEncoder(BASE, PROCESSOR).image_features(image_inputs(PROCESSOR, data, range(len(data))))
 
 
 def linear_probe(train: LabeledImages, weight_decay: float = 1e-3) -> torch.nn.Linear:

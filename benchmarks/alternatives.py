@@ -41,9 +41,9 @@ from peft import TrainableTokensConfig, get_peft_model
 from torch import nn
 from transformers import AutoProcessor, CLIPModel
 
-from peft_prompt_clip import PromptEmbeddingConfig, find_text_embeddings
-from peft_prompt_clip.classifier import _features, tokenize_prompts
+from peft_prompt_clip import PromptEmbeddingConfig, PromptEncoder, find_text_embeddings
 from peft_prompt_clip.data import LabeledImages, image_inputs
+from peft_prompt_clip.encoder import features_of
 from peft_prompt_clip.layer import find_prompt_layer
 from peft_prompt_clip.tiny import save_tiny_clip, vocab_and_merges
 from peft_prompt_clip.trainer import PromptTrainer, TrainingArguments
@@ -88,8 +88,8 @@ class FixedEmbeddings(nn.Module):
 
 
 def text_features(model: nn.Module, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
-    features = _features(model.get_text_features(**tokens))
-    return features / features.norm(dim=-1, keepdim=True)
+    # the baselines' text towers are not all ours to encode (the seed-style one has no supported embeddings module)
+    return F.normalize(features_of(model.get_text_features(**tokens)), dim=-1)
 
 
 def setup(mode: str, classes: int) -> Callable[[], None]:
@@ -115,8 +115,7 @@ def setup(mode: str, classes: int) -> Callable[[], None]:
         with torch.no_grad():
             inputs = image_inputs(processor, data, order, augment_seed="bench" if augment else None)
             inputs = {k: v.to(DEVICE) for k, v in inputs.items()}
-            features = _features(clip.get_image_features(**inputs))
-        return features / features.norm(dim=-1, keepdim=True)
+            return F.normalize(features_of(clip.get_image_features(**inputs)), dim=-1)
 
     def loss_of(model: nn.Module, tokens: dict[str, torch.Tensor], images: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(scale * images @ text_features(model, tokens).T, labels)
@@ -125,13 +124,12 @@ def setup(mode: str, classes: int) -> Callable[[], None]:
         model = get_peft_model(clip, PromptEmbeddingConfig(n_ctx=N_CTX))
         args = TrainingArguments(output_dir=tempfile.mkdtemp(), epochs=1, augment=mode == "ours-augment")
         trainer = PromptTrainer(model, processor, data, args)
-        chunks = trainer._text_chunks()
-        cached = None if trainer.augment else trainer._cached_image_features()
+        cached = None if trainer.augment else trainer.cached_image_features()
         params = trainer.params
 
         def compute():
-            features = trainer._image_features(order, "bench") if cached is None else cached
-            trainer._step(chunks, features, labels, IMAGES)
+            features = trainer.image_features(order, "bench") if cached is None else cached
+            trainer.step(features, labels, IMAGES)
 
     elif mode == "seed":
         name = find_text_embeddings(clip)
@@ -166,10 +164,14 @@ def setup(mode: str, classes: int) -> Callable[[], None]:
     else:  # the floor, and full fine-tuning, over exactly our prompts (with placeholder ids at the context)
         model = get_peft_model(clip, PromptEmbeddingConfig(n_ctx=N_CTX))
         layer = find_prompt_layer(model)
-        tokens = {k: v.to(DEVICE) for k, v in tokenize_prompts(processor, model, [f"{n}." for n in names]).items()}
-        ids, mask = layer.prompt_layouts["default"].expand(tokens["input_ids"], tokens["attention_mask"], 77)
+        tokens = PromptEncoder(model, processor).tokenize([f"{n}." for n in names])
+        ids, mask = layer.prompt_layouts["default"].expand(tokens["input_ids"], tokens["attention_mask"])
+        captured = []  # the prompt's embeddings (context in place) as the text tower receives them
+        hook = layer.register_forward_hook(lambda module, args, output: captured.append(output))
         with torch.no_grad():
-            hidden = layer(input_ids=ids)
+            model.get_text_features(**tokens)
+        hook.remove()
+        hidden = captured[0]
         clip = model.unload()
         tokens = {"input_ids": ids, "attention_mask": mask}
         if mode == "floor":

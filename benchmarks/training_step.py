@@ -23,7 +23,6 @@ from peft import get_peft_model
 from transformers import AutoProcessor, CLIPModel
 
 from peft_prompt_clip import PromptEmbeddingConfig
-from peft_prompt_clip.classifier import _features
 from peft_prompt_clip.data import LabeledImages
 from peft_prompt_clip.tiny import save_tiny_clip, vocab_and_merges
 from peft_prompt_clip.trainer import PromptTrainer, TrainingArguments
@@ -56,24 +55,21 @@ def one(classes: int, augment: bool, chunk: int | None, repeats: int, mode: str)
     data = LabeledImages([f"class {i}" for i in range(classes)], images, [i % classes for i in range(count)])
     args = TrainingArguments(output_dir=tempfile.mkdtemp(), epochs=1, augment=augment, class_chunk_size=chunk)
     trainer = PromptTrainer(model, processor, data, args)
-    chunks = trainer._text_chunks()
-    labels = torch.tensor(data.labels, device=DEVICE)
-    cached = None if augment else trainer._cached_image_features()
+    labels = trainer.labels
+    cached = None if augment else trainer.cached_image_features()
     order = list(range(len(data)))
 
     def step():
-        features = trainer._image_features(order, "bench") if augment else cached
-        trainer._step(chunks, features, labels, len(order))
+        features = trainer.image_features(order, "bench") if augment else cached
+        trainer.step(features, labels, len(order))
         model.zero_grad(set_to_none=True)
 
     def per_image_loop():  # CoCoOp's own trainer: the text encoder once per image, one backward for the batch
-        tokens = chunks[0][1]
-        scale = model.get_base_model().logit_scale.exp()
+        encoder, tokens = trainer.encoder, trainer.class_tokens
         logits = []
         for i in range(len(order)):
-            with trainer.layer.conditioned_on(cached[i : i + 1]):
-                text = _features(model.get_text_features(**tokens))
-            logits.append(scale * cached[i] @ (text / text.norm(dim=-1, keepdim=True)).T)
+            text = encoder.text_features(tokens, condition=cached[i : i + 1])
+            logits.append(encoder.logits(cached[i : i + 1], text)[0])
         torch.nn.functional.cross_entropy(torch.stack(logits), labels).backward()
         model.zero_grad(set_to_none=True)
 

@@ -7,12 +7,12 @@ know it. Import it before loading a saved prompt adapter.
 from .classifier import CLIP_TEMPLATE, IMAGENET_TEMPLATES, PromptClassifier
 from .config import PEFT_TYPE, ClassTokenPosition, PromptEmbeddingConfig
 from .data import LabeledImages, few_shot, from_hf_dataset, load_data, load_split
+from .encoder import PromptEncoder
 from .errors import InvalidAdapterError, TrainingDivergedError
 from .evaluation import evaluate, harmonic_mean
-from .layer import PromptEmbeddingLayer
+from .layer import PromptEmbeddingLayer, prompt_options
 from .loading import get_prompt_model, load_prompt_model
-from .model import PromptEmbeddingModel, find_text_embeddings
-from .registration import register
+from .model import PromptEmbeddingModel, find_text_embeddings, register
 from .trainer import PromptTrainer, TrainingArguments
 
 register()
@@ -29,6 +29,7 @@ __all__ = [
     "PromptEmbeddingConfig",
     "PromptEmbeddingLayer",
     "PromptEmbeddingModel",
+    "PromptEncoder",
     "LabeledImages",
     "PromptTrainer",
     "TrainingArguments",
@@ -42,5 +43,6 @@ __all__ = [
     "load_split",
     "get_prompt_model",
     "load_prompt_model",
+    "prompt_options",
     "register",
 ]

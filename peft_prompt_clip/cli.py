@@ -1,9 +1,11 @@
-"""The `peft-prompt-clip` command: train, eval, predict and demo. Each command calls the same functions as the Python
-API; user mistakes end in one line on stderr and exit status 2."""
+"""The `peft-prompt-clip` command: train, eval, predict, interpret, push and demo. Each command calls the same
+functions as the Python API; user mistakes end in one line on stderr and exit status 2, anything else is a bug and
+shows its traceback."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -12,16 +14,48 @@ from typing import Any
 from .classifier import CLIP_TEMPLATE, IMAGENET_TEMPLATES, PromptClassifier
 from .config import PromptEmbeddingConfig
 from .data import LabeledImages, base_novel, drop_unreadable, few_shot, load_split, open_image, select_classes
+from .errors import TrainingDivergedError
 from .evaluation import evaluate, harmonic_mean
 from .hub import RESULTS_NAME
 from .loading import CONFIG_NAME, get_prompt_model, load_prompt_model, resolve_adapter
+from .model import find_text_embeddings
 from .trainer import PromptTrainer, TrainingArguments
 
+#: What the CLI reports in one line: the package's own errors and the user mistakes the libraries signal (a bad value,
+#: a missing file or model). Anything else is a bug, and shows its traceback.
+USER_ERRORS = (ValueError, OSError, TrainingDivergedError)
 
-def _load_base(model_name: str):
-    from transformers import AutoProcessor, CLIPModel
+#: The `train` options that set a `TrainingArguments` field: flag -> (field, type). Their defaults are the fields'.
+TRAINING_OPTIONS: dict[str, tuple[str, Any, str]] = {
+    "--epochs": ("epochs", int, "epochs (default: CoOp's by shots: 50 / 100 / 200)"),
+    "--batch-size": ("batch_size", int, "images per optimizer step, over all processes"),
+    "--optimizer": ("optimizer", str, "'sgd' or 'adamw'"),
+    "--lr": ("lr", float, "peak learning rate"),
+    "--momentum": ("momentum", float, "SGD momentum"),
+    "--weight-decay": ("weight_decay", float, "weight decay"),
+    "--warmup-epochs": ("warmup_epochs", int, "epochs at --warmup-lr first (CoOp)"),
+    "--warmup-lr": ("warmup_lr", float, "learning rate of the warm-up epochs"),
+    "--gradient-accumulation-steps": ("gradient_accumulation_steps", int, "batches per optimizer step"),
+    "--mixed-precision": ("mixed_precision", str, "'no', 'fp16' or 'bf16'"),
+    "--class-chunk-size": ("class_chunk_size", int, "encode at most this many prompts at a time (bounds memory)"),
+    "--kg-weight": ("kg_weight", float, "KgCoOp regulariser weight (KgCoOp uses 8.0)"),
+    "--kl-weight": ("kl_weight", float, "ProGrad-style KL to the zero-shot predictions"),
+    "--hand-template": ("hand_template", str, "the hand-written prompt of --kg-weight and --kl-weight"),
+    "--report-to": ("report_to", str, "Accelerate tracker, e.g. tensorboard"),
+}
 
-    return CLIPModel.from_pretrained(model_name).eval(), AutoProcessor.from_pretrained(model_name)
+
+def _load_base(model_name: str) -> tuple[Any, Any]:
+    """A CLIP-family model of any supported family (CLIP, SigLIP, SigLIP 2, GroupViT, OWL-ViT) and its processor."""
+    from transformers import AutoModel, AutoProcessor
+
+    model = AutoModel.from_pretrained(model_name).eval()
+    find_text_embeddings(model)  # says which families are supported when this is none of them
+    if not hasattr(model, "get_image_features"):
+        raise ValueError(
+            f"{model_name} is a {type(model).__name__}, which has no image tower; give an image-text model."
+        )
+    return model, AutoProcessor.from_pretrained(model_name)
 
 
 def _classes(data: LabeledImages, which: str | None) -> LabeledImages:
@@ -47,26 +81,19 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         ctx_init=args.ctx_init,
         class_token_position=args.position,
         class_specific=args.csc,
+        conditional=args.conditional,
+        meta_net_reduction=args.meta_net_reduction,
         class_names=data.class_names,
         init_seed=args.seed,
     )
     model = get_prompt_model(model, config)
+    given = {field: getattr(args, field) for field, _, _ in TRAINING_OPTIONS.values()}
     training = TrainingArguments(
         output_dir=args.output,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        optimizer=args.optimizer,
-        lr=args.lr if args.lr is not None else (0.002 if args.optimizer == "sgd" else 0.003),
-        warmup_epochs=args.warmup_epochs,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
         augment=args.augment,
-        class_chunk_size=args.class_chunk_size,
-        kg_weight=args.kg_weight,
-        kl_weight=args.kl_weight,
         seed=args.seed,
-        report_to=args.report_to,
         resume=args.resume,
+        **{field: value for field, value in given.items() if value is not None},
     )
     trainer = PromptTrainer(model, processor, data, training)
     summary = trainer.train()
@@ -211,18 +238,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx-init", help="initial words, e.g. 'a photo of a'")
     p.add_argument("--position", default="end", choices=["end", "middle", "front"], help="class token position")
     p.add_argument("--csc", action="store_true", help="one context per class (CoOp's class-specific context)")
-    p.add_argument("--epochs", type=int, help="default: CoOp's by shots (50 / 100 / 200)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
-    p.add_argument("--lr", type=float, help="default 0.002 (sgd) or 0.003 (adamw)")
-    p.add_argument("--warmup-epochs", type=int, default=1, help="epochs at lr 1e-5 first (CoOp)")
-    p.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
+    p.add_argument("--conditional", action="store_true", help="CoCoOp: image-conditional context (a meta-net)")
+    p.add_argument(
+        "--meta-net-reduction",
+        type=int,
+        default=PromptEmbeddingConfig.__dataclass_fields__["meta_net_reduction"].default,
+        help="CoCoOp's meta-net hidden size is the image feature size divided by this (default: %(default)s)",
+    )
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainingArguments)}
+    for flag, (field, kind, text) in TRAINING_OPTIONS.items():
+        p.add_argument(flag, type=kind, default=None, dest=field, help=f"{text} (default: {defaults[field]})")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None, help="default: on up to 16 shots")
-    p.add_argument("--class-chunk-size", type=int, help="encode class prompts this many at a time (bounds memory)")
-    p.add_argument("--kg-weight", type=float, default=0.0, help="KgCoOp regulariser weight (KgCoOp uses 8.0)")
-    p.add_argument("--kl-weight", type=float, default=0.0, help="ProGrad-style KL to zero-shot predictions")
-    p.add_argument("--report-to", help="Accelerate tracker, e.g. tensorboard")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output")
     p.set_defaults(run=train)
 
@@ -267,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, TypeError, OSError, KeyError) as exc:
+    except USER_ERRORS as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"peft-prompt-clip {args.command}: error: {message}", file=sys.stderr)
         return 2

@@ -7,9 +7,18 @@ from dataclasses import dataclass, field
 
 from peft import PeftConfig
 
+
+class PromptClipType(str, enum.Enum):
+    """The PEFT type of this package's adapters. PEFT's own `PeftType` enum is closed, so the package has its own; it
+    is a `str` enum as PEFT's is, so `adapter_config.json` holds the plain name and PEFT and transformers, which read
+    `peft_config.peft_type.value`, see a real PEFT type."""
+
+    PEFT_PROMPT_CLIP = "PEFT_PROMPT_CLIP"
+
+
 #: The PEFT type of this package's adapters, as written in `adapter_config.json`. It names the package on purpose:
 #: without `import peft_prompt_clip`, PEFT fails with `KeyError: 'PEFT_PROMPT_CLIP'`, which points at the fix.
-PEFT_TYPE = "PEFT_PROMPT_CLIP"
+PEFT_TYPE = PromptClipType.PEFT_PROMPT_CLIP
 
 
 class ClassTokenPosition(str, enum.Enum):
@@ -141,7 +150,7 @@ class PromptEmbeddingConfig(PeftConfig):
                 f"class_token_position must be one of {choices}, got {self.class_token_position!r}."
             ) from None
         if self.class_names is not None:
-            self._check_class_names()
+            check_class_names(self.class_names)
             if self.num_classes is None:
                 self.num_classes = len(self.class_names)
             elif self.num_classes != len(self.class_names):
@@ -173,19 +182,22 @@ class PromptEmbeddingConfig(PeftConfig):
                 f"target_modules must be one module name or regex (a string), got {self.target_modules!r}."
             )
 
-    def _check_class_names(self) -> None:
-        names = self.class_names
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise TypeError(f"class_names must be a list of strings, got {names!r}.")
-        if not names:
-            raise ValueError("class_names is empty: give at least one class name, or leave it unset.")
-        blank = [i for i, n in enumerate(names) if not n.strip()]
-        if blank:
-            raise ValueError(f"class_names has empty names at positions {blank}; every class needs a name.")
-        seen: dict[str, int] = {}
-        for i, n in enumerate(names):
-            if n in seen:
-                raise ValueError(
-                    f"class_names repeats {n!r} (positions {seen[n]} and {i}); class names must be unique."
-                )
-            seen[n] = i
+
+def check_class_names(names: list[str]) -> None:
+    """The one check of a list of class names: non-empty, strings, none blank, none repeated.
+
+    Raises:
+        `TypeError` or `ValueError`: naming the offending entries.
+    """
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"class_names must be a list of strings, got {names!r}.")
+    if not names:
+        raise ValueError("class_names is empty: give at least one class name.")
+    blank = [i for i, n in enumerate(names) if not n.strip()]
+    if blank:
+        raise ValueError(f"class_names has empty names at positions {blank}; every class needs a name.")
+    seen: dict[str, int] = {}
+    for i, n in enumerate(names):
+        if n in seen:
+            raise ValueError(f"class_names repeats {n!r} (positions {seen[n]} and {i}); class names must be unique.")
+        seen[n] = i

@@ -80,7 +80,7 @@ def pretrain(
     """Pretrain `fashion-clip` on Fashion-MNIST's training split and save it (model, tokenizer, processor)."""
     from transformers import CLIPConfig, CLIPModel
 
-    from .classifier import _features
+    from .encoder import PromptEncoder
     from .tiny import save_processor, save_tokenizer, vocab_and_merges
 
     torch.manual_seed(seed)
@@ -98,6 +98,7 @@ def pretrain(
     output.mkdir(parents=True, exist_ok=True)
     tokenizer = save_tokenizer(output, WORDS, max_length=32)
     save_processor(output, tokenizer, IMAGE_SIZE, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    encoder = PromptEncoder(model, tokenizer)
     captions = tokenizer(
         [t.format(c) for t in PRETRAIN_TEMPLATES for c in CLASSES], padding=True, return_tensors="pt"
     )  # row t * 10 + c
@@ -114,10 +115,8 @@ def pretrain(
         for start in range(0, len(images), batch_size):
             batch = order[start : start + batch_size]
             template = torch.randint(len(PRETRAIN_TEMPLATES), (len(batch),), generator=generator)
-            text = F.normalize(_features(model.get_text_features(**captions)), dim=-1)
-            text = text.view(len(PRETRAIN_TEMPLATES), len(CLASSES), -1)
-            image = model.get_image_features(pixel_values=_pixels(images[batch.numpy()]))
-            image = F.normalize(_features(image), dim=-1)
+            text = encoder.text_features(captions).view(len(PRETRAIN_TEMPLATES), len(CLASSES), -1)
+            image = encoder.image_features({"pixel_values": _pixels(images[batch.numpy()])})
             # each image against its caption and the same template's captions of the other classes
             logits = model.logit_scale.exp() * torch.einsum("bd,bcd->bc", image, text[template])
             loss = F.cross_entropy(logits, labels[batch])

@@ -1,17 +1,88 @@
-"""The module that replaces a text tower's embeddings module and holds the learned context of each adapter."""
+"""The module that replaces a text tower's embeddings module and holds the learned context of each adapter, and the
+per-call options of a forward (which adapter, which class rows, which conditioning images)."""
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from .config import PromptEmbeddingConfig
+from .errors import InvalidAdapterError
 from .layout import PromptLayout
+from .peft_private import set_active_adapter
+
+
+@dataclass(frozen=True)
+class PromptOptions:
+    """Choices for one forward of the text tower; see [`prompt_options`]."""
+
+    adapter_name: str | None = None
+    enabled: bool = True
+    classes: torch.Tensor | None = None
+    condition: torch.Tensor | None = None
+
+
+# the options of the forwards run in this thread or asyncio task: a ContextVar is per thread and per task by design
+_DEFAULT_OPTIONS = PromptOptions()
+_OPTIONS: ContextVar[PromptOptions] = ContextVar("peft_prompt_clip_options", default=_DEFAULT_OPTIONS)
+
+
+@contextmanager
+def prompt_options(
+    adapter_name: str | None = None,
+    enabled: bool = True,
+    classes: Sequence[int] | torch.Tensor | None = None,
+    condition: torch.Tensor | None = None,
+) -> Iterator[None]:
+    """
+    Per-call choices for the text forwards run inside this block, in this thread (or asyncio task) only: other
+    threads running the same model at the same time are not affected, unlike PEFT's `set_adapter` and
+    `disable_adapter`, which change the model for everyone.
+
+    Args:
+        adapter_name (`str`, *optional*): the adapter whose context is used; by default the model's active one.
+        enabled (`bool`, *optional*, defaults to `True`): `False` runs the base model's text tower, no context.
+        classes (`Sequence[int]`, *optional*): class-specific context: the texts of a batch are these classes, in this
+            order, rather than all classes.
+        condition (`torch.Tensor`, *optional*): CoCoOp: normalised image features `(images, dim)`; the texts of a batch
+            are then the class prompts once per image, image-major, each shifted by its image's meta-net bias.
+
+    Example:
+
+    ```py
+    >>> from peft_prompt_clip import prompt_options
+    >>> with prompt_options(enabled=False):
+    ...     pass  # model.get_text_features(...) here is the base model's, in this thread only
+
+    ```
+    """
+    rows = None if classes is None else torch.as_tensor(classes, dtype=torch.long)
+    token = _OPTIONS.set(PromptOptions(adapter_name, enabled, rows, condition))
+    try:
+        yield
+    finally:
+        _OPTIONS.reset(token)
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One forward of the text model, resolved once by the pre-hook and read by the embeddings' forward."""
+
+    layer: PromptEmbeddingLayer
+    adapter_name: str
+    options: PromptOptions
+    previous: _Call | None
+
+
+_CALL: ContextVar[_Call | None] = ContextVar("peft_prompt_clip_call", default=None)
 
 
 def find_prompt_layer(model: nn.Module) -> PromptEmbeddingLayer | None:
@@ -21,14 +92,15 @@ def find_prompt_layer(model: nn.Module) -> PromptEmbeddingLayer | None:
 
 class PromptEmbeddingLayer(nn.Module, BaseTunerLayer):
     """
-    Wraps a text embeddings module (such as `CLIPTextEmbeddings`) and writes the active adapter's context vectors into
-    the prompt.
+    Wraps a text embeddings module (such as `CLIPTextEmbeddings`) and writes an adapter's context vectors into the
+    prompt.
 
     The wrapped module is reused as it is (its token and position tables are neither copied nor trained). A forward
-    pre-hook on `owner`, the text model that calls the embeddings, inserts `n_ctx` placeholder tokens into its
-    `input_ids` and `attention_mask`, so that the causal mask and the pooling at the end-of-text token follow; this
-    module then replaces the placeholders' embeddings with the context. Both steps are stateless, so one model can
-    serve concurrent forwards.
+    pre-hook on `owner`, the text model that calls the embeddings, resolves which adapter the call uses (the one named
+    by [`prompt_options`], else the active one) and inserts `n_ctx` placeholder tokens into its `input_ids` and
+    `attention_mask`, so that the causal mask and the pooling at the end-of-text token follow; this module's forward
+    then replaces the placeholders' embeddings with that adapter's context. The resolved call lives in a `ContextVar`
+    for the duration of the text model's forward, so concurrent forwards in other threads never see it.
 
     Args:
         base_layer (`nn.Module`): the text embeddings module, with `token_embedding` and `position_embedding`.
@@ -37,6 +109,7 @@ class PromptEmbeddingLayer(nn.Module, BaseTunerLayer):
         context (`torch.Tensor`): its initial context, `(n_ctx, width)` or `(num_classes, n_ctx, width)`.
         layout (`PromptLayout`): where its context goes.
         inference_mode (`bool`, *optional*, defaults to `False`): whether the context is frozen.
+        meta_net (`nn.Module`, *optional*): CoCoOp's meta-net, image feature -> context bias.
     """
 
     adapter_layer_names = ("prompt_embedding_ctx", "prompt_embedding_meta_net")
@@ -57,16 +130,16 @@ class PromptEmbeddingLayer(nn.Module, BaseTunerLayer):
         self.prompt_embedding_ctx = nn.ParameterDict({})
         self.prompt_embedding_meta_net = nn.ModuleDict({})
         self.prompt_layouts: dict[str, PromptLayout] = {}
-        self._active_adapter = adapter_name
+        set_active_adapter(self, adapter_name)
         self.merged_adapters = []
-        self.max_positions = base_layer.position_embedding.num_embeddings
-        self._class_rows: torch.Tensor | None = None
-        self._condition: torch.Tensor | None = None
         self._owner_signature = inspect.signature(owner.forward)
         self._owner_var_kwargs = next(
             (p.name for p in self._owner_signature.parameters.values() if p.kind is p.VAR_KEYWORD), None
         )
-        self._owner_hook = owner.register_forward_pre_hook(self._expand_inputs, with_kwargs=True)
+        self._owner_hooks = (
+            owner.register_forward_pre_hook(self._begin_call, with_kwargs=True),
+            owner.register_forward_hook(self._end_call, always_call=True),
+        )
         self.update_layer(adapter_name, context, layout, inference_mode=inference_mode, meta_net=meta_net)
 
     def update_layer(
@@ -84,18 +157,33 @@ class PromptEmbeddingLayer(nn.Module, BaseTunerLayer):
         self.prompt_layouts[adapter_name] = layout
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
-    def _active_name(self) -> str | None:
+    def resolve(self, options: PromptOptions | None = None) -> str | None:
+        """The adapter a forward with `options` (default: this thread's [`prompt_options`]) uses, or None for the
+        base model: the one the options name, else the model's single active adapter unless adapters are disabled."""
+        options = _OPTIONS.get() if options is None else options
+        if not options.enabled:
+            return None
+        if options.adapter_name is not None:
+            if options.adapter_name not in self.prompt_embedding_ctx:
+                known = list(self.prompt_embedding_ctx)
+                raise ValueError(f"No prompt adapter named {options.adapter_name!r}; this model has {known}.")
+            return options.adapter_name
         if self.disable_adapters or not self.active_adapters:
             return None
         if len(self.active_adapters) > 1:
             raise ValueError(
                 f"Only one prompt adapter can be active at a time, got {self.active_adapters}; "
-                "call set_adapter() with a single name."
+                "call set_adapter() with a single name, or name one per call with prompt_options(adapter_name=...)."
             )
         return self.active_adapters[0]
 
-    def _expand_inputs(self, owner: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple | None:
-        name = self._active_name()
+    def is_conditional(self, adapter_name: str) -> bool:
+        """Whether adapter `adapter_name` has a CoCoOp meta-net (its context depends on the image)."""
+        return adapter_name in self.prompt_embedding_meta_net
+
+    def _begin_call(self, owner: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple | None:
+        options = _OPTIONS.get()
+        name = self.resolve(options)
         if name is None:
             return None
         inputs = self._owner_signature.bind_partial(*args, **kwargs).arguments
@@ -112,10 +200,14 @@ class PromptEmbeddingLayer(nn.Module, BaseTunerLayer):
         mask = inputs.get("attention_mask")
         if mask is not None:
             mask = mask.view(-1, mask.shape[-1])
-        inputs["input_ids"], inputs["attention_mask"] = self.prompt_layouts[name].expand(
-            input_ids, mask, self.max_positions
-        )
+        inputs["input_ids"], inputs["attention_mask"] = self.prompt_layouts[name].expand(input_ids, mask)
+        _CALL.set(_Call(self, name, options, _CALL.get()))
         return (), inputs
+
+    def _end_call(self, owner: nn.Module, args: tuple, output: Any) -> None:
+        call = _CALL.get()
+        if call is not None and call.layer is self:
+            _CALL.set(call.previous)
 
     def forward(
         self,
@@ -123,70 +215,46 @@ class PromptEmbeddingLayer(nn.Module, BaseTunerLayer):
         position_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        name = self._active_name()
-        if name is None or input_ids is None:
+        call = _CALL.get()
+        if call is None or call.layer is not self or input_ids is None:
             return self.base_layer(input_ids=input_ids, position_ids=position_ids, inputs_embeds=inputs_embeds)
-        positions = self.prompt_layouts[name].locate(input_ids)
+        positions = self.prompt_layouts[call.adapter_name].locate(input_ids)
         embeds = self.base_layer.token_embedding(input_ids)
         batch, _, width = embeds.shape
-        ctx = self.prompt_embedding_ctx[name]
-        if name in self.prompt_embedding_meta_net and self._condition is not None:
-            # CoCoOp: the texts are all classes for image 0, then image 1, ...; each image's bias shifts the context
-            images = self._condition.shape[0]
-            if batch % images:
-                raise ValueError(f"{batch} texts cannot be split evenly among {images} conditioning images.")
-            bias = self.prompt_embedding_meta_net[name](self._condition.to(ctx.dtype))
-            ctx = ctx[None] + bias.repeat_interleave(batch // images, dim=0)[:, None, :]
-        elif ctx.dim() == 3 and self._class_rows is not None:
-            ctx = ctx[self._class_rows.to(ctx.device)]
-        ctx = ctx.to(embeds.dtype)
-        if ctx.dim() == 2:
-            ctx = ctx.expand(batch, -1, -1)
-        elif ctx.shape[0] != batch:
-            raise ValueError(
-                f"This adapter has class-specific context for {ctx.shape[0]} classes, so it needs the texts of all "
-                f"{ctx.shape[0]} classes in class order, got {batch} texts."
-            )
+        ctx = self.context(call.adapter_name, batch, call.options).to(embeds.dtype)
         embeds = embeds.scatter(1, positions[..., None].expand(-1, -1, width), ctx)
         return self.base_layer(inputs_embeds=embeds, position_ids=position_ids)
 
-    @contextmanager
-    def selecting_classes(self, indices: Sequence[int]) -> Iterator[None]:
-        """Within this block, the texts of a batch are the classes `indices` (in that order) rather than all classes:
-        class-specific context is taken from those rows. Used to encode many classes in chunks; not thread-safe."""
-        self._class_rows = torch.as_tensor(list(indices), dtype=torch.long)
-        try:
-            yield
-        finally:
-            self._class_rows = None
-
-    @contextmanager
-    def conditioned_on(self, image_features: torch.Tensor) -> Iterator[None]:
-        """Within this block, a CoCoOp adapter shifts its context by its meta-net's output for `image_features`
-        (`(images, dim)`, normalised); a text batch then holds the class prompts once per image, image-major.
-        Not thread-safe by itself."""
-        self._condition = image_features
-        try:
-            yield
-        finally:
-            self._condition = None
-
-    def is_conditional(self, name: str | None = None) -> bool:
-        """Whether adapter `name` (default: the active one) has a CoCoOp meta-net."""
-        return (name or self.active_adapters[0]) in self.prompt_embedding_meta_net
-
-    @contextmanager
-    def using_adapter(self, name: str) -> Iterator[None]:
-        """Within this block, forwards use adapter `name`, without PEFT's `set_adapter` (which also changes which
-        parameters train). Not thread-safe by itself: the classifier holds a lock around it."""
-        if name not in self.prompt_embedding_ctx:
-            raise ValueError(f"No prompt adapter named {name!r}; this model has {list(self.prompt_embedding_ctx)}.")
-        previous = self._active_adapter
-        self._active_adapter = name
-        try:
-            yield
-        finally:
-            self._active_adapter = previous
+    def context(self, adapter_name: str, batch: int, options: PromptOptions) -> torch.Tensor:
+        """The context of each of `batch` texts, `(batch, n_ctx, width)`, for the call's class rows or images."""
+        ctx = self.prompt_embedding_ctx[adapter_name]
+        if self.is_conditional(adapter_name):
+            if options.condition is None:
+                raise ValueError(
+                    f"Adapter {adapter_name!r} is conditional (CoCoOp): its context depends on the image, so text "
+                    "features alone are undefined. Classify with PromptClassifier, encode with "
+                    "PromptEncoder.class_features(tokens, image_features=...), or pass the image features with "
+                    "prompt_options(condition=...)."
+                )
+            # the texts are all classes for image 0, then image 1, ...; each image's bias shifts the context
+            images = options.condition.shape[0]
+            if batch % images:
+                raise ValueError(f"{batch} texts cannot be split evenly among {images} conditioning images.")
+            bias = self.prompt_embedding_meta_net[adapter_name](options.condition.to(ctx.dtype))
+            return ctx[None] + bias.repeat_interleave(batch // images, dim=0)[:, None, :]
+        if options.condition is not None:
+            raise ValueError(f"Adapter {adapter_name!r} is not conditional: drop the conditioning image features.")
+        if ctx.dim() == 2:
+            return ctx.expand(batch, -1, -1)
+        if options.classes is not None:
+            ctx = ctx[options.classes.to(ctx.device)]
+        if ctx.shape[0] != batch:
+            total = self.prompt_embedding_ctx[adapter_name].shape[0]
+            raise ValueError(
+                f"This adapter has class-specific context for {total} classes, so it needs the texts of all {total} "
+                f"classes in class order (or of the classes named by prompt_options(classes=...)), got {batch} texts."
+            )
+        return ctx
 
     def __getattr__(self, name: str) -> Any:
         # the text model reaches into its embeddings (get_input_embeddings() returns `embeddings.token_embedding`)
@@ -205,8 +273,43 @@ class PromptEmbeddingLayer(nn.Module, BaseTunerLayer):
 
     def unwrap(self) -> nn.Module:
         """Detach from the text model and return the original embeddings module (used by `unload()`)."""
-        self._owner_hook.remove()
+        for hook in self._owner_hooks:
+            hook.remove()
         return self.base_layer
 
     def __repr__(self) -> str:
         return "prompt_embedding." + super().__repr__()
+
+
+def check_adapter_tensors(tensors: Mapping[str, torch.Tensor], config: PromptEmbeddingConfig, where: str) -> None:
+    """The one check of a saved adapter's tensors against its config, before any of them reaches a model: one float
+    context of the configured shape, finite, and, for a conditional (CoCoOp) adapter, the meta-net's four tensors.
+
+    Raises:
+        `InvalidAdapterError`: naming the file (`where`) and what is wrong.
+    """
+    ctx_name, meta_name = PromptEmbeddingLayer.adapter_layer_names
+    contexts = [k for k in tensors if k.endswith(ctx_name) or f".{ctx_name}." in k]
+    meta_net = [k for k in tensors if f".{meta_name}." in k]
+    expected_meta = 4 if config.conditional else 0  # CoCoOp: two Linear layers, weights and biases
+    if len(contexts) != 1 or len(meta_net) != expected_meta or len(tensors) != 1 + expected_meta:
+        raise InvalidAdapterError(
+            f"{where} holds {len(tensors)} tensors ({sorted(tensors)[:6]}); this adapter "
+            f"(conditional={config.conditional}) holds its context (…{ctx_name})"
+            + (" and its meta-net's 4 tensors." if expected_meta else " only.")
+        )
+    for key in meta_net:
+        if not tensors[key].is_floating_point() or not bool(tensors[key].isfinite().all()):
+            raise InvalidAdapterError(f"The meta-net tensor {key} in {where} is not finite floats.")
+    context = tensors[contexts[0]]
+    if not context.is_floating_point():
+        raise InvalidAdapterError(f"The context in {where} has dtype {context.dtype}, not floats.")
+    expected = (config.num_classes,) if config.class_specific else ()
+    if context.dim() != len(expected) + 2 or tuple(context.shape[:-1]) != (*expected, config.n_ctx):
+        what = f"num_classes={config.num_classes}, " if config.class_specific else ""
+        raise InvalidAdapterError(
+            f"The context in {where} has shape {tuple(context.shape)}, but adapter_config.json says "
+            f"{what}n_ctx={config.n_ctx} (class_specific={config.class_specific}): the files do not belong together."
+        )
+    if not bool(context.isfinite().all()):
+        raise InvalidAdapterError(f"The context in {where} holds NaN or infinite values; it cannot be used.")

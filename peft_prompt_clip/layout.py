@@ -10,11 +10,21 @@ alone: the placeholder ids are never searched for, and a text containing the pla
 
 from __future__ import annotations
 
+import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .config import ClassTokenPosition
+
+
+class Pooling(str, enum.Enum):
+    """Where a text tower pools a prompt into its feature."""
+
+    EOS = "eos"  # the first end-of-text id (CLIP, GroupViT)
+    ARGMAX = "argmax"  # the highest id, the end-of-text token (OWL-ViT; CLIP configs with the legacy eos_token_id 2)
+    LAST = "last"  # the last position, usually padding (SigLIP, SigLIP 2): a prompt keeps the model's full length
 
 
 @dataclass(frozen=True)
@@ -28,10 +38,9 @@ class PromptLayout:
         eos_token_id (`int`): the end-of-text id of the text model.
         placeholder_id (`int`): id written into the context slots; never the end-of-text id, never a suffix id, and
             below the end-of-text id for models that pool at the highest id.
-        pooling (`str`): where the text model pools: `"eos"` (the first end-of-text id: CLIP), `"argmax"` (the
-            highest id, the end-of-text token: legacy CLIP configs with `eos_token_id == 2`, OWL-ViT) or `"last"`
-            (the last position, usually padding: SigLIP). With `"last"` the sequence keeps its length (padding to
-            the model's length is part of its input) and the context takes the place of trailing padding.
+        max_positions (`int`): the text model's number of positions.
+        pooling (`Pooling`): where the text model pools. With `Pooling.LAST` the sequence keeps its length (padding
+            to the model's length is part of its input) and the context takes the place of trailing padding.
         prefix_length (`int`, defaults to 1): tokens before the text (CLIP's start-of-text; 0 for SigLIP).
     """
 
@@ -40,12 +49,43 @@ class PromptLayout:
     suffix_token_ids: tuple[int, ...]
     eos_token_id: int
     placeholder_id: int
-    pooling: str = "eos"
+    max_positions: int
+    pooling: Pooling = Pooling.EOS
     prefix_length: int = 1
+
+    def check_lengths(self, lengths: Sequence[int], texts: Sequence[str] | None = None, padded: int = 0) -> None:
+        """The one check that prompts fit the model: each text of `lengths[i]` tokens (start and end tokens included)
+        plus the context must fit the model's positions, or, for `Pooling.LAST`, the `padded` length the texts keep.
+
+        Raises:
+            `ValueError`: naming the texts (when given) that are too long, and the fix.
+        """
+        keeps_length = self.pooling == Pooling.LAST and padded
+        limit = padded if keeps_length else self.max_positions
+        too_long = [i for i, n in enumerate(lengths) if n + self.n_ctx > limit]
+        if not too_long:
+            return
+        longest = max(lengths[i] for i in too_long)
+        what = (
+            f"These prompts: {[texts[i] for i in too_long[:5]]}"
+            if texts is not None
+            else f"A text of {longest} tokens"
+        )
+        if keeps_length:
+            raise ValueError(
+                f"{what} leave no room for the {self.n_ctx} context tokens: this model pools at the last position, so "
+                f"a prompt keeps its padded length ({padded}) and the context replaces padding. Tokenise with "
+                "padding='max_length' (as the model expects), shorten the text or use a smaller n_ctx."
+            )
+        verb = "need" if texts is not None else "needs"
+        raise ValueError(
+            f"{what} plus {self.n_ctx} context tokens {verb} {longest + self.n_ctx} positions, but the model has "
+            f"max_position_embeddings={self.max_positions}. Shorten the text or use a smaller n_ctx."
+        )
 
     def end_of_text_index(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Index of each row's end-of-text token, found by the same rule as the text model."""
-        if self.pooling == "argmax":
+        if self.pooling == Pooling.ARGMAX:
             return input_ids.to(torch.int).argmax(dim=-1)
         is_eos = input_ids == self.eos_token_id
         if not bool(is_eos.any(dim=-1).all()):
@@ -86,7 +126,7 @@ class PromptLayout:
         return torch.cat([first, second], dim=1)
 
     def expand(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_positions: int
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Insert `n_ctx` placeholder tokens into each row and drop padding past the longest prompt.
 
@@ -94,19 +134,9 @@ class PromptLayout:
         """
         batch, length = input_ids.shape
         eos = self.end_of_text_index(input_ids)
-        needed = int(eos.max()) + 1 + self.n_ctx
-        if self.pooling == "last" and needed > length:
-            raise ValueError(
-                f"This model pools at the last position, so a prompt keeps its padded length ({length}) and the "
-                f"{self.n_ctx} context tokens replace padding; a text of {int(eos.max()) + 1} tokens leaves too "
-                "little. "
-                "Tokenise with padding='max_length' (as the model expects), or use a smaller n_ctx."
-            )
-        if needed > max_positions:
-            raise ValueError(
-                f"A text of {int(eos.max()) + 1} tokens plus {self.n_ctx} context tokens needs {needed} positions, "
-                f"but the model has max_position_embeddings={max_positions}. Shorten the text or use a smaller n_ctx."
-            )
+        longest = int(eos.max()) + 1
+        self.check_lengths([longest], padded=length)
+        needed = longest + self.n_ctx
         new_eos = eos + self.n_ctx
         suffix = self._suffix_length(input_ids, eos, torch.full_like(eos, self.prefix_length))
         slots = self.context_positions(new_eos, suffix)
@@ -119,7 +149,7 @@ class PromptLayout:
         if attention_mask is not None:
             mask = attention_mask.new_ones((batch, length + self.n_ctx))
             mask[~is_ctx] = attention_mask.reshape(-1)
-        keep = length if self.pooling == "last" else needed  # SigLIP: same length, the last n_ctx pads dropped
+        keep = length if self.pooling == Pooling.LAST else needed  # SigLIP: same length, the last n_ctx pads dropped
         return ids[:, :keep], None if mask is None else mask[:, :keep]
 
     def locate(self, expanded_ids: torch.Tensor) -> torch.Tensor:

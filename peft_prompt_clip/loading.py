@@ -15,6 +15,7 @@ from torch import nn
 
 from .config import PEFT_TYPE, PromptEmbeddingConfig
 from .errors import InvalidAdapterError
+from .layer import check_adapter_tensors
 from .storage import locked
 
 CONFIG_NAME = "adapter_config.json"
@@ -94,7 +95,7 @@ def read_adapter_config(folder: str | os.PathLike) -> PromptEmbeddingConfig:
     if not isinstance(raw, dict) or raw.get("peft_type") != PEFT_TYPE:
         found = raw.get("peft_type") if isinstance(raw, dict) else type(raw).__name__
         raise InvalidAdapterError(
-            f"{config_path} describes a {found!r} adapter, not a prompt adapter ({PEFT_TYPE!r}); "
+            f"{config_path} describes a {found!r} adapter, not a prompt adapter ({PEFT_TYPE.value!r}); "
             "load other PEFT adapters with peft.PeftModel.from_pretrained."
         )
     try:
@@ -112,30 +113,7 @@ def check_adapter_weights(folder: str | os.PathLike, config: PromptEmbeddingConf
         raise InvalidAdapterError(
             f"{weights_path} is corrupt or truncated ({exc}); save or download the adapter again."
         ) from None
-    contexts = [k for k in tensors if k.endswith("prompt_embedding_ctx")]
-    meta_net = [k for k in tensors if ".prompt_embedding_meta_net." in k]
-    expected_meta = 4 if config.conditional else 0  # CoCoOp: two Linear layers, weights and biases
-    if len(contexts) != 1 or len(meta_net) != expected_meta or len(tensors) != 1 + expected_meta:
-        raise InvalidAdapterError(
-            f"{weights_path} holds {len(tensors)} tensors ({sorted(tensors)[:6]}); this adapter "
-            f"(conditional={config.conditional}) holds its context (…prompt_embedding_ctx)"
-            + (" and its meta-net's 4 tensors." if expected_meta else " only.")
-        )
-    for key in meta_net:
-        if not tensors[key].is_floating_point() or not bool(tensors[key].isfinite().all()):
-            raise InvalidAdapterError(f"The meta-net tensor {key} in {weights_path} is not finite floats.")
-    context = tensors[contexts[0]]
-    if not context.is_floating_point():
-        raise InvalidAdapterError(f"The context in {weights_path} has dtype {context.dtype}, not floats.")
-    expected = (config.num_classes,) if config.class_specific else ()
-    if context.dim() != len(expected) + 2 or tuple(context.shape[:-1]) != (*expected, config.n_ctx):
-        what = f"num_classes={config.num_classes}, " if config.class_specific else ""
-        raise InvalidAdapterError(
-            f"The context in {weights_path} has shape {tuple(context.shape)}, but adapter_config.json says "
-            f"{what}n_ctx={config.n_ctx} (class_specific={config.class_specific}): the files do not belong together."
-        )
-    if not bool(context.isfinite().all()):
-        raise InvalidAdapterError(f"The context in {weights_path} holds NaN or infinite values; it cannot be used.")
+    check_adapter_tensors(tensors, config, weights_path)
 
 
 def resolve_adapter(adapter: str, revision: str | None = None, token: str | None = None) -> str:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.models.clip.modeling_clip import CLIPTextEmbeddings
@@ -20,10 +20,11 @@ try:
 except ImportError:  # transformers < 4.49
     Siglip2TextEmbeddings = None
 
-from .config import ClassTokenPosition, PromptEmbeddingConfig
+from .config import PEFT_TYPE, ClassTokenPosition, PromptEmbeddingConfig
 from .errors import InvalidAdapterError
-from .layer import PromptEmbeddingLayer
-from .layout import PromptLayout
+from .layer import PromptEmbeddingLayer, check_adapter_tensors
+from .layout import Pooling, PromptLayout
+from .peft_private import TunerPrivateHooks, register_tuner
 
 
 @dataclass(frozen=True)
@@ -33,27 +34,27 @@ class TextFamily:
     Args:
         name (`str`): the family, as users know it.
         models (`str`): its transformers classes.
-        pooling (`str`): where the text tower pools: `"eos"` (first end-of-text id, or the highest id for legacy
-            configs with `eos_token_id == 2`), `"argmax"` (the highest id) or `"last"` (the last position).
+        pooling (`Pooling`): where the text tower pools (CLIP's `EOS` becomes `ARGMAX` for legacy configs with
+            `eos_token_id == 2`, as transformers does).
         prefix_length (`int`): tokens before the text (a start-of-text token: 1).
     """
 
     name: str
     models: str
-    pooling: str
+    pooling: Pooling
     prefix_length: int
 
 
 #: Text embeddings modules the adapter knows how to wrap (found by class), and how their text towers read a prompt.
 SUPPORTED_TEXT_EMBEDDINGS: dict[type[nn.Module], TextFamily] = {
-    CLIPTextEmbeddings: TextFamily("CLIP", "CLIPModel, CLIPTextModel, CLIPTextModelWithProjection", "eos", 1),
-    GroupViTTextEmbeddings: TextFamily("GroupViT", "GroupViTModel, GroupViTTextModel", "eos", 1),
-    OwlViTTextEmbeddings: TextFamily("OWL-ViT", "OwlViTModel, OwlViTTextModel", "argmax", 1),
-    SiglipTextEmbeddings: TextFamily("SigLIP", "SiglipModel, SiglipTextModel", "last", 0),
+    CLIPTextEmbeddings: TextFamily("CLIP", "CLIPModel, CLIPTextModel, CLIPTextModelWithProjection", Pooling.EOS, 1),
+    GroupViTTextEmbeddings: TextFamily("GroupViT", "GroupViTModel, GroupViTTextModel", Pooling.EOS, 1),
+    OwlViTTextEmbeddings: TextFamily("OWL-ViT", "OwlViTModel, OwlViTTextModel", Pooling.ARGMAX, 1),
+    SiglipTextEmbeddings: TextFamily("SigLIP", "SiglipModel, SiglipTextModel", Pooling.LAST, 0),
 }
 if Siglip2TextEmbeddings is not None:  # transformers >= 4.49
     SUPPORTED_TEXT_EMBEDDINGS[Siglip2TextEmbeddings] = TextFamily(
-        "SigLIP 2", "Siglip2Model, Siglip2TextModel", "last", 0
+        "SigLIP 2", "Siglip2Model, Siglip2TextModel", Pooling.LAST, 0
     )
 
 
@@ -119,7 +120,7 @@ def _supported() -> str:
     return "; ".join(f"{f.name} ({cls.__name__} in {f.models})" for cls, f in SUPPORTED_TEXT_EMBEDDINGS.items())
 
 
-class PromptEmbeddingModel(BaseTuner):
+class PromptEmbeddingModel(TunerPrivateHooks):
     """
     Learned prompt context (CoOp) for a CLIP-family model, as a PEFT tuner.
 
@@ -155,13 +156,25 @@ class PromptEmbeddingModel(BaseTuner):
     target_module_mapping: dict[str, list[str]] = {}
 
     def _prepare_adapter_config(self, peft_config: PromptEmbeddingConfig, model_config: dict) -> PromptEmbeddingConfig:
-        # the target is found by what it is, and kept out of the saved config, so that one adapter loads into
-        # CLIPModel as well as CLIPTextModel, whatever the module layout of the installed transformers
-        self._target_key = find_text_embeddings(self.model, peft_config.target_modules)
+        # the target is found by what it is, not by a saved name, so that one adapter loads into CLIPModel as well as
+        # CLIPTextModel, whatever the module layout of the installed transformers; this also says clearly when
+        # there is none, or several
+        name = find_text_embeddings(self.model, peft_config.target_modules)
+        embeddings, text_model = self.model.get_submodule(name), self.model.get_submodule(name.rpartition(".")[0])
+        complete_config(peft_config, _tokenizer(peft_config, self.model))
+        layout = layout_of(peft_config, embeddings, text_model.config)
+        try:  # the shortest prompt: the start and end tokens around an empty text
+            layout.check_lengths([text_family(embeddings).prefix_length + 1])
+        except ValueError as exc:
+            raise ValueError(f"n_ctx={peft_config.n_ctx} leaves no room for text: {exc}") from None
         return peft_config
 
     def _check_target_module_exists(self, peft_config: PromptEmbeddingConfig, key: str) -> bool:
-        return key == self._target_key
+        module = self.model.get_submodule(key)
+        if not _is_text_embeddings(module) or key.endswith(".base_layer"):
+            return False
+        target = peft_config.target_modules
+        return target is None or key == target or key.endswith("." + target) or re.fullmatch(target, key) is not None
 
     def _create_and_replace(
         self,
@@ -173,18 +186,8 @@ class PromptEmbeddingModel(BaseTuner):
         current_key: str,
     ) -> None:
         embeddings = target.get_base_layer() if isinstance(target, PromptEmbeddingLayer) else target
-        text_config = parent.config
-        max_positions = embeddings.position_embedding.num_embeddings
-        if peft_config.n_ctx is not None and peft_config.n_ctx + 2 > max_positions:
-            raise ValueError(
-                f"n_ctx={peft_config.n_ctx} leaves no room for text: the model has max_position_embeddings="
-                f"{max_positions}, and a prompt also needs its start and end tokens. Use a smaller n_ctx."
-            )
-        tokenizer = self._tokenizer(peft_config)
-        context = self._initial_context(peft_config, embeddings, tokenizer)
-        if peft_config.class_token_position != ClassTokenPosition.END and peft_config.suffix_token_ids is None:
-            peft_config.suffix_token_ids = self._suffix_ids(tokenizer)
-        layout = _layout(peft_config, text_config, text_family(embeddings))
+        context = _initial_context(peft_config, embeddings, _tokenizer(peft_config, self.model))
+        layout = layout_of(peft_config, embeddings, parent.config)
         meta_net = self._meta_net(peft_config, context) if peft_config.conditional else None
         if isinstance(target, PromptEmbeddingLayer):
             target.update_layer(
@@ -212,70 +215,8 @@ class PromptEmbeddingModel(BaseTuner):
             meta_net = nn.Sequential(nn.Linear(image_dim, hidden), nn.ReLU(), nn.Linear(hidden, context.shape[-1]))
         return meta_net.to(context.device)
 
-    def _tokenizer(self, config: PromptEmbeddingConfig) -> PreTrainedTokenizerBase | None:
-        needs_tokenizer = config.ctx_init is not None or (
-            config.class_token_position != ClassTokenPosition.END and config.suffix_token_ids is None
-        )
-        source = config.tokenizer_name_or_path or getattr(self.model, "name_or_path", None)
-        if not needs_tokenizer or not source:
-            return None
-        try:
-            return AutoTokenizer.from_pretrained(source)
-        except (OSError, ValueError) as exc:
-            warnings.warn(f"Could not load a tokenizer from {source!r} ({exc}).", stacklevel=2)
-            return None
-
-    @staticmethod
-    def _suffix_ids(tokenizer: PreTrainedTokenizerBase | None) -> list[int]:
-        if tokenizer is None:
-            warnings.warn(
-                "No tokenizer was found to tokenise CoOp's period, so a trailing '.' stays with the text instead of "
-                "after the context. Pass tokenizer_name_or_path, or suffix_token_ids explicitly.",
-                stacklevel=2,
-            )
-            return []
-        return tokenizer(".", add_special_tokens=False)["input_ids"]
-
-    @staticmethod
-    def _initial_context(
-        config: PromptEmbeddingConfig, embeddings: nn.Module, tokenizer: PreTrainedTokenizerBase | None
-    ) -> torch.Tensor:
-        weight = embeddings.token_embedding.weight
-        words = None
-        if config.ctx_init is not None:
-            if tokenizer is None:
-                warnings.warn(
-                    f"ctx_init={config.ctx_init!r} needs a tokenizer and none was found, so the context starts "
-                    "random. Pass tokenizer_name_or_path, or load the base model from a folder or repo that has one.",
-                    stacklevel=2,
-                )
-            else:
-                ids = tokenizer(config.ctx_init, add_special_tokens=False)["input_ids"]
-                if config.n_ctx is not None and len(ids) > config.n_ctx:
-                    raise ValueError(
-                        f"ctx_init={config.ctx_init!r} is {len(ids)} tokens, more than n_ctx={config.n_ctx}; "
-                        f"raise n_ctx to at least {len(ids)} or leave it unset."
-                    )
-                with torch.no_grad():
-                    words = embeddings.token_embedding(torch.tensor(ids, device=weight.device)).float().cpu()
-        if config.n_ctx is None:
-            config.n_ctx = 16 if words is None else len(words)
-        shape = (config.num_classes,) if config.class_specific else ()
-        generator = torch.Generator().manual_seed(config.init_seed)
-        context = torch.randn(*shape, config.n_ctx, weight.shape[1], generator=generator) * INIT_STD
-        if words is not None:
-            context[..., config.n_ctx - len(words) :, :] = words
-        # the context stays float32 whatever the base model's dtype: the updates of a few thousand parameters are
-        # small, and bf16/fp16 would round them away; it is cast to the embeddings' dtype in the forward
-        return context.to(weight.device)
-
-    def _unload_and_optionally_merge(
-        self,
-        merge: bool = True,
-        progressbar: bool = False,
-        safe_merge: bool = False,
-        adapter_names: list[str] | None = None,
-    ) -> nn.Module:
+    def unload_layers(self, merge: bool) -> nn.Module:
+        """Put the original text embeddings module back (`unload()`); `merge_and_unload()` is refused."""
         for name, module in list(self.model.named_modules()):
             if isinstance(module, PromptEmbeddingLayer):
                 if merge:
@@ -287,20 +228,27 @@ class PromptEmbeddingModel(BaseTuner):
         return self.model
 
     @classmethod
-    def _remap_adapter_state_dict_for_load(
-        cls, model: nn.Module, config: PromptEmbeddingConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    def check_loaded_state(
+        cls,
+        model: nn.Module,
+        config: PromptEmbeddingConfig,
+        adapter_name: str,
+        state_dict: dict[str, torch.Tensor],
+        remapped: dict[str, torch.Tensor],
     ) -> dict[str, torch.Tensor]:
-        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        """Refuse an adapter's tensors that do not fit `model`, and map a context saved from another layout of the
+        same text tower (CLIPModel vs CLIPTextModel, transformers 4 vs 5) to this one's key."""
+        check_adapter_tensors(state_dict, config, "the adapter weights")
+        ctx_name, meta_name = PromptEmbeddingLayer.adapter_layer_names
         own = model.state_dict()
         for key, value in remapped.items():
-            if "prompt_embedding_meta_net" in key and key in own and own[key].shape != value.shape:
+            if meta_name in key and key in own and own[key].shape != value.shape:
                 raise InvalidAdapterError(
                     f"The adapter's meta-net tensor {key} has shape {tuple(value.shape)}, but this model expects "
                     f"{tuple(own[key].shape)}: the adapter was learned on another base model."
                 )
-        suffix = f"prompt_embedding_ctx.{adapter_name}"
-        expected = {k: v for k, v in own.items() if k.endswith(suffix)}
-        saved = [k for k in remapped if "prompt_embedding_ctx" in k and k not in expected]
+        expected = {k: v for k, v in own.items() if k.endswith(f"{ctx_name}.{adapter_name}")}
+        saved = [k for k in remapped if ctx_name in k and k not in expected]
         if len(expected) == 1 and next(iter(expected)) not in remapped and len(saved) == 1:
             # saved from another layout of the same text tower: CLIPModel vs CLIPTextModel, transformers 4 vs 5
             remapped[next(iter(expected))] = remapped.pop(saved[0])
@@ -326,10 +274,13 @@ class PromptEmbeddingModel(BaseTuner):
         return remapped
 
 
-def _layout(config: PromptEmbeddingConfig, text_config, family: TextFamily) -> PromptLayout:
+def layout_of(config: PromptEmbeddingConfig, embeddings: nn.Module, text_config: Any) -> PromptLayout:
+    """Where the context of a completed adapter config goes in the prompts of the text tower of `embeddings`, whose
+    config is `text_config`."""
+    family = text_family(embeddings)
     eos = text_config.eos_token_id
     # transformers keeps CLIP's legacy argmax pooling for configs saying eos_token_id == 2
-    pooling = "argmax" if family.pooling == "eos" and eos == 2 else family.pooling
+    pooling = Pooling.ARGMAX if family.pooling == Pooling.EOS and eos == 2 else family.pooling
     suffix = tuple(config.suffix_token_ids or ())
     candidates = [getattr(text_config, "bos_token_id", None), 0, 1, 2, 3, 4]
     placeholder = next(
@@ -339,7 +290,7 @@ def _layout(config: PromptEmbeddingConfig, text_config, family: TextFamily) -> P
         and i < text_config.vocab_size
         and i != eos
         and i not in suffix
-        and (pooling != "argmax" or i < eos)
+        and (pooling != Pooling.ARGMAX or i < eos)
     )
     return PromptLayout(
         n_ctx=config.n_ctx,
@@ -347,6 +298,80 @@ def _layout(config: PromptEmbeddingConfig, text_config, family: TextFamily) -> P
         suffix_token_ids=suffix,
         eos_token_id=eos,
         placeholder_id=placeholder,
+        max_positions=embeddings.position_embedding.num_embeddings,
         pooling=pooling,
         prefix_length=family.prefix_length,
     )
+
+
+def _tokenizer(config: PromptEmbeddingConfig, model: nn.Module) -> PreTrainedTokenizerBase | None:
+    """The tokenizer for `ctx_init` and CoOp's period, when the config still needs one."""
+    needs_tokenizer = config.ctx_init is not None or (
+        config.class_token_position != ClassTokenPosition.END and config.suffix_token_ids is None
+    )
+    source = config.tokenizer_name_or_path or getattr(model, "name_or_path", None)
+    if not needs_tokenizer or not source:
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        warnings.warn(f"Could not load a tokenizer from {source!r} ({exc}).", stacklevel=3)
+        return None
+
+
+def _ctx_init_ids(config: PromptEmbeddingConfig, tokenizer: PreTrainedTokenizerBase | None) -> list[int] | None:
+    if config.ctx_init is None or tokenizer is None:
+        return None
+    return tokenizer(config.ctx_init, add_special_tokens=False)["input_ids"]
+
+
+def complete_config(config: PromptEmbeddingConfig, tokenizer: PreTrainedTokenizerBase | None) -> None:
+    """Fill what a config leaves to the model: `n_ctx` (the token count of `ctx_init`, else 16) and, for the middle
+    and front positions, `suffix_token_ids` (the tokenizer's ids of CoOp's period)."""
+    ids = _ctx_init_ids(config, tokenizer)
+    if config.ctx_init is not None and ids is None:
+        warnings.warn(
+            f"ctx_init={config.ctx_init!r} needs a tokenizer and none was found, so the context starts random. "
+            "Pass tokenizer_name_or_path, or load the base model from a folder or repo that has one.",
+            stacklevel=3,
+        )
+    if ids is not None and config.n_ctx is not None and len(ids) > config.n_ctx:
+        raise ValueError(
+            f"ctx_init={config.ctx_init!r} is {len(ids)} tokens, more than n_ctx={config.n_ctx}; "
+            f"raise n_ctx to at least {len(ids)} or leave it unset."
+        )
+    if config.n_ctx is None:
+        config.n_ctx = 16 if ids is None else len(ids)
+    if config.class_token_position != ClassTokenPosition.END and config.suffix_token_ids is None:
+        if tokenizer is None:
+            warnings.warn(
+                "No tokenizer was found to tokenise CoOp's period, so a trailing '.' stays with the text instead of "
+                "after the context. Pass tokenizer_name_or_path, or suffix_token_ids explicitly.",
+                stacklevel=3,
+            )
+        config.suffix_token_ids = [] if tokenizer is None else tokenizer(".", add_special_tokens=False)["input_ids"]
+
+
+def _initial_context(
+    config: PromptEmbeddingConfig, embeddings: nn.Module, tokenizer: PreTrainedTokenizerBase | None
+) -> torch.Tensor:
+    """CoOp's initialisation of a completed config: normal (std 0.02, seeded), the last vectors set to the token
+    embeddings of `ctx_init`."""
+    weight = embeddings.token_embedding.weight
+    shape = (config.num_classes,) if config.class_specific else ()
+    generator = torch.Generator().manual_seed(config.init_seed)
+    context = torch.randn(*shape, config.n_ctx, weight.shape[1], generator=generator) * INIT_STD
+    ids = _ctx_init_ids(config, tokenizer)
+    if ids:
+        with torch.no_grad():
+            words = embeddings.token_embedding(torch.tensor(ids, device=weight.device)).float().cpu()
+        context[..., config.n_ctx - len(words) :, :] = words
+    # the context stays float32 whatever the base model's dtype: the updates of a few thousand parameters are
+    # small, and bf16/fp16 would round them away; it is cast to the embeddings' dtype in the forward
+    return context.to(weight.device)
+
+
+def register() -> None:
+    """Make `get_peft_model`, `PeftModel.from_pretrained` and transformers' adapter loading know the prompt adapter
+    (done on import)."""
+    register_tuner(PEFT_TYPE, PromptEmbeddingConfig, PromptEmbeddingModel)

@@ -115,3 +115,20 @@ def save_processor(folder: Path, tokenizer: CLIPTokenizer, image_size: int, **im
     processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
     processor.save_pretrained(folder)
     return processor
+
+
+def save_tiny_siglip(folder: Path, seed: int = 0) -> Path:
+    """Save a random tiny `SiglipModel` with the tiny CLIP BPE tokenizer (its padding token is its end-of-text token,
+    as in SigLIP) and a SigLIP image processor in `folder`: `AutoModel` / `AutoProcessor` load it as a SigLIP."""
+    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel
+
+    torch.manual_seed(seed)
+    eos = len(vocab_and_merges()[0]) - 1
+    tower = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4}
+    text = {**tower, "vocab_size": eos + 1, "max_position_embeddings": 24, "pad_token_id": eos, "eos_token_id": eos}
+    text["bos_token_id"] = None
+    model = SiglipModel(SiglipConfig(text_config=text, vision_config={**tower, "image_size": 30, "patch_size": 6}))
+    model.eval().save_pretrained(folder)
+    save_tokenizer(folder)
+    SiglipImageProcessor(size={"height": 30, "width": 30}).save_pretrained(folder)
+    return folder

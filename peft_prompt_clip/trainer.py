@@ -3,36 +3,28 @@ class prompts encoded in chunks with an exact gradient, atomic checkpoints every
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
 import warnings
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from peft import PeftModel
-from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .classifier import PromptClassifier, _features, tokenize_prompts
+from .checkpoints import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from .data import LabeledImages, image_inputs
+from .encoder import PromptEncoder
 from .errors import TrainingDivergedError
 from .layer import find_prompt_layer
-from .storage import atomic_path, save_adapter
+from .losses import PromptLoss, StepOutputs
+from .storage import save_adapter
 
-CHECKPOINT_NAME = "checkpoint.safetensors"
-
-
-def _at_least_fp32(tensor: torch.Tensor) -> torch.Tensor:
-    """Losses and similarities in float32 under mixed precision (float64 stays float64)."""
-    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+__all__ = ["CHECKPOINT_NAME", "PromptTrainer", "TrainingArguments", "coop_epochs"]
 
 
 def coop_epochs(shots: int) -> int:
@@ -115,13 +107,23 @@ class TrainingArguments:
         return 0.5 * self.lr * (1 + math.cos(math.pi * epoch / epochs))
 
 
+@dataclass
+class _EpochStats:
+    loss: float = 0.0
+    correct: float = 0.0
+    seen: float = 0.0
+    skipped: int = 0
+    step_seconds: list[float] = field(default_factory=list)
+
+
 class PromptTrainer:
     """
     Learns the active prompt adapter of `model` to classify `train_data`.
 
     Each step encodes the class prompts (`"{class name}."`, the adapter adding its context) with the text tower,
-    compares them with the images' features and takes a cross-entropy step on the context alone. The image tower is
-    frozen: without augmentation its features are computed once; with it, it runs without autograd.
+    compares them with the images' features and takes a step on the loss ([`PromptLoss`]) with respect to the
+    adapter alone. The image tower is frozen: without augmentation its features are computed once; with it, it runs
+    without autograd.
 
     Args:
         model (`PeftModel`): a CLIP model with a prompt adapter (`get_peft_model` / `get_prompt_model`).
@@ -131,8 +133,7 @@ class PromptTrainer:
     """
 
     def __init__(self, model: PeftModel, processor: Any, train_data: LabeledImages, args: TrainingArguments) -> None:
-        layer = find_prompt_layer(model)
-        if not isinstance(model, PeftModel) or layer is None:
+        if not isinstance(model, PeftModel) or find_prompt_layer(model) is None:
             raise TypeError("model must be a PeftModel with a prompt adapter (see get_prompt_model).")
         if not len(train_data):
             raise ValueError("train_data is empty.")
@@ -140,12 +141,11 @@ class PromptTrainer:
         self.processor = processor
         self.data = train_data
         self.args = args
-        self.layer = layer
+        self.adapter_name: str = model.active_adapter
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("The adapter has no trainable context: load it with is_trainable=True to go on training.")
-        if self.layer.is_conditional() and (args.kg_weight or args.kl_weight):
-            raise ValueError("kg_weight and kl_weight regularise a context shared by all images, not CoCoOp's.")
+        self._claim_classes(model.peft_config[self.adapter_name])
         shots = max(train_data.counts())
         self.epochs = args.epochs or coop_epochs(shots)
         self.augment = shots <= 16 if args.augment is None else args.augment
@@ -154,45 +154,91 @@ class PromptTrainer:
             log_with=args.report_to,
             project_dir=args.output_dir if args.report_to else None,
         )
+        self.model.to(self.accelerator.device).eval()  # CLIP has no dropout; eval also freezes nothing else
+        self.encoder = PromptEncoder(model, processor)
+        self.conditional = self.encoder.is_conditional(self.adapter_name)
+        if self.conditional and (args.kg_weight or args.kl_weight):
+            raise ValueError("kg_weight and kl_weight regularise a context shared by all images, not CoCoOp's.")
+        self.class_tokens = self.encoder.tokenize([f"{name}." for name in train_data.class_names], self.adapter_name)
+        self.loss = PromptLoss(args.kg_weight, args.kl_weight, self._hand_features())
+        self.labels = torch.tensor(train_data.labels, device=self.accelerator.device)
+        self.optimizer = self.accelerator.prepare(self._optimizer())
 
-    # -- class prompts -------------------------------------------------------------------------------------------
-
-    def _text_chunks(self) -> list[tuple[list[int], dict[str, torch.Tensor]]]:
-        texts = [f"{name}." for name in self.data.class_names]
-        tokens = {
-            k: v.to(self.accelerator.device) for k, v in tokenize_prompts(self.processor, self.model, texts).items()
-        }
-        size = self.args.class_chunk_size or len(texts)
-        # every chunk keeps the same padded length, so each class prompt is computed exactly as without chunks
-        return [
-            (
-                list(range(start, min(start + size, len(texts)))),
-                {k: v[start : start + size] for k, v in tokens.items()},
+    def _claim_classes(self, config: Any) -> None:
+        """The adapter is learned for the data's classes, and says so in its config; a class-specific context that was
+        learned for other classes cannot be silently renamed."""
+        names = list(self.data.class_names)
+        if config.class_specific and config.class_names is not None and config.class_names != names:
+            raise ValueError(
+                f"This adapter has one context per class for {config.class_names}, but the data's classes are "
+                f"{names}. Train it on those classes (in that order), or start a new class-specific adapter."
             )
-            for start in range(0, len(texts), size)
-        ]
+        if config.class_specific and config.num_classes != len(names):
+            raise ValueError(
+                f"This adapter has class-specific context for {config.num_classes} classes; the data has {len(names)}."
+            )
+        config.class_names = names
 
-    def _encode(self, indices: list[int], tokens: dict[str, torch.Tensor]) -> torch.Tensor:
-        with self.layer.selecting_classes(indices), self.accelerator.autocast():
-            features = _at_least_fp32(_features(self.model.get_text_features(**tokens)))
-        return features / features.norm(dim=-1, keepdim=True)
+    def _hand_features(self) -> torch.Tensor | None:
+        """The hand-written prompt's class features (base model), for the regularisers that need them."""
+        if not (self.args.kg_weight or self.args.kl_weight):
+            return None
+        texts = [self.args.hand_template.format(name) for name in self.data.class_names]
+        with torch.no_grad():
+            tokens = self.encoder.tokenize(texts, enabled=False)
+            return self.encoder.class_features(tokens, enabled=False, chunk_size=self.args.class_chunk_size)
 
-    # -- images ---------------------------------------------------------------------------------------------------
+    def _optimizer(self) -> torch.optim.Optimizer:
+        args = self.args
+        if args.optimizer == "sgd":
+            return torch.optim.SGD(self.params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+        return torch.optim.AdamW(self.params, lr=args.lr, weight_decay=args.weight_decay)
 
-    @torch.no_grad()
-    def _image_features(self, indices: list[int], augment_seed: str | None) -> torch.Tensor:
-        base = self.model.get_base_model()
+    # -- one step -------------------------------------------------------------------------------------------------
+
+    def image_features(self, indices: list[int], augment_seed: str | None = None) -> torch.Tensor:
+        """Normalised features of the training images `indices`, augmented with `augment_seed` when given."""
         inputs = image_inputs(self.processor, self.data, indices, augment_seed=augment_seed)
-        inputs = {k: v.to(self.accelerator.device) for k, v in inputs.items()}
-        with self.accelerator.autocast():
-            features = _at_least_fp32(_features(base.get_image_features(**inputs)))
-        return features / features.norm(dim=-1, keepdim=True)
+        with torch.no_grad(), self.accelerator.autocast():
+            return self.encoder.image_features(inputs)
 
-    def _cached_image_features(self) -> torch.Tensor:
+    def cached_image_features(self) -> torch.Tensor:
+        """Features of every training image, unaugmented, computed once in batches of 64."""
         order = list(range(len(self.data)))
-        return torch.cat([self._image_features(order[i : i + 64], None) for i in range(0, len(order), 64)])
+        return torch.cat([self.image_features(order[i : i + 64]) for i in range(0, len(order), 64)])
 
-    # -- training -------------------------------------------------------------------------------------------------
+    def step(self, image_features: torch.Tensor, labels: torch.Tensor, global_count: int) -> tuple[float, int]:
+        """Forward and backward of this process's share of a batch of `global_count` images (over all processes);
+        returns its summed loss and its correct count. The gradient is accumulated, not applied."""
+        with self.accelerator.autocast():
+            text = self.encoder.class_features(
+                self.class_tokens,
+                self.adapter_name,
+                image_features=image_features if self.conditional else None,
+                chunk_size=self.args.class_chunk_size,
+            )
+        logits = self.encoder.logits(image_features, text)
+        scale = self.encoder.base.logit_scale.exp()
+        per_image, per_batch = self.loss(StepOutputs(logits, labels, text, image_features, scale))
+        # every process sums its images' terms over the global batch, and adds its share of the batch terms, so the
+        # gradients summed over processes (see _sync_gradients) are exactly those of the whole batch
+        accumulation = self.args.gradient_accumulation_steps
+        loss = per_image / (global_count * accumulation) + per_batch / (self.accelerator.num_processes * accumulation)
+        self.accelerator.backward(loss)
+        return loss.item() * global_count * accumulation, int((logits.argmax(-1) == labels).sum())
+
+    def _sync_gradients(self) -> None:
+        # Not `accelerator.prepare(model)` (DDP) nor `accumulate()`: DDP averages the processes' gradients, which is
+        # exact only for equal shares of a batch (the last batch of an epoch is not), and all-reduces on every
+        # backward pass; one sum over processes of gradients already scaled by the global batch is exact for any
+        # split and runs once per optimizer step
+        if self.accelerator.num_processes > 1:
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                p.grad = self.accelerator.reduce(p.grad, "sum")
+
+    # -- epochs ---------------------------------------------------------------------------------------------------
 
     def _batches(self, epoch: int) -> list[list[int]]:
         order = list(range(len(self.data)))
@@ -200,57 +246,41 @@ class PromptTrainer:
         size = self.args.batch_size
         return [order[i : i + size] for i in range(0, len(order), size)]
 
-    def _step(
-        self, chunks, image_features: torch.Tensor, labels: torch.Tensor, global_count: int
-    ) -> tuple[float, int]:
-        """Forward and backward of one process's share of a batch; returns its summed loss and correct count."""
-        scale = _at_least_fp32(self.model.get_base_model().logit_scale.exp())
-        if self.layer.is_conditional():
-            return self._conditional_step(chunks, scale, image_features, labels, global_count)
-        chunked = len(chunks) > 1
-        with torch.no_grad() if chunked else nullcontext():
-            text = torch.cat([self._encode(i, t) for i, t in chunks])
-        if chunked:  # the loss's gradient w.r.t. all class features first, then each chunk again with autograd
-            text.requires_grad_(True)
-        logits = scale * image_features @ text.T
-        args, share = self.args, self.accelerator.num_processes * self.args.gradient_accumulation_steps
-        loss = F.cross_entropy(logits, labels, reduction="sum") / (global_count * args.gradient_accumulation_steps)
-        if args.kg_weight:  # the same term on every process: each adds its share
-            loss = loss + args.kg_weight * (1 - (text * self.hand_features).sum(-1)).mean() / share
-        if args.kl_weight:
-            zero_shot = (scale * image_features @ self.hand_features.T).log_softmax(-1)
-            kl = F.kl_div(logits.log_softmax(-1), zero_shot, log_target=True, reduction="sum")
-            loss = loss + args.kl_weight * kl / (global_count * args.gradient_accumulation_steps)
-        self.accelerator.backward(loss)
-        if chunked:
-            for indices, tokens in chunks:
-                self._encode(indices, tokens).backward(text.grad[indices[0] : indices[-1] + 1])
-        correct = int((logits.argmax(-1) == labels).sum())
-        return loss.item() * global_count * self.args.gradient_accumulation_steps, correct
-
-    def _conditional_step(self, chunks, scale, image_features, labels, global_count: int) -> tuple[float, int]:
-        """CoCoOp: every image has its own context, so the text tower runs over all (image, class) prompts at once,
-        in chunks of about `class_chunk_size` prompts, each chunk's loss back-propagated at once (exact: the loss is
-        a sum over images)."""
-        tokens = {k: torch.cat([t[k] for _, t in chunks]) for k in chunks[0][1]}
-        classes = tokens["input_ids"].shape[0]
-        per_call = max(1, (self.args.class_chunk_size or classes * len(labels)) // classes)
-        total, correct = 0.0, 0
-        for start in range(0, len(labels), per_call):
-            images = image_features[start : start + per_call]
-            rows = {k: v.repeat(len(images), 1) for k, v in tokens.items()}
-            with self.layer.conditioned_on(images), self.accelerator.autocast():
-                text = _at_least_fp32(_features(self.model.get_text_features(**rows)))
-            text = (text / text.norm(dim=-1, keepdim=True)).view(len(images), classes, -1)
-            logits = scale * torch.einsum("bd,bcd->bc", images, text)
-            part = labels[start : start + per_call]
-            loss = F.cross_entropy(logits, part, reduction="sum") / (
-                global_count * self.args.gradient_accumulation_steps
-            )
-            self.accelerator.backward(loss)
-            total += loss.item() * global_count * self.args.gradient_accumulation_steps
-            correct += int((logits.argmax(-1) == part).sum())
-        return total, correct
+    def _train_epoch(self, epoch: int, cached: torch.Tensor | None, progress: tqdm) -> _EpochStats:
+        acc, args, stats = self.accelerator, self.args, _EpochStats()
+        for group in self.optimizer.param_groups:
+            group["lr"] = args.learning_rate(epoch, self.epochs)
+        batches = self._batches(epoch)
+        for n, batch in enumerate(batches):
+            start = time.perf_counter()
+            mine = batch[acc.process_index :: acc.num_processes]  # this process's share of the global batch
+            if not mine:
+                loss, correct = 0.0, 0
+            else:
+                features = cached[mine] if cached is not None else self.image_features(mine, f"{args.seed}-{epoch}")
+                loss, correct = self.step(features, self.labels[mine], len(batch))
+            totals = acc.reduce(torch.tensor([loss, correct, len(mine)], device=acc.device), "sum")
+            if not math.isfinite(totals[0].item()):  # e.g. fp16 overflow: drop this step's gradient, keep going
+                self.optimizer.zero_grad(set_to_none=True)
+                stats.skipped += 1
+            else:
+                if (n + 1) % args.gradient_accumulation_steps == 0 or n + 1 == len(batches):
+                    self._sync_gradients()
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                stats.loss += totals[0].item()
+                stats.correct += totals[1].item()
+                stats.seen += totals[2].item()
+            stats.step_seconds.append(time.perf_counter() - start)
+            progress.update(1)
+            if stats.seen:
+                progress.set_postfix(
+                    epoch=epoch + 1,
+                    loss=f"{stats.loss / stats.seen:.4f}",
+                    acc=f"{stats.correct / stats.seen:.3f}",
+                    refresh=False,
+                )
+        return stats
 
     def train(self) -> dict[str, Any]:
         """Run the training; returns a summary (epochs, final loss and accuracy, seconds per step)."""
@@ -258,25 +288,10 @@ class PromptTrainer:
         output = Path(args.output_dir)
         if acc.is_main_process:
             output.mkdir(parents=True, exist_ok=True)
-        self.model.to(acc.device).eval()  # CLIP has no dropout; eval also freezes nothing else
-        optimizer = (
-            torch.optim.SGD(self.params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-            if args.optimizer == "sgd"
-            else torch.optim.AdamW(self.params, lr=args.lr, weight_decay=args.weight_decay)
-        )
-        optimizer = acc.prepare(optimizer)
-        start_epoch = 0
-        if args.resume:
-            start_epoch = load_checkpoint(output / CHECKPOINT_NAME, self.params, optimizer)
+        start_epoch = load_checkpoint(output / CHECKPOINT_NAME, self.params, self.optimizer) if args.resume else 0
         if args.report_to:
             acc.init_trackers("peft-prompt-clip", config=asdict(args))
-        chunks = self._text_chunks()
-        if args.kg_weight or args.kl_weight:  # the hand-written prompt's class features, computed once
-            names, template = self.data.class_names, [args.hand_template]
-            hand = PromptClassifier(self.model, self.processor, names, template, use_adapter=False).class_features()
-            self.hand_features = _at_least_fp32(hand)
-        cached = None if self.augment else self._cached_image_features()
-        labels_all = torch.tensor(self.data.labels, device=acc.device)
+        cached = None if self.augment else self.cached_image_features()
         batches_per_epoch = math.ceil(len(self.data) / args.batch_size)
         progress = tqdm(
             total=self.epochs * batches_per_epoch,
@@ -286,59 +301,26 @@ class PromptTrainer:
         )
         # a resumed run whose checkpoint already holds every epoch trains nothing and only saves the adapter
         summary: dict[str, Any] = {"epochs": self.epochs, "augment": self.augment, "loss": None, "accuracy": None}
-        step_times = []
+        step_seconds: list[float] = []
         for epoch in range(start_epoch, self.epochs):
-            for group in optimizer.param_groups:
-                group["lr"] = args.learning_rate(epoch, self.epochs)
-            total_loss, total_correct, seen, skipped = 0.0, 0, 0, 0
-            for n, batch in enumerate(self._batches(epoch)):
-                start = time.perf_counter()
-                mine = batch[acc.process_index :: acc.num_processes]  # this process's share of the global batch
-                if cached is not None:
-                    features = cached[mine]
-                else:
-                    features = self._image_features(mine, augment_seed=f"{args.seed}-{epoch}")
-                loss, correct = self._step(chunks, features, labels_all[mine], len(batch)) if mine else (0.0, 0)
-                stats = acc.reduce(torch.tensor([loss, correct, len(mine)], device=acc.device), "sum")
-                if not math.isfinite(stats[0].item()):  # e.g. fp16 overflow: drop this step's gradient, keep going
-                    optimizer.zero_grad(set_to_none=True)
-                    skipped += 1
-                else:
-                    if (n + 1) % args.gradient_accumulation_steps == 0 or n + 1 == batches_per_epoch:
-                        self._sync_gradients()
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
-                    total_loss += stats[0].item()
-                    total_correct += stats[1].item()
-                    seen += stats[2].item()
-                step_times.append(time.perf_counter() - start)
-                progress.update(1)
-                if seen:
-                    progress.set_postfix(
-                        epoch=epoch + 1,
-                        loss=f"{total_loss / seen:.4f}",
-                        acc=f"{total_correct / seen:.3f}",
-                        refresh=False,
-                    )
-            self._check_finite(epoch, skipped, batches_per_epoch, output / CHECKPOINT_NAME)
-            summary.update(loss=total_loss / seen, accuracy=total_correct / seen, skipped_steps=skipped)
+            stats = self._train_epoch(epoch, cached, progress)
+            step_seconds += stats.step_seconds
+            self._check_finite(epoch, stats.skipped, batches_per_epoch, output / CHECKPOINT_NAME)
+            summary.update(
+                loss=stats.loss / stats.seen, accuracy=stats.correct / stats.seen, skipped_steps=stats.skipped
+            )
             if args.report_to:
-                acc.log(
-                    {"loss": summary["loss"], "accuracy": summary["accuracy"], "lr": optimizer.param_groups[0]["lr"]},
-                    step=epoch + 1,
-                )
+                lr = self.optimizer.param_groups[0]["lr"]
+                acc.log({"loss": summary["loss"], "accuracy": summary["accuracy"], "lr": lr}, step=epoch + 1)
             if acc.is_main_process:
-                save_checkpoint(output / CHECKPOINT_NAME, self.params, optimizer, epoch + 1)
+                save_checkpoint(output / CHECKPOINT_NAME, self.params, self.optimizer, epoch + 1)
             acc.wait_for_everyone()
         progress.close()
         if args.report_to:
             acc.end_training()
         if acc.is_main_process:
-            config = self.model.peft_config[self.model.active_adapter]
-            config.class_names = list(self.data.class_names)
-            config.num_classes = len(self.data.class_names) if config.class_specific else config.num_classes
             save_adapter(self.model, output)
-        summary["seconds_per_step"] = sorted(step_times)[len(step_times) // 2] if step_times else None
+        summary["seconds_per_step"] = sorted(step_seconds)[len(step_seconds) // 2] if step_seconds else None
         return summary
 
     def _check_finite(self, epoch: int, skipped: int, steps: int, checkpoint: Path) -> None:
@@ -354,56 +336,3 @@ class PromptTrainer:
                 f"Skipped {skipped} of {steps} steps of epoch {epoch + 1} whose loss was NaN or infinite.",
                 stacklevel=3,
             )
-
-    def _sync_gradients(self) -> None:
-        if self.accelerator.num_processes > 1:  # exact: every process summed its share of the global mean
-            for p in self.params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                p.grad = self.accelerator.reduce(p.grad, "sum")
-
-
-# -- checkpoints ----------------------------------------------------------------------------------------------------
-
-
-def save_checkpoint(path: Path, params: list[torch.Tensor], optimizer: Any, epoch: int) -> None:
-    """Write the context and the optimizer state to `path` atomically: a crash leaves the previous checkpoint whole."""
-    tensors = {f"param.{i}": p.detach().cpu().contiguous() for i, p in enumerate(params)}
-    state = optimizer.state_dict()
-    scalars: dict[str, Any] = {}
-    for index, values in state["state"].items():
-        for key, value in values.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"optim.{index}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{index}.{key}"] = value
-    metadata = {"epoch": str(epoch), "param_groups": json.dumps(state["param_groups"]), "scalars": json.dumps(scalars)}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
-
-
-def load_checkpoint(path: Path, params: list[torch.Tensor], optimizer: Any) -> int:
-    """Restore the context and optimizer state saved by [`save_checkpoint`]; returns the epochs already done."""
-    if not path.is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint at {path}; train without --resume to start anew.")
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    with torch.no_grad():
-        for i, p in enumerate(params):
-            saved = tensors[f"param.{i}"]
-            if saved.shape != p.shape:
-                raise ValueError(
-                    f"The checkpoint's context has shape {tuple(saved.shape)}, the model's {tuple(p.shape)}."
-                )
-            p.copy_(saved)
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, index, name = key.split(".", 2)
-            state.setdefault(int(index), {})[name] = value
-    for key, value in json.loads(metadata["scalars"]).items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": json.loads(metadata["param_groups"])})
-    return int(metadata["epoch"])

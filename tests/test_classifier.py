@@ -132,11 +132,13 @@ def test_classifiers_of_two_adapters_under_threads(clip, processor):
 def test_duplicate_and_too_long_class_names(clip, processor):
     with pytest.raises(ValueError, match=r"empty names at positions \[1\]"):
         PromptClassifier(clip, processor, ["cat", "  "])
-    with pytest.raises(ValueError, match=r"class_names repeats \['cat'\]"):
+    with pytest.raises(ValueError, match=r"class_names repeats 'cat' \(positions 0 and 2\)"):
         PromptClassifier(clip, processor, ["cat", "dog", "cat"])
     model = get_peft_model(clip, PromptEmbeddingConfig(n_ctx=8))
     classifier = PromptClassifier(model, processor, ["cat", "a small red car " * 4])
     with pytest.raises(
-        ValueError, match=r"too long for the model \(24 positions, 8 of them .*'a small red car a small"
+        ValueError,
+        match=r"prompts: \['a small red car a small.*plus 8 context tokens need \d+ positions, but the model "
+        r"has max_position_embeddings=24",
     ):
         classifier.class_features()

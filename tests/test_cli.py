@@ -126,3 +126,52 @@ def test_mismatched_adapter_is_one_line(clip_dir, image_folder, tmp_path):
     result = run("eval", "--adapter", tmp_path / "csc", "--data", image_folder, "--classes", "cat,dog", check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "one context per class for ['cat', 'dog', 'red car']" in result.stderr
+
+
+@pytest.mark.parametrize("kind", ["siglip", "cocoop"])
+def test_train_eval_predict_another_family_and_cocoop(kind, clip_dir, image_folder, tmp_path):
+    from peft_prompt_clip.tiny import save_tiny_siglip
+
+    model = save_tiny_siglip(tmp_path / "siglip") if kind == "siglip" else clip_dir
+    flags = ("--conditional", "--meta-net-reduction", "4") if kind == "cocoop" else ()
+    out = tmp_path / "adapter"
+    result = run(
+        "train", "--model", model, "--data", image_folder, "--output", out, "--shots", "4", "--epochs", "2",
+        "--n-ctx", "4", "--batch-size", "4", "--lr", "0.01", *flags,
+    )  # fmt: skip
+    assert "trained 2 epochs on 12 images of 3 classes" in result.stdout
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["conditional"] is (kind == "cocoop") and config["meta_net_reduction"] == (4 if flags else 16)
+    assert config["auto_mapping"]["base_model_class"] == ("SiglipModel" if kind == "siglip" else "CLIPModel")
+    result = run("eval", "--adapter", out, "--data", image_folder, "--split", "test")
+    assert "learned prompt" in result.stdout
+    assert json.loads((out / "eval_results.json").read_text())["learned prompt"]["n"] == 6
+    result = run("predict", "--adapter", out, "--top-k", "3", image_folder / "cat" / "0.png")
+    assert sorted(part.rsplit(" ", 1)[0] for part in result.stdout.split(": ")[1].split(", ")) == [
+        "cat",
+        "dog",
+        "red car",
+    ]
+
+
+def test_a_bug_is_not_reported_as_a_user_mistake(monkeypatch):
+    from peft_prompt_clip import cli
+
+    def broken(args):
+        raise KeyError("an internal bug")
+
+    monkeypatch.setattr(cli, "demo", broken)  # the parser is built in main(), so `demo` runs the broken one
+    with pytest.raises(KeyError, match="an internal bug"):
+        cli.main(["demo"])
+
+
+def test_training_defaults_come_from_training_arguments():
+    from peft_prompt_clip.cli import TRAINING_OPTIONS, build_parser
+    from peft_prompt_clip.trainer import TrainingArguments
+
+    args = build_parser().parse_args(["train", "--model", "m", "--data", "d", "--output", "o", "--optimizer", "adamw"])
+    given = {field for field, _, _ in TRAINING_OPTIONS.values() if getattr(args, field) is not None}
+    assert given == {"optimizer"}  # everything else is left to TrainingArguments, whose lr is 0.002 for both
+    assert TrainingArguments(output_dir="o", optimizer="adamw").lr == 0.002
+    fields = set(TrainingArguments.__dataclass_fields__) - {"output_dir", "augment", "seed", "resume"}
+    assert fields == {field for field, _, _ in TRAINING_OPTIONS.values()}  # every option is exposed

@@ -11,7 +11,14 @@ from peft import PeftModel, get_peft_model
 from test_trainer import FLOAT64, args, teacher_data
 from transformers import AutoProcessor, CLIPModel, CLIPTextModel
 
-from peft_prompt_clip import PromptClassifier, PromptEmbeddingConfig, PromptEmbeddingLayer, load_prompt_model
+from peft_prompt_clip import (
+    PromptClassifier,
+    PromptEmbeddingConfig,
+    PromptEmbeddingLayer,
+    PromptEncoder,
+    load_prompt_model,
+    prompt_options,
+)
 from peft_prompt_clip.trainer import PromptTrainer
 
 CLASSES = ["cat", "dog", "bird", "car", "ship", "frog"]
@@ -33,10 +40,14 @@ def test_batched_equals_coocops_per_image_prompt(clip_dir, tokenizer):
             p.normal_(0, 2.0)
     images = F.normalize(torch.randn(3, 16), dim=-1)
     tokens = tokenizer([f"{c}." for c in CLASSES], padding=True, return_tensors="pt")
-    with torch.no_grad(), layer.conditioned_on(images):
+    with torch.no_grad(), prompt_options(condition=images):
         rows = {k: v.repeat(3, 1) for k, v in tokens.items()}
         batched = model.get_text_features(**rows)
         batched = (batched if isinstance(batched, torch.Tensor) else batched.pooler_output).view(3, len(CLASSES), -1)
+    with torch.no_grad():  # the encoder's one way to the same features, normalised
+        encoder = PromptEncoder(model, tokenizer)
+        encoded = encoder.class_features(dict(tokens), image_features=images, chunk_size=len(CLASSES))
+    torch.testing.assert_close(encoded, F.normalize(batched, dim=-1), atol=1e-6, rtol=0)
     # CoCoOp's forward, one image at a time: ctx_shifted = ctx + meta_net(image); [SOS] ctx_shifted class . [EOS]
     base = model.get_base_model()
     ids = tokens["input_ids"]
@@ -49,9 +60,14 @@ def test_batched_equals_coocops_per_image_prompt(clip_dir, tokenizer):
             expected = encode_embeddings(base, prompts, eot)
             torch.testing.assert_close(batched[i], expected, atol=1e-5, rtol=0)
     # each image has its own prompt: the context slots of image 0's and image 1's prompts differ
-    expanded, _ = layer.prompt_layouts["default"].expand(ids.repeat(3, 1), None, 24)
-    with torch.no_grad(), layer.conditioned_on(images):
-        embedded = layer(input_ids=expanded).view(3, len(CLASSES), expanded.shape[1], -1)
+    embedded = []
+    text_model = text_tower(base)
+    text_model.embeddings.register_forward_hook(
+        lambda module, args, kwargs, out: embedded.append(out), with_kwargs=True
+    )
+    with torch.no_grad(), prompt_options(condition=images):
+        model.get_text_features(**{k: v.repeat(3, 1) for k, v in tokens.items()})
+    embedded = embedded[0].view(3, len(CLASSES), -1, embedded[0].shape[-1])
     assert (embedded[0, :, 1:5] - embedded[1, :, 1:5]).abs().min() > 0 and torch.equal(
         embedded[0, :, 5:], embedded[1, :, 5:]
     )
@@ -79,7 +95,7 @@ def test_chunked_cocoop_step_has_the_exact_gradient(clip_dir, tmp_path):
         if FLOAT64:
             model.double()
         trainer = PromptTrainer(model, processor, data, args(tmp_path, class_chunk_size=chunk))
-        trainer._step(trainer._text_chunks(), trainer._cached_image_features(), torch.tensor(data.labels), len(data))
+        trainer.step(trainer.cached_image_features(), trainer.labels, len(data))
         grads.append(torch.cat([p.grad.flatten() for p in trainer.params]))
     atol = 1e-6 if FLOAT64 else 1e-6 * grads[0].abs().max().item()
     assert grads[0].abs().sum() > 0
@@ -92,3 +108,14 @@ def test_cocoop_needs_an_image_tower_and_a_shared_context(clip_dir):
         get_peft_model(CLIPTextModel.from_pretrained(clip_dir), PromptEmbeddingConfig(n_ctx=4, conditional=True))
     with pytest.raises(ValueError, match="drop class_specific or conditional"):
         PromptEmbeddingConfig(conditional=True, class_specific=True, num_classes=3)
+
+
+def test_a_conditional_adapter_without_images_is_a_clear_error(clip_dir, tokenizer):
+    model, _, processor = cocoop(clip_dir)
+    tokens = tokenizer(["cat.", "dog."], padding=True, return_tensors="pt")
+    with pytest.raises(ValueError, match="is conditional \\(CoCoOp\\): its context depends on the image"):
+        model.get_text_features(**tokens)
+    with pytest.raises(ValueError, match="depend on the image; use logits\\(\\) or predict\\(\\)"):
+        PromptClassifier(model, processor, ["cat", "dog"]).class_features()
+    with model.disable_adapter():  # the base model needs no image
+        model.get_text_features(**tokens)

@@ -71,7 +71,7 @@ def test_sigkill_at_random_moments_loses_nothing(clip_dir, images, tmp_path):
 DIE_WHILE_WRITING = """
 import os, signal, sys
 import safetensors.torch
-import peft_prompt_clip.trainer as trainer
+import peft_prompt_clip.checkpoints as checkpoints
 real = safetensors.torch.save_file
 calls = 0
 def die_halfway(tensors, path, metadata=None):
@@ -83,7 +83,7 @@ def die_halfway(tensors, path, metadata=None):
         open(path, "wb").write(data[: len(data) // 2])
         os.kill(os.getpid(), signal.SIGKILL)
     real(tensors, path, metadata=metadata)
-trainer.save_file = die_halfway
+checkpoints.save_file = die_halfway
 from peft_prompt_clip.cli import main
 sys.exit(main(sys.argv[1:]))
 """

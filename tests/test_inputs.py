@@ -9,19 +9,20 @@ from peft import get_peft_model
 from transformers import CLIPModel
 
 from peft_prompt_clip import ClassTokenPosition, PromptEmbeddingConfig
-from peft_prompt_clip.layout import PromptLayout
+from peft_prompt_clip.layout import Pooling, PromptLayout
 
 SOS, EOS, PAD, DOT, P = 90, 99, 0, 7, 50
 
 
-def layout(position: str, n_ctx: int = 4, argmax: bool = False) -> PromptLayout:
+def layout(position: str, n_ctx: int = 4, argmax: bool = False, max_positions: int = 77) -> PromptLayout:
     return PromptLayout(
         n_ctx=n_ctx,
         position=ClassTokenPosition(position),
         suffix_token_ids=(DOT,),
         eos_token_id=2 if argmax else EOS,
         placeholder_id=P,
-        pooling="argmax" if argmax else "eos",
+        max_positions=max_positions,
+        pooling=Pooling.ARGMAX if argmax else Pooling.EOS,
     )
 
 
@@ -66,7 +67,7 @@ IDS = torch.tensor(
 @pytest.mark.parametrize("argmax", [False, True])
 def test_expand_and_locate(position, expected, argmax):
     lay = layout(position, argmax=argmax)
-    ids, mask = lay.expand(IDS, (IDS != PAD).long(), max_positions=77)
+    ids, mask = lay.expand(IDS, (IDS != PAD).long())
     assert ids.tolist() == expected  # padding past the longest prompt is dropped
     assert mask.tolist() == (ids != PAD).long().tolist()
     slots = lay.locate(ids)
@@ -77,19 +78,19 @@ def test_expand_and_locate(position, expected, argmax):
 def test_placeholder_id_in_the_text_is_not_taken_for_context():
     lay = layout("front")
     ids = torch.tensor([[SOS, P, 13, P, DOT, EOS]])  # the text itself contains the placeholder's id
-    expanded, _ = lay.expand(ids, None, max_positions=77)
+    expanded, _ = lay.expand(ids, None)
     assert expanded.tolist() == [[SOS, P, 13, P, P, P, P, P, DOT, EOS]]
     assert lay.locate(expanded).tolist() == [[4, 5, 6, 7]]
 
 
 def test_too_long_for_the_positions_is_a_clear_error():
     with pytest.raises(ValueError, match=r"needs 9 positions, but the model has max_position_embeddings=8"):
-        layout("end").expand(IDS, None, max_positions=8)
+        layout("end", max_positions=8).expand(IDS, None)
 
 
 def test_missing_end_of_text_is_a_clear_error():
     with pytest.raises(ValueError, match="must end with the end-of-text token"):
-        layout("end").expand(torch.tensor([[SOS, 11, 12]]), None, max_positions=77)
+        layout("end").expand(torch.tensor([[SOS, 11, 12]]), None)
 
 
 def test_padding_to_max_length_gives_the_same_features(clip, tokenizer):

@@ -31,8 +31,8 @@ def batches(draw):
 )
 def test_locate_finds_what_expand_inserted(batch, n_ctx, position, suffix):
     ids, texts = batch
-    layout = PromptLayout(n_ctx, position, suffix, EOS, placeholder_id=P)
-    expanded, mask = layout.expand(ids, torch.ones_like(ids), max_positions=64)
+    layout = PromptLayout(n_ctx, position, suffix, EOS, placeholder_id=P, max_positions=64)
+    expanded, mask = layout.expand(ids, torch.ones_like(ids))
     slots = layout.locate(expanded)
     is_ctx = torch.zeros_like(expanded, dtype=torch.bool).scatter_(1, slots, True)
     assert int(is_ctx.sum()) == n_ctx * len(texts)  # n_ctx distinct slots per row

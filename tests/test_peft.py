@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from conftest import text_features
 from peft import PeftModel, get_peft_model
+from PIL import Image
 from transformers import CLIPModel, CLIPTextModel, CLIPTextModelWithProjection
 from transformers.models.clip.modeling_clip import CLIPTextEmbeddings
 
 import peft_prompt_clip
 from peft_prompt_clip import (
     PEFT_TYPE,
+    PromptClassifier,
     PromptEmbeddingConfig,
     PromptEmbeddingLayer,
     find_text_embeddings,
@@ -227,3 +231,67 @@ def test_reloaded_adapter_is_frozen_unless_trainable(clip_dir, tmp_path):
     assert [n for n, p in trainable.named_parameters() if p.requires_grad] == [
         "base_model.model.text_model.embeddings.prompt_embedding_ctx.default"
     ]
+
+
+@pytest.fixture
+def saved_adapter(clip_dir, tmp_path):
+    model = get_peft_model(CLIPModel.from_pretrained(clip_dir).eval(), PromptEmbeddingConfig(n_ctx=4, init_seed=3))
+    with torch.no_grad():
+        layer_of(model).prompt_embedding_ctx["default"].normal_(0, 1)
+    model.save_pretrained(tmp_path / "adapter")
+    return model, tmp_path / "adapter"
+
+
+def test_the_peft_type_is_an_enum_member_saved_as_its_name(saved_adapter):
+    model, folder = saved_adapter
+    assert model.peft_config["default"].peft_type.value == "PEFT_PROMPT_CLIP"
+    assert json.loads((folder / "adapter_config.json").read_text())["peft_type"] == "PEFT_PROMPT_CLIP"
+
+
+def test_transformers_pipeline_loads_the_adapter_folder(saved_adapter, clip_dir):
+    from transformers import AutoProcessor, pipeline
+
+    model, folder = saved_adapter
+    names = ["cat", "dog", "red car"]
+    images = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (30, 30, 3), dtype=np.uint8)) for i in (0, 1)]
+    processor = AutoProcessor.from_pretrained(clip_dir)
+    with torch.no_grad():
+        ours = PromptClassifier(model, processor, names).logits(**processor(images=images, return_tensors="pt"))
+    pipe = pipeline("zero-shot-image-classification", model=str(folder))
+    for probs, result in zip(
+        ours.softmax(-1), pipe(images, candidate_labels=names, hypothesis_template="{}."), strict=True
+    ):
+        scores = {row["label"]: row["score"] for row in result}
+        torch.testing.assert_close(torch.tensor([scores[n] for n in names]), probs, atol=1e-5, rtol=0)
+    base = PromptClassifier(model, processor, names, use_adapter=False).logits(
+        **processor(images=images, return_tensors="pt")
+    )
+    assert not torch.allclose(ours.softmax(-1), base.softmax(-1), atol=1e-3)  # the pipeline did use the adapter
+
+
+def test_transformers_from_pretrained_and_load_adapter(saved_adapter, clip_dir, tokenizer):
+    model, folder = saved_adapter
+    inputs = encode(tokenizer)
+    with torch.no_grad():
+        expected = text_features(model, **inputs)
+        loaded = CLIPModel.from_pretrained(str(folder)).eval()  # transformers finds adapter_config.json
+        assert torch.equal(text_features(loaded, **inputs), expected)
+        clip = CLIPModel.from_pretrained(clip_dir).eval()
+        clip.load_adapter(str(folder))
+        assert torch.equal(text_features(clip, **inputs), expected)
+
+
+def test_mixed_models_refuse_the_type_by_name(clip):
+    with pytest.raises(ValueError, match="'PEFT_PROMPT_CLIP' is not compatible with the `PeftMixedModel`"):
+        get_peft_model(clip, PromptEmbeddingConfig(n_ctx=4), mixed=True)
+
+
+def test_the_target_is_decided_by_the_module_alone(clip):
+    model = get_peft_model(clip, PromptEmbeddingConfig(n_ctx=4))
+    tuner = model.base_model  # asked again after injection, in no particular order, with fresh configs
+    assert tuner._check_target_module_exists(PromptEmbeddingConfig(), "text_model.embeddings")
+    assert not tuner._check_target_module_exists(PromptEmbeddingConfig(), "text_model.encoder")
+    assert not tuner._check_target_module_exists(PromptEmbeddingConfig(), "vision_model.embeddings")
+    assert not tuner._check_target_module_exists(
+        PromptEmbeddingConfig(target_modules="other"), "text_model.embeddings"
+    )

@@ -14,8 +14,9 @@ from peft import get_peft_model
 from transformers import AutoProcessor, CLIPModel
 
 from peft_prompt_clip import PromptClassifier, PromptEmbeddingConfig, TrainingDivergedError
+from peft_prompt_clip.checkpoints import CHECKPOINT_NAME, load_checkpoint
 from peft_prompt_clip.data import LabeledImages
-from peft_prompt_clip.trainer import CHECKPOINT_NAME, PromptTrainer, TrainingArguments, coop_epochs, load_checkpoint
+from peft_prompt_clip.trainer import PromptTrainer, TrainingArguments, coop_epochs
 
 CLASSES = ["cat", "dog", "bird", "car", "ship", "frog"]
 
@@ -115,13 +116,9 @@ def test_chunked_class_encoding_has_the_exact_gradient(clip_dir, tmp_path, regul
         if FLOAT64:
             model.double()
         trainer = PromptTrainer(model, processor, data, args(tmp_path, class_chunk_size=chunk, **regularisers))
-        if regularisers:
-            names = data.class_names
-            hand = PromptClassifier(model, processor, names, ["a photo of a {}."], use_adapter=False).class_features()
-            trainer.hand_features = hand
-        features = trainer._cached_image_features()
+        features = trainer.cached_image_features()
         assert features.dtype == (torch.float64 if FLOAT64 else torch.float32)
-        trainer._step(trainer._text_chunks(), features, torch.tensor(data.labels), len(data))
+        trainer.step(features, trainer.labels, len(data))
         grads.append(next(p for p in model.parameters() if p.requires_grad).grad.clone())
     assert grads[0].abs().sum() > 0
     atol = 1e-6 if FLOAT64 else 1e-6 * grads[0].abs().max().item()
@@ -135,12 +132,12 @@ def test_checkpoint_write_is_atomic(clip_dir, tmp_path, monkeypatch):
     PromptTrainer(model, processor, data, args(tmp_path, epochs=1)).train()
     before = (tmp_path / CHECKPOINT_NAME).read_bytes()
 
-    import peft_prompt_clip.trainer as trainer_module
+    import peft_prompt_clip.checkpoints as checkpoints_module
 
     def crash(*a, **k):
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(trainer_module, "save_file", crash)
+    monkeypatch.setattr(checkpoints_module, "save_file", crash)
     model, processor = student(clip_dir)
     with pytest.raises(OSError, match="No space left"):
         PromptTrainer(model, processor, data, args(tmp_path, epochs=2, resume=True)).train()
@@ -208,8 +205,8 @@ class PoisonedTrainer(PromptTrainer):
 
     poisoned: set[int] = set()
 
-    def _cached_image_features(self):
-        features = super()._cached_image_features()
+    def cached_image_features(self):
+        features = super().cached_image_features()
         features[sorted(self.poisoned)] = float("nan")
         return features
 
@@ -280,3 +277,15 @@ def test_resuming_a_finished_run_saves_the_adapter(clip_dir, tmp_path):
     summary = PromptTrainer(model, processor, data, args(tmp_path, epochs=2, resume=True)).train()
     assert summary["loss"] is None and torch.equal(context(model), learned)
     assert (tmp_path / "adapter_model.safetensors").is_file()
+
+
+def test_a_class_specific_adapter_is_not_renamed_by_other_data(clip_dir, tmp_path):
+    data = teacher_data(clip_dir, n=12)
+    renamed = LabeledImages([f"{c}s" for c in CLASSES], data.images, data.labels)
+    model, processor = student(clip_dir)
+    with pytest.raises(ValueError, match=r"one context per class for \['cat', 'dog'.*but the data's classes are"):
+        PromptTrainer(model, processor, renamed, args(tmp_path))
+    assert model.peft_config["default"].class_names == CLASSES
+    shared = get_peft_model(CLIPModel.from_pretrained(clip_dir).eval(), PromptEmbeddingConfig(n_ctx=4))
+    PromptTrainer(shared, processor, renamed, args(tmp_path))  # a shared context is learned for the data's classes
+    assert shared.peft_config["default"].class_names == renamed.class_names

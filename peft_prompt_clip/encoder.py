@@ -1,0 +1,191 @@
+"""One way in and out of the towers of a CLIP-family model, with or without a prompt adapter: tokenising class prompts
+as the family expects, normalised text features (all classes, chunks of classes, or per image for CoCoOp) and image
+features, and the scaled similarities between them. The trainer, the classifier, evaluation and the benchmarks all
+encode through [`PromptEncoder`]."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .layer import PromptOptions, find_prompt_layer, prompt_options
+from .layout import Pooling
+from .model import find_text_embeddings, text_family
+
+
+def at_least_fp32(tensor: torch.Tensor) -> torch.Tensor:
+    """Features, losses and similarities in float32 under mixed precision (float64 stays float64)."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
+def features_of(output: Any) -> torch.Tensor:
+    """The projected features of `get_text_features` / `get_image_features`: transformers 4 returns them, 5 an output
+    object holding them as `pooler_output`."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+class PromptEncoder:
+    """
+    Text and image features of a CLIP-family model, created once per model.
+
+    Knows the model's family (how prompts are padded and pooled, how many positions they may take) and its prompt
+    layer, if any. Every method takes the per-call choices (which adapter, or none) as arguments; nothing is stored
+    on the model, so one model serves several encoders and threads at once.
+
+    Args:
+        model (`nn.Module`): a CLIP-family model (`CLIPModel`, `SiglipModel`, ...), or a `PeftModel` wrapping one with
+            a prompt adapter.
+        processor: the model's processor or tokenizer.
+
+    Example:
+
+    ```py
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from transformers import AutoProcessor, CLIPModel
+    >>> from peft_prompt_clip import PromptEncoder
+    >>> from peft_prompt_clip.tiny import save_tiny_clip
+    >>> folder = save_tiny_clip(Path(tempfile.mkdtemp()))
+    >>> encoder = PromptEncoder(CLIPModel.from_pretrained(folder), AutoProcessor.from_pretrained(folder))
+    >>> encoder.class_features(encoder.tokenize(["cat.", "dog."])).shape
+    torch.Size([2, 16])
+
+    ```
+    """
+
+    def __init__(self, model: nn.Module, processor: Any) -> None:
+        self.model = model
+        self.base = model.get_base_model() if isinstance(model, PeftModel) else model
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.layer = find_prompt_layer(model)
+        embeddings = self.base.get_submodule(find_text_embeddings(self.base))
+        self.family = text_family(embeddings)
+        self.max_positions = embeddings.position_embedding.num_embeddings
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.base.parameters()).device
+
+    def adapter(self, adapter_name: str | None = None, enabled: bool = True) -> str | None:
+        """The adapter that calls with these choices use: `adapter_name`, else the model's active one; None for the
+        base model (`enabled=False`, adapters disabled, or no prompt adapter)."""
+        if self.layer is None:
+            if adapter_name is not None and enabled:
+                raise ValueError(f"The model has no prompt adapter, so none named {adapter_name!r}.")
+            return None
+        return self.layer.resolve(PromptOptions(adapter_name, enabled))
+
+    def is_conditional(self, adapter_name: str | None) -> bool:
+        """Whether the (resolved) adapter's context depends on the image (CoCoOp)."""
+        return adapter_name is not None and self.layer.is_conditional(adapter_name)
+
+    def tokenize(
+        self, texts: Sequence[str], adapter_name: str | None = None, enabled: bool = True
+    ) -> dict[str, torch.Tensor]:
+        """`texts` tokenised as the family expects (padded to the longest, or to the model's length for families that
+        pool at the last position), on the model's device, checked to fit with the adapter's context.
+
+        Raises:
+            `ValueError`: naming the texts too long for the model once the context is added.
+        """
+        if self.family.pooling == Pooling.LAST:
+            tokens = self.tokenizer(
+                list(texts), padding="max_length", max_length=self.max_positions, return_tensors="pt"
+            )
+        else:
+            tokens = self.tokenizer(list(texts), padding=True, return_tensors="pt")
+        tokens = {k: v.to(self.device) for k, v in tokens.items()}
+        name = self.adapter(adapter_name, enabled)
+        if name is not None:
+            layout = self.layer.prompt_layouts[name]
+            ids = tokens["input_ids"]
+            lengths = (layout.end_of_text_index(ids) + 1).tolist()
+            layout.check_lengths(lengths, list(texts), padded=ids.shape[-1])
+        return tokens
+
+    def text_features(
+        self,
+        tokens: Mapping[str, torch.Tensor],
+        adapter_name: str | None = None,
+        enabled: bool = True,
+        classes: Sequence[int] | None = None,
+        condition: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Normalised features `(texts, dim)` of one pass of the text tower (at least float32); the arguments after
+        `tokens` are those of [`prompt_options`]."""
+        with prompt_options(adapter_name, enabled, classes, condition):
+            features = at_least_fp32(features_of(self.base.get_text_features(**tokens)))
+        return F.normalize(features, dim=-1)
+
+    def class_features(
+        self,
+        tokens: Mapping[str, torch.Tensor],
+        adapter_name: str | None = None,
+        enabled: bool = True,
+        image_features: torch.Tensor | None = None,
+        chunk_size: int | None = None,
+    ) -> torch.Tensor:
+        """
+        Normalised features of the class prompts `tokens`, at most `chunk_size` prompts per call of the text tower.
+
+        Returns `(classes, dim)`, or `(images, classes, dim)` for a conditional (CoCoOp) adapter, whose context is
+        shifted per image by `image_features` (`(images, dim)`, normalised): its prompts are the classes once per
+        image, `chunk_size // classes` images per call. With autograd on and several chunks, each chunk is run again
+        in the backward pass (activation checkpointing): the gradient is exact and only one chunk's activations are
+        held at a time.
+        """
+        name = self.adapter(adapter_name, enabled)  # resolved once: every chunk uses the same adapter
+        classes = tokens["input_ids"].shape[0]
+        if not self.is_conditional(name):
+            size = chunk_size or classes
+
+            def run(start: int, stop: int) -> torch.Tensor:
+                rows = {k: v[start:stop] for k, v in tokens.items()}
+                return self.text_features(rows, name, name is not None, classes=range(start, stop))
+
+            return _chunked(run, classes, size)
+        if image_features is None:
+            raise ValueError(
+                f"Adapter {name!r} is conditional (CoCoOp): its class features depend on the image; pass "
+                "image_features."
+            )
+        images = image_features.shape[0]
+
+        def run_images(start: int, stop: int) -> torch.Tensor:
+            rows = {k: v.repeat(stop - start, 1) for k, v in tokens.items()}
+            features = self.text_features(rows, name, condition=image_features[start:stop])
+            return features.view(stop - start, classes, -1)
+
+        return _chunked(run_images, images, max(1, (chunk_size or classes * images) // classes))
+
+    def image_features(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Normalised image features `(images, dim)` (at least float32) of the processor's outputs `inputs`
+        (`pixel_values`, and for SigLIP 2 `pixel_attention_mask` and `spatial_shapes`)."""
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        return F.normalize(at_least_fp32(features_of(self.base.get_image_features(**inputs))), dim=-1)
+
+    def logits(self, image_features: torch.Tensor, class_features: torch.Tensor) -> torch.Tensor:
+        """Scaled cosine similarities `(images, classes)`, as `CLIPModel`'s `logits_per_image`, for class features
+        `(classes, dim)` or per image `(images, classes, dim)`."""
+        scale = at_least_fp32(self.base.logit_scale.exp())
+        if class_features.dim() == 3:
+            return scale * torch.einsum("bd,bcd->bc", image_features, class_features)
+        return scale * image_features @ class_features.T
+
+
+def _chunked(run: Callable[[int, int], torch.Tensor], total: int, size: int) -> torch.Tensor:
+    """`run(start, stop)` over `[0, total)` in chunks of `size`, concatenated; checkpointed when autograd is on."""
+    if size >= total:
+        return run(0, total)
+    starts = range(0, total, size)
+    if torch.is_grad_enabled():
+        parts = [checkpoint(run, s, min(s + size, total), use_reentrant=False) for s in starts]
+    else:
+        parts = [run(s, min(s + size, total)) for s in starts]
+    return torch.cat(parts)
