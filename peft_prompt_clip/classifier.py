@@ -43,6 +43,8 @@ class PromptClassifier:
             when `model` has an adapter.
         adapter_name (`str`, *optional*): the adapter to classify with; by default the model's active one.
         chunk_size (`int`, *optional*, defaults to 256): at most this many prompts per call of the text tower.
+        share_prefix (`bool`, *optional*, defaults to `True`): encode the words all prompts of a template share once
+            (see [`PromptEncoder`]).
 
     The class features are cached on first use; call [`refresh`] after training the prompt. Classifiers are
     thread-safe, also several of them on one model with different `adapter_name`s and beside other threads' plain
@@ -59,6 +61,7 @@ class PromptClassifier:
         use_adapter: bool = True,
         adapter_name: str | None = None,
         chunk_size: int | None = 256,
+        share_prefix: bool = True,
     ) -> None:
         check_class_names(list(class_names))
         if any("{}" not in t for t in templates) or not templates:
@@ -70,7 +73,7 @@ class PromptClassifier:
         self.use_adapter = use_adapter
         self.adapter_name = adapter_name
         self.chunk_size = chunk_size
-        self.encoder = PromptEncoder(model, processor)
+        self.encoder = PromptEncoder(model, processor, share_prefix=share_prefix)
         self._class_features: torch.Tensor | None = None
 
     @property

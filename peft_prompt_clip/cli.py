@@ -88,6 +88,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     )
     model = get_prompt_model(model, config)
     given = {field: getattr(args, field) for field, _, _ in TRAINING_OPTIONS.values()}
+    given["share_prefix"] = args.share_prefix
     training = TrainingArguments(
         output_dir=args.output,
         augment=args.augment,
@@ -249,6 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, (field, kind, text) in TRAINING_OPTIONS.items():
         p.add_argument(flag, type=kind, default=None, dest=field, help=f"{text} (default: {defaults[field]})")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None, help="default: on up to 16 shots")
+    p.add_argument(
+        "--share-prefix",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="encode the prefix all class prompts share once per step, where exact (default: on)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output")
     p.set_defaults(run=train)
 

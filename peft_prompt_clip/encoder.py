@@ -15,8 +15,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .layer import PromptOptions, find_prompt_layer, prompt_options
-from .layout import Pooling
-from .model import find_text_embeddings, text_family
+from .layout import Pooling, end_of_text_index
+from .model import find_text_embeddings, text_family, text_pooling
+from .prefix import CausalTextTower, common_prefix_length
+
+#: Encode a shared prefix once only when that saves at least this share of the token positions: below it, the
+#: separate prefix pass costs about what it saves (measured in benchmarks/shared_prefix.py)
+MIN_PREFIX_SAVING = 0.25
 
 
 def at_least_fp32(tensor: torch.Tensor) -> torch.Tensor:
@@ -38,10 +43,17 @@ class PromptEncoder:
     layer, if any. Every method takes the per-call choices (which adapter, or none) as arguments; nothing is stored
     on the model, so one model serves several encoders and threads at once.
 
+    Class prompts that begin with the same tokens (a shared context at the end position, the first half at the
+    middle position, a template's words) are encoded with that beginning computed once, in causal text towers
+    (CLIP, GroupViT, OWL-ViT): the same features and gradients with several times less work (see
+    [`CausalTextTower`]). Class-specific context, the front position and SigLIP take the model's own forward.
+
     Args:
         model (`nn.Module`): a CLIP-family model (`CLIPModel`, `SiglipModel`, ...), or a `PeftModel` wrapping one with
             a prompt adapter.
         processor: the model's processor or tokenizer.
+        share_prefix (`bool`, *optional*, defaults to `True`): encode a prefix shared by class prompts once where
+            that is exact and saves work; `False` always runs the model's own forward (for comparison).
 
     Example:
 
@@ -59,14 +71,20 @@ class PromptEncoder:
     ```
     """
 
-    def __init__(self, model: nn.Module, processor: Any) -> None:
+    def __init__(self, model: nn.Module, processor: Any, share_prefix: bool = True) -> None:
         self.model = model
         self.base = model.get_base_model() if isinstance(model, PeftModel) else model
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.layer = find_prompt_layer(model)
-        embeddings = self.base.get_submodule(find_text_embeddings(self.base))
-        self.family = text_family(embeddings)
-        self.max_positions = embeddings.position_embedding.num_embeddings
+        name = find_text_embeddings(self.base)
+        self.embeddings = self.base.get_submodule(name)
+        text_model = self.base.get_submodule(name.rpartition(".")[0])
+        self.family = text_family(self.embeddings)
+        self.pooling = text_pooling(self.family, text_model.config)
+        self.eos_token_id = text_model.config.eos_token_id
+        self.max_positions = self.embeddings.position_embedding.num_embeddings
+        causal = self.family.pooling != Pooling.LAST  # SigLIP's text tower attends both ways
+        self.tower = CausalTextTower.of(self.base, text_model) if share_prefix and causal else None
 
     @property
     def device(self) -> torch.device:
@@ -120,8 +138,7 @@ class PromptEncoder:
         """Normalised features `(texts, dim)` of one pass of the text tower (at least float32); the arguments after
         `tokens` are those of [`prompt_options`]."""
         with prompt_options(adapter_name, enabled, classes, condition):
-            features = at_least_fp32(features_of(self.base.get_text_features(**tokens)))
-        return F.normalize(features, dim=-1)
+            return _normalized(features_of(self.base.get_text_features(**tokens)))
 
     def class_features(
         self,
@@ -142,33 +159,95 @@ class PromptEncoder:
         """
         name = self.adapter(adapter_name, enabled)  # resolved once: every chunk uses the same adapter
         classes = tokens["input_ids"].shape[0]
-        if not self.is_conditional(name):
-            size = chunk_size or classes
-
-            def run(start: int, stop: int) -> torch.Tensor:
-                rows = {k: v[start:stop] for k, v in tokens.items()}
-                return self.text_features(rows, name, name is not None, classes=range(start, stop))
-
-            return _chunked(run, classes, size)
-        if image_features is None:
+        conditional = self.is_conditional(name)
+        if conditional and image_features is None:
             raise ValueError(
                 f"Adapter {name!r} is conditional (CoCoOp): its class features depend on the image; pass "
                 "image_features."
             )
-        images = image_features.shape[0]
+        plan = self._prefix_plan(tokens, name)
+        if not conditional:
+            if plan is None:
 
-        def run_images(start: int, stop: int) -> torch.Tensor:
-            rows = {k: v.repeat(stop - start, 1) for k, v in tokens.items()}
-            features = self.text_features(rows, name, condition=image_features[start:stop])
-            return features.view(stop - start, classes, -1)
+                def run(start: int, stop: int) -> torch.Tensor:
+                    rows = {k: v[start:stop] for k, v in tokens.items()}
+                    return self.text_features(rows, name, name is not None, classes=range(start, stop))
+
+            else:
+                ids, eos, shared = plan
+                states = self.tower.prefix_states(self._embedded(ids[:1], name, classes=range(1))[:, :shared])
+
+                def run(start: int, stop: int) -> torch.Tensor:
+                    rows = self._embedded(ids[start:stop], name, classes=range(start, stop))[:, shared:]
+                    return _normalized(self.tower.features(rows, states, eos[start:stop] - shared))
+
+            return _chunked(run, classes, chunk_size or classes)
+        images = image_features.shape[0]
+        if plan is None:
+
+            def run_images(start: int, stop: int) -> torch.Tensor:
+                rows = {k: v.repeat(stop - start, 1) for k, v in tokens.items()}
+                features = self.text_features(rows, name, condition=image_features[start:stop])
+                return features.view(stop - start, classes, -1)
+
+        else:  # one prefix per image: the image's context is shared by its class prompts
+            ids, eos, shared = plan
+            prefixes = self._embedded(ids[:1].repeat(images, 1), name, condition=image_features)[:, :shared]
+            states = self.tower.prefix_states(prefixes)
+
+            def run_images(start: int, stop: int) -> torch.Tensor:
+                count = stop - start
+                rows = self._embedded(ids.repeat(count, 1), name, condition=image_features[start:stop])[:, shared:]
+                mine = [(k[start:stop], v[start:stop]) for k, v in states]
+                features = self.tower.features(rows, mine, eos.repeat(count) - shared)
+                return _normalized(features).view(count, classes, -1)
 
         return _chunked(run_images, images, max(1, (chunk_size or classes * images) // classes))
+
+    def _prefix_plan(
+        self, tokens: Mapping[str, torch.Tensor], adapter_name: str | None
+    ) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """`(ids, end-of-text index, shared length)` of the class prompts `tokens` as the text tower sees them (the
+        adapter's context slots inserted), when encoding their shared prefix once is exact and saves enough work;
+        None otherwise."""
+        if self.tower is None:
+            return None
+        ids = tokens["input_ids"]
+        if adapter_name is None:
+            eos = end_of_text_index(ids, self.pooling, self.eos_token_id)
+            shared = common_prefix_length(ids)
+        else:
+            layout = self.layer.prompt_layouts[adapter_name]
+            ids, _ = layout.expand(ids, tokens.get("attention_mask"))
+            eos = layout.end_of_text_index(ids)
+            shared = common_prefix_length(ids)
+            if self.layer.prompt_embedding_ctx[adapter_name].dim() == 3:  # class-specific: each prompt's own context
+                shared = min(shared, int(layout.locate(ids).min()))
+        shared = min(shared, int(eos.min()))  # every prompt keeps at least its end-of-text token
+        rows, length = ids.shape
+        if shared * (rows - 1) < MIN_PREFIX_SAVING * rows * length:
+            return None
+        return ids, eos, shared
+
+    def _embedded(
+        self,
+        ids: torch.Tensor,
+        adapter_name: str | None,
+        classes: Sequence[int] | None = None,
+        condition: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Input embeddings, positions added, of prompts `ids` as the adapter's layout expanded them."""
+        if adapter_name is None:
+            return self.embeddings(input_ids=ids)
+        rows = None if classes is None else torch.as_tensor(classes, dtype=torch.long)
+        embeds = self.layer.embed(ids, adapter_name, PromptOptions(adapter_name, True, rows, condition))
+        return self.layer.base_layer(inputs_embeds=embeds)
 
     def image_features(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Normalised image features `(images, dim)` (at least float32) of the processor's outputs `inputs`
         (`pixel_values`, and for SigLIP 2 `pixel_attention_mask` and `spatial_shapes`)."""
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
-        return F.normalize(at_least_fp32(features_of(self.base.get_image_features(**inputs))), dim=-1)
+        return _normalized(features_of(self.base.get_image_features(**inputs)))
 
     def logits(self, image_features: torch.Tensor, class_features: torch.Tensor) -> torch.Tensor:
         """Scaled cosine similarities `(images, classes)`, as `CLIPModel`'s `logits_per_image`, for class features
@@ -177,6 +256,10 @@ class PromptEncoder:
         if class_features.dim() == 3:
             return scale * torch.einsum("bd,bcd->bc", image_features, class_features)
         return scale * image_features @ class_features.T
+
+
+def _normalized(features: torch.Tensor) -> torch.Tensor:
+    return F.normalize(at_least_fp32(features), dim=-1)
 
 
 def _chunked(run: Callable[[int, int], torch.Tensor], total: int, size: int) -> torch.Tensor:

@@ -218,12 +218,17 @@ class PromptEmbeddingLayer(nn.Module, BaseTunerLayer):
         call = _CALL.get()
         if call is None or call.layer is not self or input_ids is None:
             return self.base_layer(input_ids=input_ids, position_ids=position_ids, inputs_embeds=inputs_embeds)
-        positions = self.prompt_layouts[call.adapter_name].locate(input_ids)
+        embeds = self.embed(input_ids, call.adapter_name, call.options)
+        return self.base_layer(inputs_embeds=embeds, position_ids=position_ids)
+
+    def embed(self, input_ids: torch.Tensor, adapter_name: str, options: PromptOptions) -> torch.Tensor:
+        """Token embeddings `(batch, length, width)` of ids expanded by the adapter's layout, with its context in the
+        context slots (position embeddings not yet added)."""
+        positions = self.prompt_layouts[adapter_name].locate(input_ids)
         embeds = self.base_layer.token_embedding(input_ids)
         batch, _, width = embeds.shape
-        ctx = self.context(call.adapter_name, batch, call.options).to(embeds.dtype)
-        embeds = embeds.scatter(1, positions[..., None].expand(-1, -1, width), ctx)
-        return self.base_layer(inputs_embeds=embeds, position_ids=position_ids)
+        ctx = self.context(adapter_name, batch, options).to(embeds.dtype)
+        return embeds.scatter(1, positions[..., None].expand(-1, -1, width), ctx)
 
     def context(self, adapter_name: str, batch: int, options: PromptOptions) -> torch.Tensor:
         """The context of each of `batch` texts, `(batch, n_ctx, width)`, for the call's class rows or images."""

@@ -27,6 +27,24 @@ class Pooling(str, enum.Enum):
     LAST = "last"  # the last position, usually padding (SigLIP, SigLIP 2): a prompt keeps the model's full length
 
 
+def end_of_text_index(input_ids: torch.Tensor, pooling: Pooling, eos_token_id: int) -> torch.Tensor:
+    """Index of each row's end-of-text token, by the text model's rule: the highest id for `Pooling.ARGMAX`, else the
+    first `eos_token_id`.
+
+    Raises:
+        `ValueError`: when a row has no end-of-text token.
+    """
+    if pooling == Pooling.ARGMAX:
+        return input_ids.to(torch.int).argmax(dim=-1)
+    is_eos = input_ids == eos_token_id
+    if not bool(is_eos.any(dim=-1).all()):
+        raise ValueError(
+            f"Every text must end with the end-of-text token (id {eos_token_id}); tokenise with the model's own "
+            "tokenizer or processor, which adds it."
+        )
+    return is_eos.to(torch.int).argmax(dim=-1)
+
+
 @dataclass(frozen=True)
 class PromptLayout:
     """How one adapter arranges its context around a text.
@@ -85,15 +103,7 @@ class PromptLayout:
 
     def end_of_text_index(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Index of each row's end-of-text token, found by the same rule as the text model."""
-        if self.pooling == Pooling.ARGMAX:
-            return input_ids.to(torch.int).argmax(dim=-1)
-        is_eos = input_ids == self.eos_token_id
-        if not bool(is_eos.any(dim=-1).all()):
-            raise ValueError(
-                f"Every text must end with the end-of-text token (id {self.eos_token_id}); tokenise with the model's "
-                "own tokenizer or processor, which adds it."
-            )
-        return is_eos.to(torch.int).argmax(dim=-1)
+        return end_of_text_index(input_ids, self.pooling, self.eos_token_id)
 
     def _suffix_length(
         self, input_ids: torch.Tensor, eos_index: torch.Tensor, min_start: torch.Tensor

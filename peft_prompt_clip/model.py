@@ -274,13 +274,18 @@ class PromptEmbeddingModel(TunerPrivateHooks):
         return remapped
 
 
+def text_pooling(family: TextFamily, text_config: Any) -> Pooling:
+    """Where a text tower of `family` with config `text_config` pools: transformers keeps CLIP's legacy argmax pooling
+    for configs saying `eos_token_id == 2`."""
+    return Pooling.ARGMAX if family.pooling == Pooling.EOS and text_config.eos_token_id == 2 else family.pooling
+
+
 def layout_of(config: PromptEmbeddingConfig, embeddings: nn.Module, text_config: Any) -> PromptLayout:
     """Where the context of a completed adapter config goes in the prompts of the text tower of `embeddings`, whose
     config is `text_config`."""
     family = text_family(embeddings)
     eos = text_config.eos_token_id
-    # transformers keeps CLIP's legacy argmax pooling for configs saying eos_token_id == 2
-    pooling = Pooling.ARGMAX if family.pooling == Pooling.EOS and eos == 2 else family.pooling
+    pooling = text_pooling(family, text_config)
     suffix = tuple(config.suffix_token_ids or ())
     candidates = [getattr(text_config, "bos_token_id", None), 0, 1, 2, 3, 4]
     placeholder = next(

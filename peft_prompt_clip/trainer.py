@@ -53,6 +53,8 @@ class TrainingArguments:
             most 16 images per class; off means image features are computed once and cached.
         class_chunk_size (`int`, *optional*): encode the class prompts this many at a time (exact gradient), to bound
             memory with many classes; all at once by default.
+        share_prefix (`bool`, *optional*, defaults to `True`): encode the prefix that all class prompts share (`[SOS]`
+            and a shared context at the end position) once per step, where that is exact (see [`PromptEncoder`]).
         kg_weight (`float`, *optional*, defaults to 0): KgCoOp's regulariser (Yao et al., CVPR 2023): adds
             `kg_weight * mean(1 - cos(learned class feature, hand-written class feature))`; KgCoOp uses 8.0.
         kl_weight (`float`, *optional*, defaults to 0): a ProGrad-style regulariser (Zhu et al., ICCV 2023): adds
@@ -76,6 +78,7 @@ class TrainingArguments:
     mixed_precision: str = "no"
     augment: bool | None = None
     class_chunk_size: int | None = None
+    share_prefix: bool = True
     kg_weight: float = 0.0
     kl_weight: float = 0.0
     hand_template: str = "a photo of a {}."
@@ -155,7 +158,7 @@ class PromptTrainer:
             project_dir=args.output_dir if args.report_to else None,
         )
         self.model.to(self.accelerator.device).eval()  # CLIP has no dropout; eval also freezes nothing else
-        self.encoder = PromptEncoder(model, processor)
+        self.encoder = PromptEncoder(model, processor, share_prefix=args.share_prefix)
         self.conditional = self.encoder.is_conditional(self.adapter_name)
         if self.conditional and (args.kg_weight or args.kl_weight):
             raise ValueError("kg_weight and kl_weight regularise a context shared by all images, not CoCoOp's.")

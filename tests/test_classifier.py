@@ -47,8 +47,8 @@ def test_logits_equal_clip_forward(adapted, processor):
 
 def test_class_features_are_computed_once(adapted, processor):
     calls = []
-    tower = adapted.get_base_model().text_model
-    handle = tower.register_forward_hook(lambda *args: calls.append(1))
+    projection = adapted.get_base_model().text_projection  # once per pass of the text tower, on either path
+    handle = projection.register_forward_hook(lambda *args: calls.append(1))
     classifier = PromptClassifier(adapted, processor, CLASSES, templates=IMAGENET_TEMPLATES[:3])
     for _ in range(3):
         classifier.logits(torch.rand(2, 3, 30, 30))

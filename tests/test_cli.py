@@ -173,5 +173,5 @@ def test_training_defaults_come_from_training_arguments():
     given = {field for field, _, _ in TRAINING_OPTIONS.values() if getattr(args, field) is not None}
     assert given == {"optimizer"}  # everything else is left to TrainingArguments, whose lr is 0.002 for both
     assert TrainingArguments(output_dir="o", optimizer="adamw").lr == 0.002
-    fields = set(TrainingArguments.__dataclass_fields__) - {"output_dir", "augment", "seed", "resume"}
+    fields = set(TrainingArguments.__dataclass_fields__) - {"output_dir", "augment", "seed", "resume", "share_prefix"}
     assert fields == {field for field, _, _ in TRAINING_OPTIONS.values()}  # every option is exposed
