@@ -2,21 +2,26 @@
 prompt without it, the floor they all share, and full fine-tuning of the text tower:
 
 - ours: `get_peft_model(clip, PromptEmbeddingConfig(n_ctx=16))` and the trainer's step, image features cached
-  (and, at 100 classes, with the image tower run every step, as augmentation needs);
+  (and, at 100 classes, with the image tower run every step, as augmentation needs), the prefix all class prompts
+  share encoded once (the default);
+- ours, whole prompts: the same with `share_prefix=False`, every prompt whole through the model's forward: the path
+  that class-specific context, the front position and SigLIP take;
 - seed-style: CoOp's repository approach, hand-rolled on transformers: a copy of the embeddings module that
   splices the context over 16 placeholder tokens, every prompt padded to 77 tokens, the image tower every step;
 - stock PEFT: 16 tokens added to the tokenizer, `TrainableTokensConfig` on the text tower's token embedding,
   prompts `"<ctx0> ... <ctx15> {class}."`, image features cached;
-- floor: the text tower's forward and backward over exactly our prompts, from embeddings that are a leaf tensor
-  (no adapter, no hook, no embedding lookup), image features cached;
+- whole-prompt floor: the text tower's forward and backward over exactly our whole prompts, from embeddings that are
+  a leaf tensor (no adapter, no hook, no embedding lookup), image features cached: the floor of every approach that
+  runs whole prompts (ours with shared prefixes runs below it);
 - full fine-tuning: every text-tower weight trained, over the same prompts (memory reference).
 
 Every step is forward, backward and an AdamW update on 32 images, on CUDA when present, else on CPU. Times: for each
 class count, the configurations are set up side by side in one process and timed in turn, round after round; medians
 of 5 rounds after a warm-up round (20 at 10 classes, whose steps are short). Memory: each configuration runs two steps
 in a process of its own, so its peak memory (resident memory on CPU, allocated memory on CUDA) is its own; "step
-memory" is that peak less the memory held before the first step (model, data, cached features). Writes
-benchmarks/results/alternatives.json.
+memory" is that peak less the memory held before the first step (model, data, cached features). `--runs N` repeats
+the timing process N times and reports each ratio's median and range over the runs; `--modes` runs only the named
+configurations (results then in alternatives-<modes>.json). Writes benchmarks/results/alternatives.json.
 
 Run: python benchmarks/alternatives.py   (about 35 minutes on 2 CPU cores; --classes 10 100 for a shorter run)
 """
@@ -27,6 +32,7 @@ import argparse
 import copy
 import json
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,10 +57,11 @@ from peft_prompt_clip.trainer import PromptTrainer, TrainingArguments
 N_CTX, IMAGES = 16, 32
 MODES = {
     "ours": "ours (cached image features)",
+    "ours-whole": "ours, whole prompts (no shared prefix)",
     "ours-augment": "ours (image tower every step)",
     "seed": "seed-style (copy, pad to 77, image tower)",
     "stock": "stock PEFT (TrainableTokens)",
-    "floor": "floor (text tower fwd+bwd only)",
+    "floor": "whole-prompt floor (text tower fwd+bwd only)",
     "full": "full fine-tuning of the text tower",
 }
 
@@ -120,9 +127,11 @@ def setup(mode: str, classes: int) -> Callable[[], None]:
     def loss_of(model: nn.Module, tokens: dict[str, torch.Tensor], images: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(scale * images @ text_features(model, tokens).T, labels)
 
-    if mode in ("ours", "ours-augment"):
+    if mode in ("ours", "ours-augment", "ours-whole"):
         model = get_peft_model(clip, PromptEmbeddingConfig(n_ctx=N_CTX))
-        args = TrainingArguments(output_dir=tempfile.mkdtemp(), epochs=1, augment=mode == "ours-augment")
+        args = TrainingArguments(
+            output_dir=tempfile.mkdtemp(), epochs=1, augment=mode == "ours-augment", share_prefix=mode != "ours-whole"
+        )
         trainer = PromptTrainer(model, processor, data, args)
         cached = None if trainer.augment else trainer.cached_image_features()
         params = trainer.params
@@ -214,7 +223,7 @@ def timing(modes: list[str], classes: int) -> dict:
 
 
 def modes_for(classes: int) -> list[str]:
-    modes = ["ours", "floor", "stock"]
+    modes = ["ours", "ours-whole", "floor", "stock"]
     if classes <= 100:  # at 1000 classes, 77-token prompts need more than this machine's 24 GB
         modes.append("seed")
     if classes == 100:
@@ -227,16 +236,16 @@ def run(*args: str) -> dict:
     return json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
 
 
-def main(class_counts: list[int]) -> dict:
-    rows = []
+def main(class_counts: list[int], runs: int = 1, only: list[str] | None = None) -> dict:
+    rows, ratios = [], {}
     for classes in class_counts:
-        modes = modes_for(classes)
-        seconds = run("--timing", str(classes), *modes)
+        modes = [mode for mode in modes_for(classes) if not only or mode in only]
+        timings = [run("--timing", str(classes), *modes) for _ in range(runs)]
         for mode in modes:
             row = {
                 "mode": mode,
                 "classes": classes,
-                "seconds_per_step": seconds[mode],
+                "seconds_per_step": statistics.median(t[mode] for t in timings),
                 **run("--memory", mode, str(classes)),
             }
             rows.append(row)
@@ -245,23 +254,22 @@ def main(class_counts: list[int]) -> dict:
                 f"   step memory {row['step_memory_gib']:6.2f} GiB   peak {row['peak_memory_gib']:6.2f} GiB",
                 flush=True,
             )
-    by = {(r["mode"], r["classes"]): r for r in rows}
-    ratios = {}
-    for classes in class_counts:
-        ours = by[("ours", classes)]["seconds_per_step"]
-        ratios[f"ours / floor, {classes} classes"] = ours / by[("floor", classes)]["seconds_per_step"]
-        for mode in ("stock", "seed", "full"):
-            if (mode, classes) in by:
-                ratios[f"{mode} / ours, {classes} classes"] = by[(mode, classes)]["seconds_per_step"] / ours
-        if ("ours-augment", classes) in by:  # both run the image tower every step
-            ratios[f"seed / ours with the image tower, {classes} classes"] = (
-                by[("seed", classes)]["seconds_per_step"] / by[("ours-augment", classes)]["seconds_per_step"]
-            )
+        pairs = [("ours", "floor"), ("ours-whole", "floor"), ("stock", "ours"), ("stock", "ours-whole")]
+        pairs += [("seed", "ours"), ("full", "ours"), ("seed", "ours-augment")]
+        for a, b in pairs:
+            if a in modes and b in modes:
+                values = sorted(t[a] / t[b] for t in timings)
+                ratios[f"{a} / {b}, {classes} classes"] = {
+                    "median": statistics.median(values),
+                    "min": values[0],
+                    "max": values[-1],
+                    "runs": runs,
+                }
     for key, value in ratios.items():
-        print(f"{key:55} {value:6.2f}")
+        print(f"{key:55} {value['median']:6.2f}   (range {value['min']:.2f}-{value['max']:.2f} over {runs} runs)")
     meta = {"machine": platform.platform(), "device": device_name(), "torch": torch.__version__}
     result = {**meta, "rows": rows, "ratios": ratios}
-    out = Path(__file__).parent / "results" / "alternatives.json"
+    out = Path(__file__).parent / "results" / f"alternatives{'-' + '-'.join(only) if only else ''}.json"
     out.write_text(json.dumps(result, indent=2))
     return result
 
@@ -271,10 +279,12 @@ if __name__ == "__main__":
     parser.add_argument("--memory", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--timing", nargs="+", help=argparse.SUPPRESS)
     parser.add_argument("--classes", type=int, nargs="+", default=[10, 100, 1000])
+    parser.add_argument("--runs", type=int, default=1, help="timing processes per class count (ratios: median, range)")
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), help="only these configurations")
     options = parser.parse_args()
     if options.memory:
         print(json.dumps(memory(options.memory[0], int(options.memory[1]))))
     elif options.timing:
         print(json.dumps(timing(options.timing[1:], int(options.timing[0]))))
     else:
-        main(options.classes)
+        main(options.classes, options.runs, options.modes)

@@ -98,7 +98,7 @@ def floor_step(trainer: PromptTrainer, cached: torch.Tensor) -> Callable[[], Non
     with torch.no_grad():
         trainer.model.get_text_features(**tokens)
     hook.remove()
-    clip = CLIPModel(trainer.model.get_base_model().config).eval().to(DEVICE)
+    clip = CLIPModel(trainer.model.get_base_model().config).eval().requires_grad_(False).to(DEVICE)
     floor = FixedEmbeddings(captured[0])
     clip.set_submodule(find_text_embeddings(clip), floor)
     optimizer = torch.optim.AdamW([floor.hidden], lr=1e-3)
