@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,8 +16,9 @@ from .data import LabeledImages, base_novel, drop_unreadable, few_shot, load_spl
 from .errors import TrainingDivergedError
 from .evaluation import evaluate, harmonic_mean
 from .hub import RESULTS_NAME
-from .loading import CONFIG_NAME, get_prompt_model, load_prompt_model, resolve_adapter
+from .loading import get_prompt_model, load_prompt_model, read_adapter_config, resolve_adapter
 from .model import find_text_embeddings
+from .storage import write_json
 from .trainer import PromptTrainer, TrainingArguments
 
 #: What the CLI reports in one line: the package's own errors and the user mistakes the libraries signal (a bad value,
@@ -113,8 +113,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
 def _adapter_model(args: argparse.Namespace):
     folder = resolve_adapter(args.adapter, revision=args.revision)
-    config = json.loads((Path(folder) / CONFIG_NAME).read_text(encoding="utf-8"))
-    base_name = args.model or config.get("base_model_name_or_path")
+    base_name = args.model or read_adapter_config(folder).base_model_name_or_path  # validated before use
     if not base_name:
         raise ValueError("The adapter does not name its base model; pass --model.")
     base, processor = _load_base(base_name)
@@ -162,9 +161,13 @@ def eval_(args: argparse.Namespace) -> dict[str, Any]:
     else:
         results = {"split": args.split, **both(data)}
         _report({k: results[k] for k in ("zero-shot", "learned prompt")}, ["top1", "top5"])
-    out = Path(folder if Path(args.adapter).is_dir() else ".") / RESULTS_NAME
-    out.write_text(json.dumps(results, indent=2))
-    print(f"results written to {out}")
+    local = Path(args.adapter).is_dir()
+    out = Path(args.output) if args.output else Path(folder) / RESULTS_NAME if local else None
+    if out is None:  # never into the Hub cache, never silently into the current folder
+        print("results not saved: the adapter is a Hub repo; pass --output FILE to save them")
+    else:
+        write_json(out, results)
+        print(f"results written to {out}")
     return results
 
 
@@ -265,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--templates", default="clip", choices=["clip", "imagenet"], help="zero-shot prompt(s)")
     p.add_argument("--base-to-novel", action="store_true", help="report base, novel and harmonic mean (CoCoOp)")
+    p.add_argument("--output", help=f"JSON file for the results (default: {RESULTS_NAME} in a local adapter's folder)")
     p.set_defaults(run=eval_)
 
     p = commands.add_parser("predict", help="top-k classes of images", description=predict.__doc__)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field
 
 from peft import PeftConfig
@@ -61,10 +62,14 @@ class PromptEmbeddingConfig(PeftConfig):
         meta_net_reduction (`int`, *optional*, defaults to 16): the meta-net's hidden size is the image feature size
             divided by this (CoCoOp's Linear(d, d/16) -> ReLU -> Linear(d/16, width)).
         target_modules (`str`, *optional*):
-            Name (or regex) of the text embeddings module to replace. By default the text embeddings of a supported
-            model are found by their class, wherever the model keeps them.
+            Name (or the end of the name) of the text embeddings module to replace; not a pattern. By default the text
+            embeddings of a supported model are found by their class, wherever the model keeps them.
         tokenizer_name_or_path (`str`, *optional*):
             Tokenizer used for `ctx_init` and `suffix_token_ids`. Defaults to the base model's `name_or_path`.
+        weights_sha256 (`str`, *optional*):
+            Written by this package's saves into `adapter_config.json`: the SHA-256 of the `adapter_model.safetensors`
+            saved with it. The loader refuses a pair whose weights differ (an interrupted save). Not kept on a
+            model: a config in memory describes no file.
 
     Example:
 
@@ -118,11 +123,17 @@ class PromptEmbeddingConfig(PeftConfig):
     )
     target_modules: str | None = field(
         default=None,
-        metadata={"help": "Name or regex of the text embeddings module to replace (default: found by its class)."},
+        metadata={
+            "help": "Name (or end of name) of the text embeddings module to replace (default: found by its class)."
+        },
     )
     tokenizer_name_or_path: str | None = field(
         default=None,
         metadata={"help": "Tokenizer for ctx_init and suffix_token_ids (default: the base model's name_or_path)."},
+    )
+    weights_sha256: str | None = field(
+        default=None,
+        metadata={"help": "SHA-256 of the weights file saved with this config (written on save, checked on load)."},
     )
 
     def __post_init__(self) -> None:
@@ -178,8 +189,16 @@ class PromptEmbeddingConfig(PeftConfig):
         ):
             raise ValueError(f"suffix_token_ids must be a list of token ids, got {self.suffix_token_ids!r}.")
         if self.target_modules is not None and not isinstance(self.target_modules, str):
-            raise TypeError(
-                f"target_modules must be one module name or regex (a string), got {self.target_modules!r}."
+            raise TypeError(f"target_modules must be one module name (a string), got {self.target_modules!r}.")
+        if self.weights_sha256 is not None and not (
+            isinstance(self.weights_sha256, str) and re.fullmatch(r"[0-9a-f]{64}", self.weights_sha256)
+        ):
+            raise ValueError(f"weights_sha256 must be 64 hex digits, got {self.weights_sha256!r}.")
+        # a module name, never a pattern: a saved adapter's config must not run a regex over the model's modules
+        if self.target_modules is not None and not re.fullmatch(r"[\w.-]+", self.target_modules):
+            raise ValueError(
+                f"target_modules must be a module name or the end of one, such as 'text_model.embeddings' (letters, "
+                f"digits, '_', '-' and '.'), got {self.target_modules!r}; patterns are not accepted."
             )
 
 

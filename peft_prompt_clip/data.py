@@ -223,12 +223,21 @@ def open_image(source: Any) -> Image.Image:
     """An RGB PIL image from a path or an image in memory; EXIF orientation applied, 16-bit/CMYK/palette converted."""
     image = source if isinstance(source, Image.Image) else None
     if image is None and isinstance(source, (str, Path)):
-        with Image.open(source) as opened:
-            opened.load()
-            image = opened.copy()
+        try:
+            with warnings.catch_warnings():
+                # Pillow only warns up to twice its pixel limit; any image past the limit is refused, not decoded
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(source) as opened:
+                    opened.load()
+                    image = opened.copy()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ValueError(f"refused, too many pixels to decode safely ({exc})") from None
     elif image is None:
         image = Image.fromarray(source)
-    image = ImageOps.exif_transpose(image)
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception as exc:  # a damaged EXIF block raises struct.error, SyntaxError, ...
+        raise ValueError(f"damaged EXIF metadata ({type(exc).__name__}: {exc})") from None
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         image = image.point(lambda v: v / 256).convert("L")
     if image.width == 0 or image.height == 0:

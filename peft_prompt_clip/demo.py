@@ -15,7 +15,6 @@ model never saw, and prints zero-shot against learned accuracy on both domains.
 from __future__ import annotations
 
 import gzip
-import json
 import math
 import warnings
 from collections.abc import Callable
@@ -175,6 +174,7 @@ def run_demo(output: Path, shots: int = 16, seed: int = 1, epochs: int = 50) -> 
     from .config import PromptEmbeddingConfig
     from .evaluation import evaluate
     from .loading import get_prompt_model
+    from .storage import write_json
     from .trainer import PromptTrainer, TrainingArguments
 
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
@@ -203,7 +203,7 @@ def run_demo(output: Path, shots: int = 16, seed: int = 1, epochs: int = 50) -> 
     for name, values in rows.items():
         print(f"{name:32}{values['original']:>10.3f}{values['faded']:>10.3f}")
     results = {"rows": rows, "shots": shots, "seed": seed, "epochs": epochs}
-    (Path(output) / "eval_results.json").write_text(json.dumps(results, indent=2))
+    write_json(Path(output) / "eval_results.json", results)
     print(f"adapters in {output}/coop and {output}/coop-csc")
     return results
 

@@ -16,7 +16,7 @@ from torch import nn
 from .config import PEFT_TYPE, PromptEmbeddingConfig
 from .errors import InvalidAdapterError
 from .layer import check_adapter_tensors
-from .storage import locked
+from .storage import file_sha256, locked
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -114,6 +114,11 @@ def check_adapter_weights(folder: str | os.PathLike, config: PromptEmbeddingConf
             f"{weights_path} is corrupt or truncated ({exc}); save or download the adapter again."
         ) from None
     check_adapter_tensors(tensors, config, weights_path)
+    if config.weights_sha256 is not None and file_sha256(Path(weights_path)) != config.weights_sha256:
+        raise InvalidAdapterError(
+            f"{weights_path} is not the weights file that {CONFIG_NAME} was saved with (its SHA-256 differs): the two "
+            "files come from different saves, as after an interrupted save. Save or download the adapter again."
+        )
 
 
 def resolve_adapter(adapter: str, revision: str | None = None, token: str | None = None) -> str:

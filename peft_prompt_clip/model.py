@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -77,7 +76,7 @@ def find_text_embeddings(model: nn.Module, target_modules: str | None = None) ->
 
     Args:
         model (`nn.Module`): a CLIP-family model, or its text tower.
-        target_modules (`str`, *optional*): a module name, name suffix or regex that picks the module; by default the
+        target_modules (`str`, *optional*): a module name or name suffix that picks the module; by default the
             one module of a supported class.
 
     Raises:
@@ -90,11 +89,7 @@ def find_text_embeddings(model: nn.Module, target_modules: str | None = None) ->
     ]
     if target_modules is not None:
         named = [name for name, _ in model.named_modules()]
-        picked = [
-            n
-            for n in named
-            if n == target_modules or n.endswith("." + target_modules) or re.fullmatch(target_modules, n)
-        ]
+        picked = [n for n in named if n == target_modules or n.endswith("." + target_modules)]
         wrong = [n for n in picked if n not in candidates]
         if wrong:
             raise ValueError(
@@ -159,6 +154,7 @@ class PromptEmbeddingModel(TunerPrivateHooks):
         # the target is found by what it is, not by a saved name, so that one adapter loads into CLIPModel as well as
         # CLIPTextModel, whatever the module layout of the installed transformers; this also says clearly when
         # there is none, or several
+        peft_config.weights_sha256 = None  # describes the file it was read from, not this model's adapter
         name = find_text_embeddings(self.model, peft_config.target_modules)
         embeddings, text_model = self.model.get_submodule(name), self.model.get_submodule(name.rpartition(".")[0])
         complete_config(peft_config, _tokenizer(peft_config, self.model))
@@ -174,7 +170,7 @@ class PromptEmbeddingModel(TunerPrivateHooks):
         if not _is_text_embeddings(module) or key.endswith(".base_layer"):
             return False
         target = peft_config.target_modules
-        return target is None or key == target or key.endswith("." + target) or re.fullmatch(target, key) is not None
+        return target is None or key == target or key.endswith("." + target)
 
     def _create_and_replace(
         self,
@@ -271,7 +267,25 @@ class PromptEmbeddingModel(TunerPrivateHooks):
                     f"with text width {loaded.shape[-1]} ({config.base_model_name_or_path or 'unknown'}); load it "
                     "into that model."
                 )
+            _check_magnitude(loaded, model)
         return remapped
+
+
+#: A loaded context vector may be this many times longer than the longest token embedding of its model, and no more:
+#: a finite but far longer one overflows the text tower (NaN features) instead of failing at load
+MAX_CONTEXT_SCALE = 100.0
+
+
+def _check_magnitude(context: torch.Tensor, model: nn.Module) -> None:
+    layer = next(m for m in model.modules() if isinstance(m, PromptEmbeddingLayer))
+    table = layer.token_embedding.weight.detach().float().norm(dim=-1).max()
+    longest = context.detach().float().norm(dim=-1).max()
+    if not bool(longest <= MAX_CONTEXT_SCALE * table):
+        raise InvalidAdapterError(
+            f"The adapter's context has a vector of length {float(longest):.3g}, {float(longest / table):.3g} times "
+            f"the longest token embedding of this model ({float(table):.3g}; at most {MAX_CONTEXT_SCALE:g} times is "
+            "accepted): it would overflow the text tower. The file is damaged or was not learned for this model."
+        )
 
 
 def text_pooling(family: TextFamily, text_config: Any) -> Pooling:

@@ -4,8 +4,11 @@ that keeps two processes saving into the same folder from interleaving their fil
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -44,6 +47,13 @@ def atomic_path(path: Path) -> Iterator[Path]:
                 os.remove(tmp)
 
 
+def write_json(path: str | Path, data: Any) -> None:
+    """Write `data` as JSON to `path` atomically; a link at `path` is replaced, never written through."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
+
+
 @contextmanager
 def locked(folder: Path, shared: bool = False) -> Iterator[None]:
     """Hold the folder's lock: exclusive for a writer, shared for readers, across processes. A reader of a folder that
@@ -54,12 +64,27 @@ def locked(folder: Path, shared: bool = False) -> Iterator[None]:
         return
     if not shared:
         path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "r" if shared else "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+    fd = _open_regular(path, os.O_RDONLY if shared else os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         try:
             yield
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _open_regular(path: Path, flags: int) -> int:
+    """Open `path` only if it is a regular file: never through a link, never blocking on a FIFO or a device."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+    except OSError as exc:
+        raise OSError(f"{path} is not a regular file ({exc.strerror}); remove it and try again.") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"{path} is not a regular file; remove it and try again.")
+    return fd
 
 
 def save_adapter(model: Any, folder: str | Path) -> None:
@@ -73,14 +98,32 @@ def save_adapter(model: Any, folder: str | Path) -> None:
         staging = Path(tempfile.mkdtemp(dir=folder, prefix=".save-"))
         try:
             model.save_pretrained(staging)
+            _record_weights_digest(staging)
             names = sorted(os.listdir(staging))
             for name in names:
                 with open(staging / name, "rb") as f:
                     os.fsync(f.fileno())
-            # the weights first, the config last: a crash in between leaves the previous config, whose shapes the
-            # loader checks against the weights, so a mixed pair is refused rather than used
+            # the weights first, the config last: a crash in between leaves the previous config, whose digest of its
+            # own weights the loader checks, so a mixed pair is refused rather than used
             for name in sorted(names, key=lambda n: n == "adapter_config.json"):
                 os.replace(staging / name, folder / name)
             _fsync_dir(folder)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _record_weights_digest(folder: Path) -> None:
+    """Write the digest of the staged weights into the staged config (see `PromptEmbeddingConfig.weights_sha256`)."""
+    config_path = folder / "adapter_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["weights_sha256"] = file_sha256(folder / "adapter_model.safetensors")
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes, in hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,142 @@
+"""Reliability round 2: untrusted adapter configs control no regex and no blocking open, results are written
+atomically and never through a link, one bad image is a warning (or a one-line error), an overflowing context is
+refused, and an interrupted save is refused at load."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import threading
+import warnings
+
+import pytest
+import torch
+from conftest import write_image_folder
+from peft import get_peft_model
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from transformers import CLIPModel
+
+import peft_prompt_clip.storage as storage
+from peft_prompt_clip import InvalidAdapterError, PromptEmbeddingConfig, load_prompt_model
+from peft_prompt_clip.data import drop_unreadable, load_image_folder, open_image
+from peft_prompt_clip.storage import save_adapter
+
+
+@pytest.fixture
+def adapter(clip_dir, tmp_path):
+    model = get_peft_model(CLIPModel.from_pretrained(clip_dir).eval(), PromptEmbeddingConfig(n_ctx=4))
+    save_adapter(model, tmp_path / "adapter")
+    return tmp_path / "adapter"
+
+
+def edit_config(folder, **changes):
+    path = folder / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def test_a_pattern_in_target_modules_is_refused_not_run(clip_dir, adapter):
+    edit_config(adapter, target_modules="(.*)*X")  # catastrophic backtracking, were it a regex over module names
+    with pytest.raises(InvalidAdapterError, match="target_modules must be a module name .* patterns are not"):
+        load_prompt_model(CLIPModel.from_pretrained(clip_dir), str(adapter))
+    edit_config(adapter, target_modules="text_model.embeddings")  # a plain name still works
+    load_prompt_model(CLIPModel.from_pretrained(clip_dir), str(adapter))
+
+
+def test_a_fifo_as_the_lock_file_does_not_block_loading(clip_dir, adapter):
+    (adapter / storage.LOCK_NAME).unlink(missing_ok=True)
+    os.mkfifo(adapter / storage.LOCK_NAME)
+    outcome = []
+
+    def load():
+        try:
+            load_prompt_model(CLIPModel.from_pretrained(clip_dir), str(adapter))
+        except OSError as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    thread.join(timeout=60)
+    assert not thread.is_alive(), "loading blocked on a FIFO"
+    assert outcome and "is not a regular file" in str(outcome[0])
+
+
+def test_eval_results_replace_a_link_and_never_write_through_it(clip_dir, adapter, tmp_path):
+    from peft_prompt_clip.cli import main
+
+    images = write_image_folder(tmp_path / "images", per_class=5)
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("precious")
+    (adapter / "eval_results.json").symlink_to(target)
+    assert main(["eval", "--adapter", str(adapter), "--data", str(images), "--model", str(clip_dir)]) == 0
+    assert target.read_text() == "precious"
+    results = adapter / "eval_results.json"
+    assert not results.is_symlink() and "learned prompt" in json.loads(results.read_text())
+
+
+def test_bad_images_are_named_and_skipped(tmp_path, monkeypatch):
+    folder = write_image_folder(tmp_path / "images", per_class=3)
+    bomb = folder / "cat" / "bomb.png"
+    Image.new("L", (200, 200)).save(bomb)
+    exif = folder / "dog" / "exif.jpg"
+    Image.new("RGB", (8, 8)).save(exif)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # the 200 x 200 image is now 4x past the limit
+    with pytest.raises(ValueError, match="refused, too many pixels"):
+        open_image(bomb)
+
+    real = __import__("PIL.ImageOps", fromlist=["exif_transpose"]).exif_transpose
+
+    def damaged(image, *args, **kwargs):  # what a corrupt EXIF block does inside Pillow
+        if getattr(image, "filename", "").endswith("exif.jpg") or image.size == (8, 8):
+            raise struct.error("unpack requires a buffer of 12 bytes")
+        return real(image, *args, **kwargs)
+
+    monkeypatch.setattr("peft_prompt_clip.data.ImageOps.exif_transpose", damaged)
+    with pytest.raises(ValueError, match="damaged EXIF metadata"):
+        open_image(exif)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        kept = drop_unreadable(load_image_folder(folder))
+    message = " ".join(str(w.message) for w in caught)
+    assert "Skipped 2 unreadable image(s)" in message and "bomb.png" in message and "exif.jpg" in message
+    assert len(kept) == 9
+
+
+def test_an_overflowing_context_is_refused(clip_dir, adapter):
+    weights = adapter / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    save_file({k: torch.full_like(v, 3e38) for k, v in tensors.items()}, weights)
+    edit_config(adapter, weights_sha256=None)
+    with pytest.raises(InvalidAdapterError, match="times the longest token embedding of this model"):
+        load_prompt_model(CLIPModel.from_pretrained(clip_dir), str(adapter))
+
+
+def test_a_save_interrupted_between_the_renames_is_refused(clip_dir, adapter, monkeypatch):
+    model = get_peft_model(
+        CLIPModel.from_pretrained(clip_dir).eval(), PromptEmbeddingConfig(n_ctx=4, class_names=["x", "y"])
+    )
+    with torch.no_grad():
+        next(p for p in model.parameters() if p.requires_grad).normal_()
+    real, calls = os.replace, []
+
+    def die_before_the_config(src, dst):
+        calls.append(dst)
+        if str(dst).endswith("adapter_config.json"):
+            raise KeyboardInterrupt  # the process stops after the weights moved, before the config
+        real(src, dst)
+
+    monkeypatch.setattr(storage.os, "replace", die_before_the_config)
+    with pytest.raises(KeyboardInterrupt):
+        save_adapter(model, adapter)
+    monkeypatch.undo()
+    assert [c.name for c in calls][-2:] == [
+        "adapter_model.safetensors",
+        "adapter_config.json",
+    ]  # new weights, old config
+    with pytest.raises(InvalidAdapterError, match="come from different saves"):
+        load_prompt_model(CLIPModel.from_pretrained(clip_dir), str(adapter))
+    save_adapter(model, adapter)  # saved again: the pair loads, and the digest does not stay on the model
+    loaded = load_prompt_model(CLIPModel.from_pretrained(clip_dir), str(adapter))
+    assert loaded.peft_config["default"].class_names == ["x", "y"]
+    assert loaded.peft_config["default"].weights_sha256 is None
