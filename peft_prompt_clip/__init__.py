@@ -8,7 +8,7 @@ from .classifier import CLIP_TEMPLATE, IMAGENET_TEMPLATES, PromptClassifier
 from .config import PEFT_TYPE, ClassTokenPosition, PromptEmbeddingConfig
 from .data import LabeledImages, few_shot, from_hf_dataset, load_data, load_split
 from .encoder import PromptEncoder
-from .errors import InvalidAdapterError, TrainingDivergedError
+from .errors import InvalidAdapterError, InvalidCheckpointError, TrainingDivergedError
 from .evaluation import evaluate, harmonic_mean
 from .layer import PromptEmbeddingLayer, prompt_options
 from .loading import get_prompt_model, load_prompt_model
@@ -23,6 +23,7 @@ __all__ = [
     "CLIP_TEMPLATE",
     "IMAGENET_TEMPLATES",
     "InvalidAdapterError",
+    "InvalidCheckpointError",
     "PromptClassifier",
     "PEFT_TYPE",
     "ClassTokenPosition",

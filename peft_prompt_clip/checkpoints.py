@@ -4,56 +4,99 @@ metadata (scalars), written atomically, so a crash leaves the previous checkpoin
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .errors import InvalidCheckpointError
 from .storage import atomic_path
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 
 
-def save_checkpoint(path: Path, params: list[torch.Tensor], optimizer: Any, epoch: int) -> None:
-    """Write the context and the optimizer state to `path` atomically: a crash leaves the previous checkpoint whole."""
+def save_checkpoint(path: Path, params: list[torch.Tensor], optimizer: Any, epoch: int, run: dict[str, Any]) -> None:
+    """Write the trainable parameters, the optimizer state and the run's description (`run`: the recipe and the data's
+    fingerprint) to `path` atomically: a crash leaves the previous checkpoint whole."""
     tensors = {f"param.{i}": p.detach().cpu().contiguous() for i, p in enumerate(params)}
-    state = optimizer.state_dict()
     scalars: dict[str, Any] = {}
-    for index, values in state["state"].items():
+    for index, values in optimizer.state_dict()["state"].items():
         for key, value in values.items():
             if isinstance(value, torch.Tensor):
                 tensors[f"optim.{index}.{key}"] = value.detach().cpu().contiguous()
             else:
                 scalars[f"{index}.{key}"] = value
-    metadata = {"epoch": str(epoch), "param_groups": json.dumps(state["param_groups"]), "scalars": json.dumps(scalars)}
+    metadata = {"epoch": str(epoch), "scalars": json.dumps(scalars), "run": json.dumps(run, sort_keys=True)}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except SafetensorError as exc:  # a full disk, say: the previous checkpoint stays
+            raise OSError(f"Could not write the checkpoint {path} ({exc}); the previous one is kept.") from None
 
 
-def load_checkpoint(path: Path, params: list[torch.Tensor], optimizer: Any) -> int:
-    """Restore the context and optimizer state saved by [`save_checkpoint`]; returns the epochs already done."""
+def load_checkpoint(path: Path, params: list[torch.Tensor], optimizer: Any, run: dict[str, Any]) -> int:
+    """Restore the parameters and optimizer state saved by [`save_checkpoint`] for the same `run`; returns the epochs
+    already done. The optimizer's hyperparameters are this run's, never read from the file.
+
+    Raises:
+        `InvalidCheckpointError`: naming what is damaged, or how the checkpoint's run differs from this one.
+    """
     if not path.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {path}; train without --resume to start anew.")
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    with torch.no_grad():
-        for i, p in enumerate(params):
-            saved = tensors[f"param.{i}"]
-            if saved.shape != p.shape:
-                raise ValueError(
-                    f"The checkpoint's context has shape {tuple(saved.shape)}, the model's {tuple(p.shape)}."
-                )
-            p.copy_(saved)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        saved_run = json.loads(metadata["run"])
+        scalars = json.loads(metadata["scalars"])
+        epoch = int(metadata["epoch"])
+    except (SafetensorError, OSError, KeyError, ValueError, TypeError) as exc:
+        raise InvalidCheckpointError(
+            f"{path} is damaged or was made by an older version ({type(exc).__name__}: {exc}); train without --resume "
+            "to start anew."
+        ) from None
+    if not isinstance(saved_run, dict) or not isinstance(scalars, dict):
+        raise InvalidCheckpointError(f"{path} has malformed metadata; train without --resume to start anew.")
+    differences = [f"{k}: {saved_run.get(k)!r} there, {v!r} here" for k, v in run.items() if saved_run.get(k) != v]
+    if differences:
+        raise InvalidCheckpointError(
+            f"{path} was made by another run ({'; '.join(differences)}); resume with the same settings and data, "
+            "or train without --resume into another folder."
+        )
+    if epoch < 0:
+        raise InvalidCheckpointError(f"{path} says {epoch} epochs are done, which this run cannot have.")
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):
             _, index, name = key.split(".", 2)
             state.setdefault(int(index), {})[name] = value
-    for key, value in json.loads(metadata["scalars"]).items():
-        index, name = key.split(".", 1)
+        elif not key.startswith("param."):
+            raise InvalidCheckpointError(f"{path} holds an unknown tensor {key!r}.")
+    for key, value in scalars.items():
+        index, _, name = key.partition(".")
+        if not isinstance(value, int | float) or not math.isfinite(value) or not index.isdigit():
+            raise InvalidCheckpointError(f"{path} has a malformed optimizer value {key!r}: {value!r}.")
         state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": json.loads(metadata["param_groups"])})
-    return int(metadata["epoch"])
+    for i, p in enumerate(params):
+        saved = tensors.get(f"param.{i}")
+        if saved is None or saved.shape != p.shape or not saved.is_floating_point() or not saved.isfinite().all():
+            raise InvalidCheckpointError(
+                f"{path} holds no finite parameter {i} of shape {tuple(p.shape)}; train without --resume."
+            )
+    for index, values in state.items():
+        if index >= len(params) or any(
+            isinstance(v, torch.Tensor) and (not v.isfinite().all() or (v.dim() and v.shape != params[index].shape))
+            for v in values.values()
+        ):
+            raise InvalidCheckpointError(f"{path} has optimizer state that does not fit parameter {index}.")
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            p.copy_(tensors[f"param.{i}"])
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise InvalidCheckpointError(f"{path}: the optimizer state does not fit this optimizer ({exc}).") from None
+    return epoch

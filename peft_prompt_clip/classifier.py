@@ -126,6 +126,10 @@ class PromptClassifier:
 
     def predict(self, images: Sequence, top_k: int = 5) -> list[list[tuple[str, float]]]:
         """The `top_k` most probable classes of each image (PIL images or arrays), with their probabilities."""
+        if not len(images):
+            raise ValueError("predict() got no images; pass a list of PIL images or arrays.")
+        if top_k < 1:
+            raise ValueError(f"top_k must be at least 1, got {top_k}.")
         probs = self.logits(**self.processor(images=list(images), return_tensors="pt")).float().softmax(dim=-1)
         scores, indices = probs.topk(min(top_k, len(self.class_names)), dim=-1)
         return [

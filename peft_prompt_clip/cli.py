@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .classifier import CLIP_TEMPLATE, IMAGENET_TEMPLATES, PromptClassifier
-from .config import PromptEmbeddingConfig
+from .config import PromptEmbeddingConfig, printable
 from .data import LabeledImages, base_novel, drop_unreadable, few_shot, load_split, open_image, select_classes
 from .errors import TrainingDivergedError
 from .evaluation import evaluate, harmonic_mean
@@ -68,7 +68,7 @@ def _classes(data: LabeledImages, which: str | None) -> LabeledImages:
 
 def _data(args: argparse.Namespace, split: str, shots: int | None = None) -> LabeledImages:
     data = _classes(load_split(args.data, split, seed=args.seed), args.classes)
-    data = few_shot(data, shots, seed=args.seed) if shots else data
+    data = few_shot(data, shots, seed=args.seed) if shots is not None else data
     return drop_unreadable(data)  # opens only the images in use: 16 shots of ImageNet, not its 1.28 M images
 
 
@@ -174,9 +174,15 @@ def eval_(args: argparse.Namespace) -> dict[str, Any]:
 def predict(args: argparse.Namespace) -> list[list[tuple[str, float]]]:
     """Top-k classes of each image, among the classes the adapter was learned for (or `--classes`)."""
     model, processor, _ = _adapter_model(args)
-    names = args.classes.split(",") if args.classes else model.peft_config[model.active_adapter].class_names
+    config = model.peft_config[model.active_adapter]
+    names = args.classes.split(",") if args.classes else config.class_names
     if not names:
         raise ValueError("The adapter has no class names; pass --classes 'name one,name two,...'.")
+    if config.class_specific and config.class_names is not None and names != config.class_names:
+        raise ValueError(
+            f"This adapter has one context per class for {config.class_names}; predict among those classes, in that "
+            "order (leave out --classes)."
+        )
     images = []
     for path in args.images:
         try:
@@ -185,7 +191,7 @@ def predict(args: argparse.Namespace) -> list[list[tuple[str, float]]]:
             raise ValueError(f"Cannot read image {path}: {exc}") from None
     predictions = PromptClassifier(model, processor, names).predict(images, top_k=args.top_k)
     for path, top in zip(args.images, predictions, strict=True):
-        print(f"{path}: " + ", ".join(f"{name} {score:.3f}" for name, score in top))
+        print(f"{path}: " + ", ".join(f"{printable(name)} {score:.3f}" for name, score in top))
     return predictions
 
 
@@ -304,6 +310,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
+    except KeyboardInterrupt:
+        kept = (
+            " the checkpoint of the last finished epoch is kept; --resume continues."
+            if args.command == "train"
+            else ""
+        )
+        print(f"peft-prompt-clip {args.command}: interrupted.{kept}", file=sys.stderr)
+        return 130
     except USER_ERRORS as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"peft-prompt-clip {args.command}: error: {message}", file=sys.stderr)

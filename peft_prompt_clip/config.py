@@ -220,3 +220,9 @@ def check_class_names(names: list[str]) -> None:
         if n in seen:
             raise ValueError(f"class_names repeats {n!r} (positions {seen[n]} and {i}); class names must be unique.")
         seen[n] = i
+
+
+def printable(text: str) -> str:
+    """`text` with control characters escaped, for printing names that come from untrusted adapters (no newlines, no
+    terminal escape sequences)."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")

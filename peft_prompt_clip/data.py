@@ -84,9 +84,12 @@ def load_image_folder(root: str | Path) -> LabeledImages:
 def _class_name_mapping(root: Path) -> dict[str, str]:
     if (root / "classnames.json").is_file():
         mapping = json.loads((root / "classnames.json").read_text(encoding="utf-8"))
-        if not isinstance(mapping, dict):
-            raise ValueError(f"{root / 'classnames.json'} must map folder names to class names.")
-        return {str(k): str(v) for k, v in mapping.items()}
+        if not isinstance(mapping, dict) or not all(isinstance(v, str) and v.strip() for v in mapping.values()):
+            raise ValueError(
+                f"{root / 'classnames.json'} must map folder names to class names (non-empty strings), e.g. "
+                '{"n01440764": "tench"}.'
+            )
+        return {str(k): v for k, v in mapping.items()}
     if (root / "classnames.txt").is_file():
         mapping = {}
         for line in (root / "classnames.txt").read_text(encoding="utf-8").splitlines():

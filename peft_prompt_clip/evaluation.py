@@ -20,6 +20,8 @@ def evaluate(classifier: PromptClassifier, data: LabeledImages, batch_size: int 
         raise ValueError(
             "The data's classes differ from the classifier's; build the classifier with data.class_names."
         )
+    if not len(data):
+        raise ValueError("evaluate() got no images: the data is empty.")
     labels = torch.tensor(data.labels)
     top1, top5 = torch.zeros(len(data), dtype=torch.bool), torch.zeros(len(data), dtype=torch.bool)
     k = min(5, len(data.class_names))

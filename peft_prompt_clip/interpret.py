@@ -8,6 +8,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .config import printable
 from .layer import find_prompt_layer
 
 
@@ -37,6 +38,8 @@ def nearest_words(
     name = adapter_name or layer.active_adapters[0]
     context = layer.prompt_embedding_ctx[name].detach().float()
     table = layer.token_embedding.weight.detach().float()
+    if not 1 <= k <= table.shape[0]:
+        raise ValueError(f"k must be between 1 and the vocabulary size {table.shape[0]}, got {k}.")
     rows = context.reshape(-1, context.shape[-1])
     if metric == "euclidean":
         scores, ids = torch.cdist(rows, table).topk(k, dim=-1, largest=False)
@@ -63,7 +66,7 @@ def format_nearest_words(result: dict[str, list[list[tuple[str, float]]]]) -> st
     """A readable table: one line per context vector."""
     lines = []
     for owner, positions in result.items():
-        lines.append(f"{owner}:")
+        lines.append(f"{printable(owner)}:")
         for i, words in enumerate(positions):
             lines.append(f"  ctx {i + 1:2d}: " + ", ".join(f"{w} ({s:.3f})" for w, s in words))
     return "\n".join(lines)

@@ -18,6 +18,16 @@ from typing import Any
 LOCK_NAME = ".peft-prompt-clip.lock"
 
 
+def file_mode() -> int:
+    """The mode a new file gets under this process's umask (0644 under the usual 022)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration, ValueError):
+        mask = 0o022
+    return 0o666 & ~mask
+
+
 def _fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
@@ -38,6 +48,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
         os.close(fd)
         try:
             yield Path(tmp)
+            os.chmod(tmp, file_mode())  # mkstemp makes 0600: every file of an adapter folder gets the same mode
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -101,6 +112,7 @@ def save_adapter(model: Any, folder: str | Path) -> None:
             _record_weights_digest(staging)
             names = sorted(os.listdir(staging))
             for name in names:
+                os.chmod(staging / name, file_mode())
                 with open(staging / name, "rb") as f:
                     os.fsync(f.fileno())
             # the weights first, the config last: a crash in between leaves the previous config, whose digest of its

@@ -87,6 +87,10 @@ class TrainingArguments:
     resume: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("lr", "momentum", "weight_decay", "warmup_lr", "kg_weight", "kl_weight"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
         if self.optimizer not in ("sgd", "adamw"):
             raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}.")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
@@ -140,6 +144,11 @@ class PromptTrainer:
             raise TypeError("model must be a PeftModel with a prompt adapter (see get_prompt_model).")
         if not len(train_data):
             raise ValueError("train_data is empty.")
+        if len(train_data.class_names) < 2:
+            raise ValueError(
+                f"Training needs at least two classes to tell apart, got {train_data.class_names}; a prompt learned "
+                "on one class has nothing to learn (its loss is 0)."
+            )
         self.model = model
         self.processor = processor
         self.data = train_data
@@ -165,6 +174,15 @@ class PromptTrainer:
         self.class_tokens = self.encoder.tokenize([f"{name}." for name in train_data.class_names], self.adapter_name)
         self.loss = PromptLoss(args.kg_weight, args.kl_weight, self._hand_features())
         self.labels = torch.tensor(train_data.labels, device=self.accelerator.device)
+        # what a checkpoint must share with this run to be resumed by it: the recipe (more epochs may follow) and the
+        # data's fingerprint
+        self.run = {
+            **{k: getattr(args, k) for k in ("optimizer", "lr", "momentum", "weight_decay", "batch_size", "seed")},
+            "augment": self.augment,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "class_names": list(train_data.class_names),
+            "images": len(train_data),
+        }
         self.optimizer = self.accelerator.prepare(self._optimizer())
 
     def _claim_classes(self, config: Any) -> None:
@@ -291,7 +309,9 @@ class PromptTrainer:
         output = Path(args.output_dir)
         if acc.is_main_process:
             output.mkdir(parents=True, exist_ok=True)
-        start_epoch = load_checkpoint(output / CHECKPOINT_NAME, self.params, self.optimizer) if args.resume else 0
+        start_epoch = (
+            load_checkpoint(output / CHECKPOINT_NAME, self.params, self.optimizer, self.run) if args.resume else 0
+        )
         if args.report_to:
             acc.init_trackers("peft-prompt-clip", config=asdict(args))
         cached = None if self.augment else self.cached_image_features()
@@ -316,7 +336,7 @@ class PromptTrainer:
                 lr = self.optimizer.param_groups[0]["lr"]
                 acc.log({"loss": summary["loss"], "accuracy": summary["accuracy"], "lr": lr}, step=epoch + 1)
             if acc.is_main_process:
-                save_checkpoint(output / CHECKPOINT_NAME, self.params, self.optimizer, epoch + 1)
+                save_checkpoint(output / CHECKPOINT_NAME, self.params, self.optimizer, epoch + 1, self.run)
             acc.wait_for_everyone()
         progress.close()
         if args.report_to:

@@ -10,6 +10,7 @@ import struct
 import threading
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from conftest import write_image_folder
@@ -140,3 +141,89 @@ def test_a_save_interrupted_between_the_renames_is_refused(clip_dir, adapter, mo
     loaded = load_prompt_model(CLIPModel.from_pretrained(clip_dir), str(adapter))
     assert loaded.peft_config["default"].class_names == ["x", "y"]
     assert loaded.peft_config["default"].weights_sha256 is None
+
+
+def test_bad_values_are_clear_errors(clip_dir, tmp_path, monkeypatch, capsys):
+    from transformers import AutoProcessor
+
+    from peft_prompt_clip import PromptClassifier, PromptTrainer, TrainingArguments, evaluate
+    from peft_prompt_clip.cli import main
+    from peft_prompt_clip.data import LabeledImages
+    from peft_prompt_clip.interpret import nearest_words
+
+    images = write_image_folder(tmp_path / "images", per_class=5)
+    assert main(["train", "--model", str(clip_dir), "--data", str(images), "--output", str(tmp_path / "o"),
+                 "--shots", "0"]) == 2  # fmt: skip
+    assert "shots must be at least 1" in capsys.readouterr().err
+    for name in ("lr", "kg_weight", "momentum"):
+        with pytest.raises(ValueError, match=f"{name} must be a finite number >= 0"):
+            TrainingArguments(output_dir="o", **{name: float("nan")})
+    (images / "classnames.json").write_text(json.dumps({"cat": None, "dog": "dog", "red_car": "car"}))
+    with pytest.raises(ValueError, match="must map folder names to class names"):
+        load_image_folder(images)
+
+    processor = AutoProcessor.from_pretrained(clip_dir)
+    model = get_peft_model(CLIPModel.from_pretrained(clip_dir).eval(), PromptEmbeddingConfig(n_ctx=4))
+    one_class = LabeledImages(["cat"], [np.zeros((30, 30, 3), np.uint8)] * 2, [0, 0])
+    with pytest.raises(ValueError, match="at least two classes"):
+        PromptTrainer(model, processor, one_class, TrainingArguments(output_dir=str(tmp_path / "one")))
+    classifier = PromptClassifier(model, processor, ["cat", "dog"])
+    with pytest.raises(ValueError, match="got no images"):
+        evaluate(classifier, LabeledImages(["cat", "dog"], [], []))
+    with pytest.raises(ValueError, match="predict\\(\\) got no images"):
+        classifier.predict([])
+    with pytest.raises(ValueError, match="top_k must be at least 1"):
+        classifier.predict([np.zeros((30, 30, 3), np.uint8)], top_k=-1)
+    with pytest.raises(ValueError, match="k must be between 1 and the vocabulary size"):
+        nearest_words(model, processor.tokenizer, k=100_000)
+
+
+def test_a_class_specific_adapter_predicts_only_among_its_classes_in_order(clip_dir, tmp_path, capsys):
+    from peft_prompt_clip.cli import main
+
+    config = PromptEmbeddingConfig(n_ctx=2, class_specific=True, class_names=["cat", "dog", "red car"])
+    save_adapter(get_peft_model(CLIPModel.from_pretrained(clip_dir), config), tmp_path / "csc")
+    image = tmp_path / "x.png"
+    Image.new("RGB", (30, 30)).save(image)
+    assert main(["predict", "--adapter", str(tmp_path / "csc"), "--classes", "dog,cat,red car", str(image)]) == 2
+    assert "predict among those classes, in that order" in capsys.readouterr().err
+
+
+def test_untrusted_class_names_are_printed_escaped(clip_dir, tmp_path, capsys):
+    from peft_prompt_clip.cli import main
+
+    names = ["cat\n\x1b[31mRED", "dog"]
+    model = get_peft_model(CLIPModel.from_pretrained(clip_dir), PromptEmbeddingConfig(n_ctx=2, class_names=names))
+    save_adapter(model, tmp_path / "a")
+    image = tmp_path / "x.png"
+    Image.new("RGB", (30, 30)).save(image)
+    assert main(["predict", "--adapter", str(tmp_path / "a"), str(image)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and len(out.strip().splitlines()) == 1 and "cat\\n\\x1b[31mRED" in out
+
+
+def test_ctrl_c_is_one_line(monkeypatch, capsys):
+    from peft_prompt_clip import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "train", interrupted)
+    assert cli.main(["train", "--model", "m", "--data", "d", "--output", "o"]) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "interrupted" in err and "--resume continues" in err
+
+
+def test_every_file_of_an_adapter_folder_has_one_mode(clip_dir, tmp_path):
+    from transformers import AutoProcessor
+
+    from peft_prompt_clip import PromptTrainer, TrainingArguments
+    from peft_prompt_clip.data import LabeledImages
+
+    model = get_peft_model(CLIPModel.from_pretrained(clip_dir).eval(), PromptEmbeddingConfig(n_ctx=2))
+    data = LabeledImages(["cat", "dog"], [np.zeros((30, 30, 3), np.uint8)] * 4, [0, 1, 0, 1])
+    args = TrainingArguments(output_dir=str(tmp_path), epochs=1, augment=False)
+    PromptTrainer(model, AutoProcessor.from_pretrained(clip_dir), data, args).train()
+    names = ("adapter_config.json", "adapter_model.safetensors", "checkpoint.safetensors")
+    modes = {name: (tmp_path / name).stat().st_mode & 0o777 for name in names}
+    assert len(set(modes.values())) == 1 and modes["adapter_config.json"] == storage.file_mode(), modes

@@ -86,8 +86,8 @@ def test_resume_gives_the_uninterrupted_result(clip_dir, tmp_path, augment, monk
 
     save = trainer_module.save_checkpoint
 
-    def save_then_die(path, params, optimizer, epoch):
-        save(path, params, optimizer, epoch)
+    def save_then_die(path, params, optimizer, epoch, run):
+        save(path, params, optimizer, epoch, run)
         if epoch == 2:
             raise KeyboardInterrupt  # the process dies right after its second checkpoint
 
@@ -127,25 +127,27 @@ def test_chunked_class_encoding_has_the_exact_gradient(clip_dir, tmp_path, regul
 
 
 def test_checkpoint_write_is_atomic(clip_dir, tmp_path, monkeypatch):
-    data = teacher_data(clip_dir, n=16)
-    model, processor = student(clip_dir)
-    PromptTrainer(model, processor, data, args(tmp_path, epochs=1)).train()
-    before = (tmp_path / CHECKPOINT_NAME).read_bytes()
-
     import peft_prompt_clip.checkpoints as checkpoints_module
 
-    def crash(*a, **k):
-        raise OSError("No space left on device")
+    data = teacher_data(clip_dir, n=16)
+    real, seen = checkpoints_module.save_file, []
 
-    monkeypatch.setattr(checkpoints_module, "save_file", crash)
+    def full_disk_at_the_second_epoch(tensors, path, metadata=None):
+        seen.append((tmp_path / CHECKPOINT_NAME).read_bytes() if seen else b"")
+        if len(seen) == 2:
+            raise OSError("No space left on device")
+        real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(checkpoints_module, "save_file", full_disk_at_the_second_epoch)
     model, processor = student(clip_dir)
+    trainer = PromptTrainer(model, processor, data, args(tmp_path, epochs=2))
     with pytest.raises(OSError, match="No space left"):
-        PromptTrainer(model, processor, data, args(tmp_path, epochs=2, resume=True)).train()
-    assert (tmp_path / CHECKPOINT_NAME).read_bytes() == before
+        trainer.train()
+    assert (tmp_path / CHECKPOINT_NAME).read_bytes() == seen[1]  # the first epoch's checkpoint, whole
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
     params = [torch.zeros(6, 4, 32, requires_grad=True)]
     optimizer = torch.optim.AdamW(params)
-    assert load_checkpoint(tmp_path / CHECKPOINT_NAME, params, optimizer) == 1
+    assert load_checkpoint(tmp_path / CHECKPOINT_NAME, params, optimizer, trainer.run) == 1
 
 
 def test_trainer_refuses_a_frozen_adapter(clip_dir, tmp_path):
@@ -289,3 +291,39 @@ def test_a_class_specific_adapter_is_not_renamed_by_other_data(clip_dir, tmp_pat
     shared = get_peft_model(CLIPModel.from_pretrained(clip_dir).eval(), PromptEmbeddingConfig(n_ctx=4))
     PromptTrainer(shared, processor, renamed, args(tmp_path))  # a shared context is learned for the data's classes
     assert shared.peft_config["default"].class_names == renamed.class_names
+
+
+def test_a_checkpoint_of_another_run_or_tampered_is_refused(clip_dir, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from peft_prompt_clip import InvalidCheckpointError
+
+    data = teacher_data(clip_dir, n=16)
+    processor = AutoProcessor.from_pretrained(clip_dir)
+
+    def shared():  # a shared context: it may learn other class names, so only the checkpoint can refuse them
+        return get_peft_model(CLIPModel.from_pretrained(clip_dir).eval(), PromptEmbeddingConfig(n_ctx=4))
+
+    PromptTrainer(shared(), processor, data, args(tmp_path, epochs=2)).train()
+    path = tmp_path / CHECKPOINT_NAME
+
+    def resume(**changes):
+        model = shared()
+        PromptTrainer(model, processor, changes.pop("data", data), args(tmp_path, resume=True, **changes)).train()
+
+    with pytest.raises(InvalidCheckpointError, match="optimizer: 'adamw' there, 'sgd' here"):
+        resume(epochs=2, optimizer="sgd")
+    renamed = LabeledImages([f"{c}s" for c in CLASSES], data.images, data.labels)
+    with pytest.raises(InvalidCheckpointError, match="class_names: \\['cat'.* there, \\['cats'"):
+        resume(epochs=2, data=renamed)
+    with safe_open(str(path), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    for tampered, message in (
+        ({**metadata, "epoch": "-5"}, "says -5 epochs are done"),
+        ({k: v for k, v in metadata.items() if k != "run"}, "damaged or was made by an older version"),
+        ({**metadata, "scalars": '{"0.step": 1e999}'}, "damaged or was made|malformed optimizer value"),
+    ):
+        save_file(tensors, str(path), metadata=tampered)
+        with pytest.raises(InvalidCheckpointError, match=message):
+            resume(epochs=2)
