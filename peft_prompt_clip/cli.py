@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,18 @@ def _classes(data: LabeledImages, which: str | None) -> LabeledImages:
 def _data(args: argparse.Namespace, split: str, shots: int | None = None) -> LabeledImages:
     data = _classes(load_split(args.data, split, seed=args.seed), args.classes)
     data = few_shot(data, shots, seed=args.seed) if shots is not None else data
-    return drop_unreadable(data)  # opens only the images in use: 16 shots of ImageNet, not its 1.28 M images
+    data = drop_unreadable(data)  # opens only the images in use: 16 shots of ImageNet, not its 1.28 M images
+    source = Path(args.data)
+    where = (
+        f"{source / split}"
+        if (source / split).is_dir()
+        else f"{source}, the {split} part of a stratified 60/20/20 split drawn with seed {args.seed} (it has no "
+        "train/val/test folders)"
+    )
+    per_class = f", at most {shots} per class" if shots is not None else ""
+    if os.environ.get("RANK", "0") == "0":  # once under `accelerate launch`
+        print(f"{split}: {len(data)} images of {len(data.class_names)} classes{per_class}, from {where}")
+    return data
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:

@@ -153,6 +153,8 @@ class PromptEmbeddingConfig(PeftConfig):
                 raise TypeError(f"{name} must be a string, got {getattr(self, name)!r}.")
         if isinstance(self.init_seed, bool) or not isinstance(self.init_seed, int):
             raise TypeError(f"init_seed must be an integer, got {self.init_seed!r}.")
+        if not 0 <= self.init_seed < 2**63:
+            raise ValueError(f"init_seed must be between 0 and 2**63 - 1, got {self.init_seed}.")
         try:
             self.class_token_position = ClassTokenPosition(self.class_token_position)
         except ValueError:
@@ -185,7 +187,7 @@ class PromptEmbeddingConfig(PeftConfig):
             raise ValueError("class_specific=True learns one context per class: set num_classes or class_names.")
         if self.suffix_token_ids is not None and not (
             isinstance(self.suffix_token_ids, list)
-            and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.suffix_token_ids)
+            and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**31 for i in self.suffix_token_ids)
         ):
             raise ValueError(f"suffix_token_ids must be a list of token ids, got {self.suffix_token_ids!r}.")
         if self.target_modules is not None and not isinstance(self.target_modules, str):

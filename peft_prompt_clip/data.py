@@ -83,7 +83,10 @@ def load_image_folder(root: str | Path) -> LabeledImages:
 
 def _class_name_mapping(root: Path) -> dict[str, str]:
     if (root / "classnames.json").is_file():
-        mapping = json.loads((root / "classnames.json").read_text(encoding="utf-8"))
+        try:
+            mapping = json.loads((root / "classnames.json").read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{root / 'classnames.json'} is not valid UTF-8 JSON ({exc}).") from None
         if not isinstance(mapping, dict) or not all(isinstance(v, str) and v.strip() for v in mapping.values()):
             raise ValueError(
                 f"{root / 'classnames.json'} must map folder names to class names (non-empty strings), e.g. "
@@ -92,7 +95,11 @@ def _class_name_mapping(root: Path) -> dict[str, str]:
         return {str(k): v for k, v in mapping.items()}
     if (root / "classnames.txt").is_file():
         mapping = {}
-        for line in (root / "classnames.txt").read_text(encoding="utf-8").splitlines():
+        try:
+            lines = (root / "classnames.txt").read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{root / 'classnames.txt'} is not UTF-8 text ({exc.reason}).") from None
+        for line in lines:
             folder, _, name = line.strip().partition(" ")
             if folder:
                 mapping[folder] = name.strip() or class_name_from_folder(folder)
@@ -103,10 +110,16 @@ def _class_name_mapping(root: Path) -> dict[str, str]:
 def load_csv(path: str | Path) -> LabeledImages:
     """A CSV manifest with a header `path,label`; relative paths are relative to the CSV's folder."""
     path = Path(path)
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
+    try:  # utf-8-sig: a byte-order mark (Excel's UTF-8 CSV) is not part of the header
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not UTF-8 text ({exc.reason}); save the CSV as UTF-8.") from None
     if not rows or not {"path", "label"} <= set(rows[0]):
         raise ValueError(f"{path} needs a header 'path,label' and at least one row.")
+    short = [i + 2 for i, r in enumerate(rows) if not r.get("path") or not r.get("label")]
+    if short:
+        raise ValueError(f"{path}: lines {short[:5]} lack a path or a label; every row needs 'path,label'.")
     names = sorted({r["label"] for r in rows})
     index = {n: i for i, n in enumerate(names)}
     images = [Path(r["path"]) if Path(r["path"]).is_absolute() else path.parent / r["path"] for r in rows]

@@ -7,7 +7,13 @@ import os
 from pathlib import Path
 
 from huggingface_hub import hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 from peft import PeftModel, get_peft_model
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -140,7 +146,14 @@ def resolve_adapter(adapter: str, revision: str | None = None, token: str | None
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         try:
             paths.append(hf_hub_download(adapter, name, revision=revision, token=token))
+        except LocalEntryNotFoundError:  # before EntryNotFoundError, its parent class
+            _refuse_mistyped_folder(adapter)
+            raise FileNotFoundError(
+                f"Cannot reach the Hub for {adapter!r} (offline: HF_HUB_OFFLINE is set or there is no network), and "
+                f"its {name} is not in the local cache. Connect once to download it, or give a local folder."
+            ) from None
         except RepositoryNotFoundError:
+            _refuse_mistyped_folder(adapter)
             raise FileNotFoundError(
                 f"No Hub repo {adapter!r} (or it is private: pass token= or log in with `hf auth login`)."
             ) from None
@@ -153,3 +166,13 @@ def resolve_adapter(adapter: str, revision: str | None = None, token: str | None
         except HfHubHTTPError as exc:
             raise OSError(f"Could not download {name} from the Hub repo {adapter!r}: {exc}") from None
     return os.path.dirname(paths[0])
+
+
+def _refuse_mistyped_folder(adapter: str) -> None:
+    """`out/nothing` beside a local folder `out`, when no Hub repo of that name can be had: a mistyped local path."""
+    local = os.path.dirname(adapter)
+    if local and os.path.isdir(local):
+        raise FileNotFoundError(
+            f"No adapter folder at {adapter!r} (the folder {local!r} has no {os.path.basename(adapter)!r}), and no "
+            "Hub repo of that name could be had."
+        )

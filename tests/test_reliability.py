@@ -227,3 +227,41 @@ def test_every_file_of_an_adapter_folder_has_one_mode(clip_dir, tmp_path):
     names = ("adapter_config.json", "adapter_model.safetensors", "checkpoint.safetensors")
     modes = {name: (tmp_path / name).stat().st_mode & 0o777 for name in names}
     assert len(set(modes.values())) == 1 and modes["adapter_config.json"] == storage.file_mode(), modes
+
+
+def test_misleading_messages_name_the_real_problem(tmp_path, monkeypatch):
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+
+    import peft_prompt_clip.loading as loading
+    from peft_prompt_clip.data import load_csv
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "bom.csv").write_bytes("\ufeffpath,label\na.png,cat\na.png,dog\n".encode())
+    assert load_csv(tmp_path / "bom.csv").class_names == ["cat", "dog"]
+    (tmp_path / "short.csv").write_text("path,label\na.png,cat\na.png\n")
+    with pytest.raises(ValueError, match=r"short.csv: lines \[3\] lack a path or a label"):
+        load_csv(tmp_path / "short.csv")
+    (tmp_path / "latin.csv").write_bytes("path,label\na.png,caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="latin.csv is not UTF-8 text"):
+        load_csv(tmp_path / "latin.csv")
+
+    def fails_with(cls):
+        error = cls.__new__(cls)
+        Exception.__init__(error, "not found")
+
+        def download(*args, **kwargs):
+            raise error
+
+        monkeypatch.setattr(loading, "hf_hub_download", download)
+
+    (tmp_path / "out").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for cls in (RepositoryNotFoundError, LocalEntryNotFoundError):
+        fails_with(cls)
+        with pytest.raises(FileNotFoundError, match="No adapter folder at 'out/nothing' \\(the folder 'out' has no"):
+            loading.resolve_adapter("out/nothing")
+    with pytest.raises(FileNotFoundError, match="offline: HF_HUB_OFFLINE is set or there is no network"):
+        loading.resolve_adapter("user/not-cached")
+    for bad in (dict(init_seed=2**64), dict(suffix_token_ids=[2**40])):
+        with pytest.raises(ValueError, match="init_seed must be between|suffix_token_ids must be"):
+            PromptEmbeddingConfig(**bad)
