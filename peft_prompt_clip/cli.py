@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
+
 from .classifier import CLIP_TEMPLATE, IMAGENET_TEMPLATES, PromptClassifier
 from .config import PromptEmbeddingConfig, printable
 from .data import LabeledImages, base_novel, drop_unreadable, few_shot, load_split, open_image, select_classes
@@ -23,8 +25,8 @@ from .storage import write_json
 from .trainer import PromptTrainer, TrainingArguments
 
 #: What the CLI reports in one line: the package's own errors and the user mistakes the libraries signal (a bad value,
-#: a missing file or model). Anything else is a bug, and shows its traceback.
-USER_ERRORS = (ValueError, OSError, TrainingDivergedError)
+#: a missing file or model, a damaged safetensors file). Anything else is a bug, and shows its traceback.
+USER_ERRORS = (ValueError, OSError, TrainingDivergedError, SafetensorError)
 
 #: The `train` options that set a `TrainingArguments` field: flag -> (field, type). Their defaults are the fields'.
 TRAINING_OPTIONS: dict[str, tuple[str, Any, str]] = {

@@ -265,3 +265,26 @@ def test_misleading_messages_name_the_real_problem(tmp_path, monkeypatch):
     for bad in (dict(init_seed=2**64), dict(suffix_token_ids=[2**40])):
         with pytest.raises(ValueError, match="init_seed must be between|suffix_token_ids must be"):
             PromptEmbeddingConfig(**bad)
+
+
+def test_models_of_no_supported_family_and_damaged_weights_are_one_line(clip_dir, tmp_path, capsys):
+    from transformers import BertConfig, BertModel, CLIPTextModel
+
+    from peft_prompt_clip.cli import main
+
+    images = write_image_folder(tmp_path / "images", per_class=4)
+    BertModel(
+        BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37)
+    ).save_pretrained(tmp_path / "bert")
+    CLIPTextModel.from_pretrained(clip_dir).save_pretrained(tmp_path / "text-only")
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    for p in clip_dir.iterdir():
+        (damaged / p.name).write_bytes(p.read_bytes())
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    expected = {"bert": "No text embeddings module", "text-only": "has no image tower", "damaged": "error:"}
+    for name, message in expected.items():
+        code = main(["train", "--model", str(tmp_path / name), "--data", str(images), "--output", str(tmp_path / "o")])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and "Traceback" not in err, (name, err)
