@@ -8,11 +8,13 @@ import argparse
 import dataclasses
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 from safetensors import SafetensorError
 
+from . import __version__
 from .classifier import CLIP_TEMPLATE, IMAGENET_TEMPLATES, PromptClassifier
 from .config import PromptEmbeddingConfig, printable
 from .data import LabeledImages, base_novel, drop_unreadable, few_shot, load_split, open_image, select_classes
@@ -39,12 +41,12 @@ TRAINING_OPTIONS: dict[str, tuple[str, Any, str]] = {
     "--warmup-epochs": ("warmup_epochs", int, "epochs at --warmup-lr first (CoOp)"),
     "--warmup-lr": ("warmup_lr", float, "learning rate of the warm-up epochs"),
     "--gradient-accumulation-steps": ("gradient_accumulation_steps", int, "batches per optimizer step"),
-    "--mixed-precision": ("mixed_precision", str, "'no', 'fp16' or 'bf16'"),
+    "--mixed-precision": ("mixed_precision", str, "'no', 'fp16' or 'bf16' (default: Accelerate's launch setting)"),
     "--class-chunk-size": ("class_chunk_size", int, "encode at most this many prompts at a time (bounds memory)"),
     "--kg-weight": ("kg_weight", float, "KgCoOp regulariser weight (KgCoOp uses 8.0)"),
     "--kl-weight": ("kl_weight", float, "ProGrad-style KL to the zero-shot predictions"),
     "--hand-template": ("hand_template", str, "the hand-written prompt of --kg-weight and --kl-weight"),
-    "--report-to": ("report_to", str, "Accelerate tracker, e.g. tensorboard"),
+    "--report-to": ("report_to", str, "Accelerate tracker, e.g. tensorboard; 'all' or 'none'"),
 }
 
 
@@ -239,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="peft-prompt-clip", description="Learned prompts for CLIP, as PEFT adapters."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def adapter_options(p: argparse.ArgumentParser) -> None:
@@ -271,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     defaults = {f.name: f.default for f in dataclasses.fields(TrainingArguments)}
     for flag, (field, kind, text) in TRAINING_OPTIONS.items():
-        p.add_argument(flag, type=kind, default=None, dest=field, help=f"{text} (default: {defaults[field]})")
+        text = text if "default" in text else f"{text} (default: {defaults[field]})"
+        p.add_argument(flag, type=kind, default=None, dest=field, help=text)
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None, help="default: on up to 16 shots")
     p.add_argument(
         "--share-prefix",
@@ -285,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("eval", help="accuracy of an adapter vs zero-shot", description=eval_.__doc__)
     adapter_options(p)
     data_options(p)
-    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="the split to evaluate on")
     p.add_argument("--templates", default="clip", choices=["clip", "imagenet"], help="zero-shot prompt(s)")
     p.add_argument("--base-to-novel", action="store_true", help="report base, novel and harmonic mean (CoCoOp)")
     p.add_argument("--output", help=f"JSON file for the results (default: {RESULTS_NAME} in a local adapter's folder)")
@@ -294,14 +298,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("predict", help="top-k classes of images", description=predict.__doc__)
     adapter_options(p)
     p.add_argument("--classes", help="comma-separated class names (default: the adapter's)")
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--top-k", type=int, default=5, help="classes to print per image")
     p.add_argument("images", nargs="+", help="image files")
     p.set_defaults(run=predict)
 
     p = commands.add_parser("interpret", help="nearest words of the learned context", description=interpret.__doc__)
     adapter_options(p)
-    p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--metric", default="euclidean", choices=["euclidean", "cosine"])
+    p.add_argument("--top-k", type=int, default=5, help="nearest vocabulary tokens per context vector")
+    p.add_argument(
+        "--metric", default="euclidean", choices=["euclidean", "cosine"], help="distance (CoOp's) or cosine similarity"
+    )
     p.set_defaults(run=interpret)
 
     p = commands.add_parser("push", help="upload an adapter and its model card to the Hub", description=push.__doc__)
@@ -314,13 +320,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("demo", help="the whole flow offline on the embedded default", description=demo.__doc__)
     p.add_argument("--output", default="demo-adapter", help="folder for the learned adapter")
-    p.add_argument("--shots", type=int, default=16)
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--shots", type=int, default=16, help="faded training images per class")
+    p.add_argument("--seed", type=int, default=1, help="seed of the shots, batch order and initialisation")
     p.set_defaults(run=demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    # transformers' own deprecation notice from inside from_pretrained: nothing a user of this command can act on
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
     args = build_parser().parse_args(argv)
     try:
         args.run(args)

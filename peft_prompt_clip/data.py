@@ -131,6 +131,11 @@ def from_hf_dataset(dataset: Any, image_column: str = "image", label_column: str
     A Hugging Face `datasets.Dataset` (any with an image column and a label column, `imagefolder` included).
     Class names come from the label column's `ClassLabel` names, else from the sorted label values.
     """
+    if hasattr(dataset, "keys") and not hasattr(dataset, "features"):  # a DatasetDict: one dataset per split
+        raise ValueError(
+            f"This is a DatasetDict with the splits {list(dataset.keys())}; pass one of them, e.g. "
+            f"from_hf_dataset(dataset[{next(iter(dataset.keys()), 'train')!r}])."
+        )
     columns = getattr(dataset, "column_names", None) or list(dataset.features)
     missing = [c for c in (image_column, label_column) if c not in columns]
     if missing:

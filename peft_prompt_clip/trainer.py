@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.tracking import get_available_trackers
+from accelerate.utils import LoggerType
 from peft import PeftModel
 from tqdm.auto import tqdm
 
@@ -25,6 +27,23 @@ from .losses import PromptLoss, StepOutputs
 from .storage import save_adapter
 
 __all__ = ["CHECKPOINT_NAME", "PromptTrainer", "TrainingArguments", "coop_epochs"]
+
+
+def _tracker(report_to: str | None) -> str | None:
+    """`report_to` as Accelerate takes it: None for `"none"`, and a named tracker only if it is installed."""
+    if report_to is None or report_to.lower() == "none":
+        return None
+    name = report_to.lower()
+    known = [t.value for t in LoggerType if t.value != "all"]
+    if name != "all" and name not in known:
+        raise ValueError(f"report_to must be 'none', 'all' or one of {known}, got {report_to!r}.")
+    installed = [str(getattr(t, "value", t)) for t in get_available_trackers()]
+    if name != "all" and name not in installed:
+        raise ValueError(
+            f"report_to={name!r}, but {name} is not installed (installed trackers: {installed or 'none'}); "
+            f"pip install {name}, or use --report-to none."
+        )
+    return name
 
 
 def coop_epochs(shots: int) -> int:
@@ -48,7 +67,8 @@ class TrainingArguments:
         warmup_epochs (`int`, *optional*, defaults to 1): epochs at the constant `warmup_lr` first.
         warmup_lr (`float`, *optional*, defaults to 1e-5): learning rate of the warm-up epochs.
         gradient_accumulation_steps (`int`, *optional*, defaults to 1): batches per optimizer step.
-        mixed_precision (`str`, *optional*, defaults to `"no"`): `"no"`, `"fp16"` or `"bf16"`.
+        mixed_precision (`str`, *optional*): `"no"`, `"fp16"` or `"bf16"`; by default Accelerate's own setting (its
+            launch configuration, e.g. `accelerate launch --mixed_precision bf16`, else `"no"`).
         augment (`bool`, *optional*): CoOp's random resized crop + flip. By default on when the training set has at
             most 16 images per class; off means image features are computed once and cached.
         class_chunk_size (`int`, *optional*): encode the class prompts this many at a time (exact gradient), to bound
@@ -61,7 +81,8 @@ class TrainingArguments:
             `kl_weight * KL(zero-shot probabilities || learned probabilities)` per image.
         hand_template (`str`, *optional*, defaults to `"a photo of a {}."`): the hand-written prompt of both.
         seed (`int`, *optional*, defaults to 1): seeds batch order and augmentation.
-        report_to (`str`, *optional*): an Accelerate tracker, e.g. `"tensorboard"`.
+        report_to (`str`, *optional*): an Accelerate tracker, e.g. `"tensorboard"`; `"all"` for every installed one,
+            `"none"` (or unset) for none. A named tracker that is not installed is an error before training.
         resume (`bool`, *optional*, defaults to `False`): continue from the checkpoint in `output_dir`.
     """
 
@@ -75,7 +96,7 @@ class TrainingArguments:
     warmup_epochs: int = 1
     warmup_lr: float = 1e-5
     gradient_accumulation_steps: int = 1
-    mixed_precision: str = "no"
+    mixed_precision: str | None = None
     augment: bool | None = None
     class_chunk_size: int | None = None
     share_prefix: bool = True
@@ -93,9 +114,10 @@ class TrainingArguments:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be an integer between 0 and 2**63 - 1, got {self.seed!r}.")
+        self.report_to = _tracker(self.report_to)
         if self.optimizer not in ("sgd", "adamw"):
             raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}.")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
+        if self.mixed_precision not in (None, "no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}.")
         for name in ("batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:

@@ -295,3 +295,15 @@ def test_the_target_is_decided_by_the_module_alone(clip):
     assert not tuner._check_target_module_exists(
         PromptEmbeddingConfig(target_modules="other"), "text_model.embeddings"
     )
+
+
+def test_the_context_is_float32_on_a_bf16_model_until_the_user_converts_it(clip_dir, tokenizer):
+    model = get_peft_model(
+        CLIPModel.from_pretrained(clip_dir).to(torch.bfloat16).eval(), PromptEmbeddingConfig(n_ctx=4)
+    )
+    context = layer_of(model).prompt_embedding_ctx["default"]
+    assert context.dtype == torch.float32
+    with torch.no_grad():
+        assert text_features(model, **encode(tokenizer)).dtype == torch.bfloat16
+    model.to(torch.bfloat16)  # nn.Module.to converts every parameter: docs/concepts.md says so
+    assert layer_of(model).prompt_embedding_ctx["default"].dtype == torch.bfloat16
