@@ -3,7 +3,6 @@ that keeps two processes saving into the same folder from interleaving their fil
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -14,6 +13,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock
 
 LOCK_NAME = ".peft-prompt-clip.lock"
 
@@ -29,6 +30,8 @@ def file_mode() -> int:
 
 
 def _fsync_dir(folder: Path) -> None:
+    if os.name == "nt":  # Windows cannot open a folder to sync it; its renames are durable by themselves
+        return
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -67,35 +70,32 @@ def write_json(path: str | Path, data: Any) -> None:
 
 @contextmanager
 def locked(folder: Path, shared: bool = False) -> Iterator[None]:
-    """Hold the folder's lock: exclusive for a writer, shared for readers, across processes. A reader of a folder that
-    no saver of this library has written to (no lock file) takes no lock."""
+    """Hold the folder's lock across processes (`filelock`: fcntl on POSIX, msvcrt on Windows), so that writers take
+    turns and a reader never sees a save half done. Readers take the same lock as writers, and none where no saver of
+    this library has written (no lock file) or where the folder is read-only to them (then no saver of theirs can
+    write there either). The lock file must be a regular file: a FIFO or a device under that name is refused, not
+    waited on."""
     path = Path(folder) / LOCK_NAME
+    if os.path.lexists(path) and not stat.S_ISREG(os.lstat(path).st_mode):
+        raise OSError(f"{path} is not a regular file; remove it and try again.")
     if shared and not path.exists():
         yield
         return
     if not shared:
         path.parent.mkdir(parents=True, exist_ok=True)
-    fd = _open_regular(path, os.O_RDONLY if shared else os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    # the lock file stays after release, so that a reader finds it and waits for any later save
+    lock = FileLock(str(path), mode=file_mode(), preserve_lock_file=True)
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
+        lock.acquire()
+    except PermissionError:
+        if not shared:
+            raise
+        yield  # a read-only folder
+        return
+    try:
+        yield
     finally:
-        os.close(fd)
-
-
-def _open_regular(path: Path, flags: int) -> int:
-    """Open `path` only if it is a regular file: never through a link, never blocking on a FIFO or a device."""
-    try:
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
-    except OSError as exc:
-        raise OSError(f"{path} is not a regular file ({exc.strerror}); remove it and try again.") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise OSError(f"{path} is not a regular file; remove it and try again.")
-    return fd
+        lock.release()
 
 
 def save_adapter(model: Any, folder: str | Path) -> None:

@@ -63,3 +63,10 @@ def test_a_dataset_dict_names_its_splits():
     data = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"image": [0], "label": [0]})})
     with pytest.raises(ValueError, match=r"DatasetDict with the splits \['train'\]; pass one of them"):
         from_hf_dataset(data)
+
+
+def test_the_package_imports_without_fcntl():
+    # Windows has no fcntl: the folder lock comes from filelock (msvcrt there), nothing else needs it
+    script = "import sys; sys.modules['fcntl'] = None; import peft_prompt_clip.storage, peft_prompt_clip; print('ok')"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
