@@ -225,7 +225,14 @@ def push(args: argparse.Namespace) -> str:
     """Upload an adapter and its model card to a Hub repo."""
     from .hub import push_adapter
 
-    url = push_adapter(args.adapter, args.repo, private=args.private, token=args.token, datasets=args.dataset)
+    url = push_adapter(
+        args.adapter,
+        args.repo,
+        private=args.private,
+        token=args.token,
+        datasets=args.dataset,
+        base_model=args.base_model,
+    )
     print(f"pushed {args.adapter} to {args.repo}: {url}")
     return url
 
@@ -316,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--private", action="store_true", help="create the repo private")
     p.add_argument("--token", help="write token (default: the saved login or HF_TOKEN)")
     p.add_argument("--dataset", action="append", help="dataset id for the model card (repeatable)")
+    p.add_argument("--base-model", help="the base model's Hub id for the card (default: the adapter's, if a Hub id)")
     p.set_defaults(run=push)
 
     p = commands.add_parser("demo", help="the whole flow offline on the embedded default", description=demo.__doc__)

@@ -4,57 +4,99 @@ files (loading by repo id is `load_prompt_model` / `PeftModel.from_pretrained`).
 from __future__ import annotations
 
 import json
+import os
+import re
+import warnings
 from pathlib import Path
-from typing import Any
 
-from huggingface_hub import CommitOperationAdd, HfApi, get_token
+from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData, get_token
 
-from .loading import CONFIG_NAME, WEIGHTS_NAME, resolve_adapter
+from .config import printable
+from .loading import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config, resolve_adapter
 
 RESULTS_NAME = "eval_results.json"
+#: A Hub repo id: `name` or `owner/name`
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
-def model_card(folder: str | Path, repo_id: str, datasets: list[str] | None = None) -> str:
+def hub_model_id(name: str | None) -> str | None:
+    """`name` when it is a Hub model id (`name` or `owner/name`) and not a local path; else None."""
+    if not name or os.path.exists(name) or ".." in name or not REPO_ID.fullmatch(name):
+        return None
+    return name
+
+
+def model_card(
+    folder: str | Path, repo_id: str, datasets: list[str] | None = None, base_model: str | None = None
+) -> str:
     """
-    The `README.md` of an adapter: YAML metadata (library, base model, task, tags, datasets, metrics) followed by what
-    the adapter learned, its results when `eval_results.json` is present, and a usage snippet that runs as written.
+    The `README.md` of an adapter, built with `huggingface_hub`'s `ModelCard`: metadata (library, base model and its
+    `base_model:adapter:<id>` tag, task, tags, datasets, a `model-index` with the zero-shot and learned accuracies when
+    `eval_results.json` is present) followed by what the adapter learned, its results and a usage snippet that runs as
+    written.
+
+    Args:
+        folder (`str` or `Path`): the adapter's folder.
+        repo_id (`str`): the repo the card is for.
+        datasets (`list[str]`, *optional*): Hub dataset ids the adapter was learned or evaluated on.
+        base_model (`str`, *optional*): the Hub id of the base model; by default the adapter's
+            `base_model_name_or_path` when that is a Hub id. A local path is never written (the Hub rejects it): the
+            field is then left out, with a warning.
     """
     folder = Path(folder)
-    config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+    config = read_adapter_config(folder)
     results = json.loads((folder / RESULTS_NAME).read_text()) if (folder / RESULTS_NAME).is_file() else None
-    base = config.get("base_model_name_or_path") or "openai/clip-vit-base-patch32"
-    method = "CoOp with class-specific context (CSC)" if config.get("class_specific") else "CoOp"
+    if base_model is not None and hub_model_id(base_model) is None:
+        raise ValueError(
+            f"base_model must be a Hub model id such as 'openai/clip-vit-base-patch32', got {base_model!r}."
+        )
+    base = base_model or hub_model_id(config.base_model_name_or_path)
+    if base is None:
+        warnings.warn(
+            f"The adapter's base model {config.base_model_name_or_path!r} is not a Hub model id, so the card names no "
+            "base model (the Hub accepts ids only); pass base_model= (CLI: --base-model) with the base model's id.",
+            stacklevel=2,
+        )
+    invalid = [d for d in datasets or [] if not REPO_ID.fullmatch(d)]
+    if invalid:
+        raise ValueError(f"datasets must be Hub dataset ids such as 'tanganke/eurosat', got {invalid}.")
+    method = "CoOp with class-specific context (CSC)" if config.class_specific else "CoOp"
+    method = "CoCoOp" if config.conditional else method
     tags = ["prompt-learning", "coop", "peft-prompt-clip", "clip"]
-    if config.get("class_specific"):
-        tags.append("class-specific-context")
-    header: dict[str, Any] = {
-        "library_name": "peft",
-        "base_model": base,
-        "pipeline_tag": "zero-shot-image-classification",
-        "tags": tags,
-    }
-    if datasets:
-        header["datasets"] = list(datasets)
-    table = ""
+    tags += ["class-specific-context"] if config.class_specific else []
+    tags += ["cocoop"] if config.conditional else []
+    tags += [f"base_model:adapter:{base}"] if base else []
+    table, evaluations = "", []
     if results and "zero-shot" in results:
-        header["metrics"] = ["accuracy"]
+        split = results.get("split", "test")
+        dataset = datasets[0] if datasets else "local"
+        evaluations = [
+            EvalResult(
+                task_type="zero-shot-image-classification", dataset_type=dataset, dataset_name=dataset,
+                dataset_split=split, metric_type="accuracy", metric_name=f"top-1 accuracy, {prompt}",
+                metric_value=round(results[prompt]["top1"], 4),
+            )
+            for prompt in ("zero-shot", "learned prompt")
+        ]  # fmt: skip
         table = "\n## Results\n\n| prompt | top-1 | top-5 |\n| --- | ---: | ---: |\n" + "".join(
             f"| {name} | {results[name]['top1']:.4f} | {results[name]['top5']:.4f} |\n"
             for name in ("zero-shot", "learned prompt")
         )
-        table += f"\nOn the `{results.get('split', 'test')}` split, {results['learned prompt']['n']} images.\n"
-    yaml = "\n".join(_yaml_line(k, v) for k, v in header.items())
-    position = config.get("class_token_position", "end")
-    names = config.get("class_names") or []
+        table += f"\nOn the `{split}` split, {results['learned prompt']['n']} images.\n"
+    data = ModelCardData(
+        library_name="peft", base_model=base, pipeline_tag="zero-shot-image-classification", tags=tags,
+        datasets=list(datasets) if datasets else None, metrics=["accuracy"] if evaluations else None,
+        model_name=repo_id, eval_results=evaluations or None,
+    )  # fmt: skip
+    names = [printable(n) for n in config.class_names or []]
     classes = f"{len(names)} classes: {', '.join(names[:20])}{', ...' if len(names) > 20 else ''}." if names else ""
-    return f"""---
-{yaml}
----
-
+    load = base or config.base_model_name_or_path or "openai/clip-vit-base-patch32"
+    position = config.class_token_position.value
+    body = f"""
 # {repo_id}
 
-A prompt adapter for `{base}`, learned with [peft-prompt-clip](https://pypi.org/project/peft-prompt-clip/):
-{method}, {config.get("n_ctx")} learned context vectors (class token at the {position}) that replace the
+A prompt adapter for `{load}`, learned with [peft-prompt-clip](https://pypi.org/project/peft-prompt-clip/):
+{method}, {config.n_ctx} learned context vectors (class token at the {position}) that replace the
 hand-written words of CLIP's prompt. {classes}
 {table}
 ## Usage
@@ -63,22 +105,17 @@ hand-written words of CLIP's prompt. {classes}
 import peft_prompt_clip  # registers the adapter type with PEFT
 from peft import PeftModel
 from PIL import Image
-from transformers import AutoProcessor, CLIPModel
+from transformers import AutoModel, AutoProcessor
 
-model = PeftModel.from_pretrained(CLIPModel.from_pretrained("{base}"), "{repo_id}")
-processor = AutoProcessor.from_pretrained("{base}")
+model = PeftModel.from_pretrained(AutoModel.from_pretrained("{load}"), "{repo_id}")
+processor = AutoProcessor.from_pretrained("{load}")
 classifier = peft_prompt_clip.PromptClassifier(model, processor, model.peft_config["default"].class_names)
 print(classifier.predict([Image.open("image.jpg")], top_k=3))
 ```
 
 or `peft-prompt-clip predict --adapter {repo_id} image.jpg`.
 """
-
-
-def _yaml_line(key: str, value: Any) -> str:
-    if isinstance(value, list):
-        return f"{key}:\n" + "\n".join(f"- {json.dumps(v)}" for v in value)
-    return f"{key}: {json.dumps(value)}"
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
 
 
 def push_adapter(
@@ -88,6 +125,7 @@ def push_adapter(
     token: str | None = None,
     datasets: list[str] | None = None,
     commit_message: str = "Upload prompt adapter",
+    base_model: str | None = None,
 ) -> str:
     """
     Upload a saved adapter (`adapter_config.json`, `adapter_model.safetensors`, `eval_results.json` if present) and
@@ -99,6 +137,8 @@ def push_adapter(
         private (`bool`, *optional*, defaults to `False`): create the repo private.
         token (`str`, *optional*): a write token; by default the one `hf auth login` saved or `HF_TOKEN`.
         datasets (`list[str]`, *optional*): dataset ids for the card's metadata.
+        commit_message (`str`, *optional*): the commit's message.
+        base_model (`str`, *optional*): the base model's Hub id for the card (see [`model_card`]).
     """
     folder = Path(resolve_adapter(str(adapter)))
     token = token or get_token()
@@ -112,6 +152,6 @@ def push_adapter(
         for name in (CONFIG_NAME, WEIGHTS_NAME, RESULTS_NAME)
         if (folder / name).is_file()
     ]
-    card = model_card(folder, repo_id, datasets).encode()
+    card = model_card(folder, repo_id, datasets, base_model).encode()
     operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card))
     return api.create_commit(repo_id, operations, commit_message=commit_message).commit_url

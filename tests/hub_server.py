@@ -19,6 +19,8 @@ from urllib.parse import unquote, urlparse
 
 import yaml
 
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
 
 class HubState:
     def __init__(self, tokens: set[str]):
@@ -106,6 +108,15 @@ class Handler(BaseHTTPRequestHandler):
                 return self._json(400, {"error": f"Invalid metadata in README.md: {exc}"})
             if not isinstance(metadata, dict):
                 return self._json(400, {"error": "Invalid metadata in README.md: not a mapping"})
+            # as the Hub: base_model names existing models by id, datasets are dataset ids (no local paths)
+            bases = metadata.get("base_model")
+            for base in bases if isinstance(bases, list) else [] if bases is None else [bases]:
+                if not isinstance(base, str) or not REPO_ID.fullmatch(base) or base not in self.state.repos:
+                    return self._json(400, {"error": f'"base_model" with value "{base}" is not valid: use a model id'})
+            names = metadata.get("datasets")
+            for name in names if isinstance(names, list) else [] if names is None else [names]:
+                if not isinstance(name, str) or not REPO_ID.fullmatch(name):
+                    return self._json(400, {"error": f'"datasets" with value "{name}" is not valid: use dataset ids'})
             return self._json(200, {"warnings": []})
         match = re.fullmatch(r"/api/models/(.+)/(preupload|commit)/([^/]+)", path)
         if not match:

@@ -110,14 +110,24 @@ def test_push_then_load_by_repo_id_in_a_fresh_process(hub, clip_dir, adapter, tm
 
 def test_model_card(hub, adapter, clip_dir, tmp_path):
     state, env = hub
-    cli({**env, "HF_TOKEN": TOKEN}, "push", "--adapter", adapter, "--repo", "user/card", "--dataset", "tiny/images")
+    files = {p.name: p.read_bytes() for p in clip_dir.iterdir() if p.is_file()}
+    state.repos["tiny/clip"] = {"branches": {"main": "2" * 40}, "commits": {"2" * 40: files}}
+    cli(
+        {**env, "HF_TOKEN": TOKEN}, "push", "--adapter", adapter, "--repo", "user/card", "--dataset", "tiny/images",
+        "--base-model", "tiny/clip",
+    )  # fmt: skip
     (tmp_path / "README.md").write_bytes(head(state, "user/card")["README.md"])
     card = ModelCard.load(tmp_path / "README.md")
     assert card.data.library_name == "peft"
-    assert card.data.base_model == str(clip_dir)
+    assert card.data.base_model == "tiny/clip" and "base_model:adapter:tiny/clip" in card.data.tags
     assert card.data.pipeline_tag == "zero-shot-image-classification"
     assert {"prompt-learning", "coop", "class-specific-context"} <= set(card.data.tags)
     assert card.data.datasets == ["tiny/images"] and card.data.metrics == ["accuracy"]
+    (index,) = card.data.to_dict()["model-index"]
+    metrics = {m["name"]: m["value"] for m in index["results"][0]["metrics"]}
+    assert (
+        metrics["top-1 accuracy, learned prompt"] == 0.8333 and index["results"][0]["dataset"]["type"] == "tiny/images"
+    )
     assert "| learned prompt | 0.8333 | 1.0000 |" in card.text
 
     # the usage snippet runs as written (with an image.jpg beside it)
@@ -125,6 +135,25 @@ def test_model_card(hub, adapter, clip_dir, tmp_path):
     Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "image.jpg")
     result = python(snippet, env, cwd=tmp_path)
     assert re.search(r"\[\[\('(cat|dog|red car)', 0\.\d+", result.stdout)
+
+
+def test_a_local_base_model_is_left_out_of_the_card_not_sent(hub, adapter, clip_dir, tmp_path):
+    state, env = hub
+    result = cli({**env, "HF_TOKEN": TOKEN}, "push", "--adapter", adapter, "--repo", "user/local-base")
+    assert "is not a Hub model id, so the card names no base model" in result.stderr
+    (tmp_path / "README.md").write_bytes(head(state, "user/local-base")["README.md"])
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.base_model is None and not any(t.startswith("base_model:") for t in card.data.tags)
+    assert str(clip_dir) in card.text  # the usage snippet still loads the model the adapter was learned on
+    # the test server refuses what the Hub refuses: a card naming a local path as its base model
+    bad = card.content.replace("library_name: peft", f"library_name: peft\nbase_model: {clip_dir}")
+    upload = f"""
+from huggingface_hub import HfApi
+api = HfApi(token={TOKEN!r})
+api.upload_file(path_or_fileobj={bad.encode()!r}, path_in_repo="README.md", repo_id="user/local-base")
+"""
+    result = python(upload, env, check=False)
+    assert result.returncode != 0 and "is not valid: use a model id" in result.stderr
 
 
 def test_peft_push_to_hub_and_revisions(hub, clip_dir, adapter):
