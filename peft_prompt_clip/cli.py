@@ -146,12 +146,7 @@ def eval_(args: argparse.Namespace) -> dict[str, Any]:
     """Accuracy of the learned prompt against the zero-shot prompt on `--data`."""
     model, processor, folder = _adapter_model(args)
     templates = IMAGENET_TEMPLATES if args.templates == "imagenet" else CLIP_TEMPLATE
-    data = _data(args, args.split)
-    config = model.peft_config[model.active_adapter]
-    if config.class_specific and data.class_names != config.class_names:
-        raise ValueError(
-            f"This adapter has one context per class for {config.class_names}; evaluate it on those classes."
-        )
+    data = _data(args, args.split)  # a class-specific adapter scores any of its classes (PromptClassifier checks)
 
     def both(part: LabeledImages) -> dict[str, dict[str, Any]]:
         return {
@@ -194,11 +189,6 @@ def predict(args: argparse.Namespace) -> list[list[tuple[str, float]]]:
     names = args.classes.split(",") if args.classes else config.class_names
     if not names:
         raise ValueError("The adapter has no class names; pass --classes 'name one,name two,...'.")
-    if config.class_specific and config.class_names is not None and names != config.class_names:
-        raise ValueError(
-            f"This adapter has one context per class for {config.class_names}; predict among those classes, in that "
-            "order (leave out --classes)."
-        )
     images = []
     for path in args.images:
         try:

@@ -14,7 +14,7 @@ from peft import PeftModel
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .layer import PromptOptions, find_prompt_layer, prompt_options
+from .layer import PromptEmbeddingLayer, PromptOptions, find_prompt_layer, prompt_options
 from .layout import Pooling, end_of_text_index
 from .model import find_text_embeddings, text_family, text_pooling
 from .prefix import CausalTextTower, common_prefix_length
@@ -147,9 +147,12 @@ class PromptEncoder:
         enabled: bool = True,
         image_features: torch.Tensor | None = None,
         chunk_size: int | None = None,
+        classes: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """
         Normalised features of the class prompts `tokens`, at most `chunk_size` prompts per call of the text tower.
+        `classes` are the adapter's class indices of the prompts, for class-specific context (default: prompt `i` is
+        class `i`).
 
         Returns `(classes, dim)`, or `(images, classes, dim)` for a conditional (CoCoOp) adapter, whose context is
         shifted per image by `image_features` (`(images, dim)`, normalised): its prompts are the classes once per
@@ -158,7 +161,8 @@ class PromptEncoder:
         held at a time.
         """
         name = self.adapter(adapter_name, enabled)  # resolved once: every chunk uses the same adapter
-        classes = tokens["input_ids"].shape[0]
+        indices = list(range(tokens["input_ids"].shape[0])) if classes is None else list(classes)
+        classes = len(indices)
         conditional = self.is_conditional(name)
         if conditional and image_features is None:
             raise ValueError(
@@ -171,14 +175,14 @@ class PromptEncoder:
 
                 def run(start: int, stop: int) -> torch.Tensor:
                     rows = {k: v[start:stop] for k, v in tokens.items()}
-                    return self.text_features(rows, name, name is not None, classes=range(start, stop))
+                    return self.text_features(rows, name, name is not None, classes=indices[start:stop])
 
             else:
                 ids, eos, shared = plan
-                states = self.tower.prefix_states(self._embedded(ids[:1], name, classes=range(1))[:, :shared])
+                states = self.tower.prefix_states(self._embedded(ids[:1], name, classes=indices[:1])[:, :shared])
 
                 def run(start: int, stop: int) -> torch.Tensor:
-                    rows = self._embedded(ids[start:stop], name, classes=range(start, stop))[:, shared:]
+                    rows = self._embedded(ids[start:stop], name, classes=indices[start:stop])[:, shared:]
                     return _normalized(self.tower.features(rows, states, eos[start:stop] - shared))
 
             return _chunked(run, classes, chunk_size or classes)
@@ -237,8 +241,9 @@ class PromptEncoder:
         condition: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Input embeddings, positions added, of prompts `ids` as the adapter's layout expanded them."""
-        if adapter_name is None:
-            return self.embeddings(input_ids=ids)
+        if adapter_name is None:  # the wrapped module itself: no call state of any forward can reach it
+            base = self.embeddings.get_base_layer() if isinstance(self.embeddings, PromptEmbeddingLayer) else None
+            return (base or self.embeddings)(input_ids=ids)
         rows = None if classes is None else torch.as_tensor(classes, dtype=torch.long)
         embeds = self.layer.embed(ids, adapter_name, PromptOptions(adapter_name, True, rows, condition))
         return self.layer.base_layer(inputs_embeds=embeds)

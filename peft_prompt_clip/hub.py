@@ -146,7 +146,10 @@ def push_adapter(
         raise ValueError("Pushing needs a Hugging Face token with write access: run `hf auth login`, set HF_TOKEN, "
                          "or pass --token.")  # fmt: skip
     api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+    except Exception as exc:  # the transport's own errors (httpx, requests) are no OSError
+        raise _network_error(exc, f"create the Hub repo {repo_id!r}") from None
     operations = [
         CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name))
         for name in (CONFIG_NAME, WEIGHTS_NAME, RESULTS_NAME)
@@ -154,4 +157,14 @@ def push_adapter(
     ]
     card = model_card(folder, repo_id, datasets, base_model).encode()
     operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card))
-    return api.create_commit(repo_id, operations, commit_message=commit_message).commit_url
+    try:
+        return api.create_commit(repo_id, operations, commit_message=commit_message).commit_url
+    except Exception as exc:  # as above
+        raise _network_error(exc, f"push to the Hub repo {repo_id!r}") from None
+
+
+def _network_error(exc: Exception, doing: str) -> Exception:
+    """`exc` as the CLI reports it in one line: the Hub's answers and the transport's failures become an OSError."""
+    if isinstance(exc, OSError) or type(exc).__module__.split(".")[0] in ("httpx", "requests", "urllib3", "httpcore"):
+        return OSError(f"Could not {doing}: {exc}")
+    return exc

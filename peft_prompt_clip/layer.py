@@ -77,7 +77,7 @@ class _Call:
     """One forward of the text model, resolved once by the pre-hook and read by the embeddings' forward."""
 
     layer: PromptEmbeddingLayer
-    adapter_name: str
+    adapter_name: str | None  # None: the base model's embeddings, no context
     options: PromptOptions
     previous: _Call | None
 
@@ -183,13 +183,15 @@ class PromptEmbeddingLayer(nn.Module, BaseTunerLayer):
 
     def _begin_call(self, owner: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple | None:
         options = _OPTIONS.get()
+        previous = _CALL.get()
+        if previous is not None and previous.layer is self:  # left by a forward interrupted past its end hook
+            previous = previous.previous  # (torch runs always_call hooks on Exception, not on KeyboardInterrupt)
         name = self.resolve(options)
-        if name is None:
-            return None
         inputs = self._owner_signature.bind_partial(*args, **kwargs).arguments
         inputs.update(inputs.pop(self._owner_var_kwargs, {}))
         input_ids = inputs.get("input_ids")
-        if input_ids is None:
+        if name is None or input_ids is None:  # every call of the owner sets its own state: a pass-through here
+            _CALL.set(_Call(self, None, options, previous))
             return None
         if inputs.get("position_ids") is not None:
             raise ValueError(
@@ -201,7 +203,7 @@ class PromptEmbeddingLayer(nn.Module, BaseTunerLayer):
         if mask is not None:
             mask = mask.view(-1, mask.shape[-1])
         inputs["input_ids"], inputs["attention_mask"] = self.prompt_layouts[name].expand(input_ids, mask)
-        _CALL.set(_Call(self, name, options, _CALL.get()))
+        _CALL.set(_Call(self, name, options, previous))
         return (), inputs
 
     def _end_call(self, owner: nn.Module, args: tuple, output: Any) -> None:
@@ -216,7 +218,7 @@ class PromptEmbeddingLayer(nn.Module, BaseTunerLayer):
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         call = _CALL.get()
-        if call is None or call.layer is not self or input_ids is None:
+        if call is None or call.layer is not self or call.adapter_name is None or input_ids is None:
             return self.base_layer(input_ids=input_ids, position_ids=position_ids, inputs_embeds=inputs_embeds)
         embeds = self.embed(input_ids, call.adapter_name, call.options)
         return self.base_layer(inputs_embeds=embeds, position_ids=position_ids)

@@ -3,6 +3,7 @@ that keeps two processes saving into the same folder from interleaving their fil
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -87,10 +88,10 @@ def locked(folder: Path, shared: bool = False) -> Iterator[None]:
     lock = FileLock(str(path), mode=file_mode(), preserve_lock_file=True)
     try:
         lock.acquire()
-    except PermissionError:
-        if not shared:
+    except OSError as exc:
+        if not shared or exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise
-        yield  # a read-only folder
+        yield  # a folder read-only to us (permissions, a read-only mount)
         return
     try:
         yield
@@ -99,29 +100,33 @@ def locked(folder: Path, shared: bool = False) -> Iterator[None]:
 
 
 def save_adapter(model: Any, folder: str | Path) -> None:
-    """`model.save_pretrained(folder)`, crash-safe and exclusive: the files are written to a temporary folder, synced,
-    then moved into place under the folder's lock, so a failed save leaves the previous adapter whole and two
-    processes saving to one folder never mix their files."""
+    """The model's active adapter saved as `save_pretrained` does, into `folder` itself whatever the adapter's name;
+    crash-safe and exclusive: the files are written to a temporary folder, synced, then moved into place under the
+    folder's lock, so a failed save leaves the previous adapter whole and two processes saving to one folder never
+    mix their files. Results of the adapter it replaces (`eval_results.json`) are removed."""
     folder = Path(folder)
+    name = model.active_adapter
     with locked(folder):
         for stale in folder.glob(".save-*"):  # left by a process killed while saving
             shutil.rmtree(stale, ignore_errors=True)
-        staging = Path(tempfile.mkdtemp(dir=folder, prefix=".save-"))
+        root = Path(tempfile.mkdtemp(dir=folder, prefix=".save-"))
         try:
-            model.save_pretrained(staging)
+            model.save_pretrained(root, selected_adapters=[name])
+            staging = root if name == "default" else root / name  # PEFT saves other adapters into a subfolder
             _record_weights_digest(staging)
-            names = sorted(os.listdir(staging))
-            for name in names:
-                os.chmod(staging / name, file_mode())
-                with open(staging / name, "rb") as f:
+            names = sorted(n for n in os.listdir(staging) if (staging / n).is_file())
+            for file in names:
+                os.chmod(staging / file, file_mode())
+                with open(staging / file, "rb") as f:
                     os.fsync(f.fileno())
             # the weights first, the config last: a crash in between leaves the previous config, whose digest of its
             # own weights the loader checks, so a mixed pair is refused rather than used
-            for name in sorted(names, key=lambda n: n == "adapter_config.json"):
-                os.replace(staging / name, folder / name)
+            for file in sorted(names, key=lambda n: n == "adapter_config.json"):
+                os.replace(staging / file, folder / file)
+            (folder / "eval_results.json").unlink(missing_ok=True)  # they described the adapter just replaced
             _fsync_dir(folder)
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def _record_weights_digest(folder: Path) -> None:

@@ -198,10 +198,16 @@ class PromptTrainer:
         self.class_tokens = self.encoder.tokenize([f"{name}." for name in train_data.class_names], self.adapter_name)
         self.loss = PromptLoss(args.kg_weight, args.kl_weight, self._hand_features())
         self.labels = torch.tensor(train_data.labels, device=self.accelerator.device)
-        # what a checkpoint must share with this run to be resumed by it: the recipe (more epochs may follow) and the
-        # data's fingerprint
+        # what a checkpoint must share with this run to be resumed by it: the adapter, the base model, the recipe and
+        # the loss (more epochs may follow) and the data's fingerprint
+        config = model.peft_config[self.adapter_name]
+        adapter_fields = ("n_ctx", "ctx_init", "init_seed", "class_token_position", "class_specific", "conditional")
+        adapter_fields += ("meta_net_reduction", "suffix_token_ids", "base_model_name_or_path")
+        recipe = ("optimizer", "lr", "momentum", "weight_decay", "warmup_epochs", "warmup_lr", "batch_size", "seed")
+        recipe += ("kg_weight", "kl_weight", "hand_template")
         self.run = {
-            **{k: getattr(args, k) for k in ("optimizer", "lr", "momentum", "weight_decay", "batch_size", "seed")},
+            **{k: getattr(config, k) for k in adapter_fields},
+            **{k: getattr(args, k) for k in recipe},
             "augment": self.augment,
             "gradient_accumulation_steps": args.gradient_accumulation_steps,
             "class_names": list(train_data.class_names),

@@ -178,15 +178,25 @@ def test_bad_values_are_clear_errors(clip_dir, tmp_path, monkeypatch, capsys):
         nearest_words(model, processor.tokenizer, k=100_000)
 
 
-def test_a_class_specific_adapter_predicts_only_among_its_classes_in_order(clip_dir, tmp_path, capsys):
+def test_a_class_specific_adapter_predicts_with_each_class_its_own_context(clip_dir, tmp_path, capsys):
     from peft_prompt_clip.cli import main
 
     config = PromptEmbeddingConfig(n_ctx=2, class_specific=True, class_names=["cat", "dog", "red car"])
-    save_adapter(get_peft_model(CLIPModel.from_pretrained(clip_dir), config), tmp_path / "csc")
+    model = get_peft_model(CLIPModel.from_pretrained(clip_dir), config)
+    with torch.no_grad():
+        next(p for p in model.parameters() if p.requires_grad).normal_()
+    save_adapter(model, tmp_path / "csc")
     image = tmp_path / "x.png"
     Image.new("RGB", (30, 30)).save(image)
-    assert main(["predict", "--adapter", str(tmp_path / "csc"), "--classes", "dog,cat,red car", str(image)]) == 2
-    assert "predict among those classes, in that order" in capsys.readouterr().err
+
+    def scores(*classes):
+        assert main(["predict", "--adapter", str(tmp_path / "csc"), *classes, str(image)]) == 0
+        top = capsys.readouterr().out.split(": ", 1)[1].strip().split(", ")
+        return {part.rsplit(" ", 1)[0]: float(part.rsplit(" ", 1)[1]) for part in top}
+
+    assert scores() == scores("--classes", "red car,dog,cat")  # reordered: each class keeps its own context
+    assert main(["predict", "--adapter", str(tmp_path / "csc"), "--classes", "cat,bird", str(image)]) == 2
+    assert "it has none for ['bird']" in capsys.readouterr().err
 
 
 def test_untrusted_class_names_are_printed_escaped(clip_dir, tmp_path, capsys):
@@ -288,3 +298,76 @@ def test_models_of_no_supported_family_and_damaged_weights_are_one_line(clip_dir
         code = main(["train", "--model", str(tmp_path / name), "--data", str(images), "--output", str(tmp_path / "o")])
         err = capsys.readouterr().err
         assert code == 2 and message in err and "Traceback" not in err, (name, err)
+
+
+def test_review_findings(clip_dir, tmp_path, tokenizer, monkeypatch):
+    from transformers import AutoProcessor
+
+    from peft_prompt_clip import PromptClassifier, PromptEncoder, prompt_options
+    from peft_prompt_clip.hub import push_adapter
+
+    # an adapter of another name is saved into the folder itself, and loads back
+    model = get_peft_model(CLIPModel.from_pretrained(clip_dir).eval(), PromptEmbeddingConfig(n_ctx=2), "coop")
+    save_adapter(model, tmp_path / "named")
+    assert (tmp_path / "named" / "adapter_config.json").is_file() and not (tmp_path / "named" / "coop").exists()
+    load_prompt_model(CLIPModel.from_pretrained(clip_dir), str(tmp_path / "named"))
+    # a new save removes the results of the adapter it replaces
+    (tmp_path / "named" / "eval_results.json").write_text("{}")
+    save_adapter(model, tmp_path / "named")
+    assert not (tmp_path / "named" / "eval_results.json").exists()
+
+    # a forward interrupted by Ctrl-C leaves no call state for the next one
+    inputs = tokenizer(["cat.", "dog."], padding=True, return_tensors="pt")
+    base = CLIPModel.from_pretrained(clip_dir).eval()
+    with torch.no_grad():
+        expected = base.get_text_features(**inputs)
+        expected = expected if isinstance(expected, torch.Tensor) else expected.pooler_output
+        layer0 = model.base_model.model.text_model.encoder.layers[0]
+        hook = layer0.register_forward_pre_hook(lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            model.get_text_features(**inputs)
+        hook.remove()
+        with prompt_options(enabled=False):
+            out = model.get_text_features(**inputs)
+        out = out if isinstance(out, torch.Tensor) else out.pooler_output
+        torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+        encoder = PromptEncoder(model, tokenizer, share_prefix=False)
+        shared = PromptEncoder(model, tokenizer).class_features(
+            encoder.tokenize(["cat.", "dog."], enabled=False), enabled=False
+        )
+        torch.testing.assert_close(shared, torch.nn.functional.normalize(expected, dim=-1), atol=1e-5, rtol=0)
+
+    # a class-specific adapter scores any subset of its classes with each class's own context
+    names = ["cat", "dog", "red car"]
+    csc = get_peft_model(
+        CLIPModel.from_pretrained(clip_dir).eval(),
+        PromptEmbeddingConfig(n_ctx=2, class_specific=True, class_names=names),
+    )
+    with torch.no_grad():
+        next(p for p in csc.parameters() if p.requires_grad).normal_()
+    processor = AutoProcessor.from_pretrained(clip_dir)
+    full = PromptClassifier(csc, processor, names).class_features()
+    subset = PromptClassifier(csc, processor, ["red car", "cat"]).class_features()
+    torch.testing.assert_close(subset, full[[2, 0]], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match=r"it has none for \['bird'\]"):
+        PromptClassifier(csc, processor, ["cat", "bird"]).class_features()
+
+    # a folder read-only to the reader still loads (the lock cannot be opened for writing there)
+    import errno as errno_module
+
+    def read_only(self, *args, **kwargs):
+        raise OSError(errno_module.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(storage.FileLock, "acquire", read_only)
+    load_prompt_model(CLIPModel.from_pretrained(clip_dir), str(tmp_path / "named"))
+    monkeypatch.undo()
+
+    # a push without network is an OSError (one line in the CLI), not the transport's own exception
+    ConnectError = type("ConnectError", (Exception,), {"__module__": "httpx"})  # noqa: N806
+
+    def offline(self, *args, **kwargs):
+        raise ConnectError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr("huggingface_hub.HfApi.create_repo", offline)
+    with pytest.raises(OSError, match="Could not create the Hub repo 'user/x'.*name resolution"):
+        push_adapter(tmp_path / "named", "user/x", token="hf_x")
