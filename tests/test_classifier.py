@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors import safe_open
 from transformers import AutoProcessor
 
-from peft_prompt_clip import PromptEmbeddingConfig, PromptEmbeddingLayer
+from peft_prompt_clip import PromptEmbeddingConfig
 from peft_prompt_clip.classifier import IMAGENET_TEMPLATES, PromptClassifier
 
 CLASSES = ["cat", "dog", "x-ray", "red car"]
@@ -100,33 +100,6 @@ def test_bad_arguments_are_clear(clip, processor):
         PromptClassifier(clip, processor, [])
     with pytest.raises(ValueError, match=r"needs a '\{\}'"):
         PromptClassifier(clip, processor, CLASSES, templates=["a photo"])
-
-
-def test_classifiers_of_two_adapters_under_threads(clip, processor):
-    from concurrent.futures import ThreadPoolExecutor
-
-    model = get_peft_model(clip, PromptEmbeddingConfig(n_ctx=4, init_seed=1))
-    model.add_adapter("other", PromptEmbeddingConfig(n_ctx=2, init_seed=2, class_token_position="front"))
-    layer = next(m for m in model.modules() if isinstance(m, PromptEmbeddingLayer))
-    with torch.no_grad():
-        for context in layer.prompt_embedding_ctx.values():
-            context.normal_(0, 1.0)
-    pixels = torch.rand(4, 3, 30, 30)
-    classifiers = {
-        name: PromptClassifier(model, processor, CLASSES, adapter_name=name) for name in ("default", "other")
-    }
-    expected = {name: c.logits(pixels) for name, c in classifiers.items()}
-    assert not torch.allclose(expected["default"], expected["other"], atol=1e-3)
-
-    def work(i: int) -> bool:
-        name = ("default", "other")[i % 2]
-        classifier = classifiers[name]
-        classifier.refresh()  # recompute the class features while other threads do the same for the other adapter
-        return torch.allclose(classifier.logits(pixels), expected[name], atol=1e-5)
-
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        assert all(pool.map(work, range(64)))
-    assert model.active_adapter == "default"  # the classifiers never switched the model's adapter
 
 
 def test_duplicate_and_too_long_class_names(clip, processor):

@@ -94,3 +94,23 @@ def test_a_failed_forward_leaves_no_call_state_behind(two_adapters, tokenizer):
         with prompt_options(adapter_name="other"), pytest.raises(ValueError):
             model.get_text_features(input_ids=torch.full((1, 30), 5))  # too long for the positions
         assert torch.equal(text_features(model, **good), before)
+
+
+def test_classifiers_of_two_adapters_under_threads(two_adapters):
+    model, processor = two_adapters
+    pixels = torch.rand(4, 3, 30, 30)
+    classifiers = {
+        name: PromptClassifier(model, processor, CLASSES, adapter_name=name) for name in ("default", "other")
+    }
+    expected = {name: c.logits(pixels) for name, c in classifiers.items()}
+    assert not torch.allclose(expected["default"], expected["other"], atol=1e-3)
+
+    def work(i: int) -> bool:
+        name = ("default", "other")[i % 2]
+        classifier = classifiers[name]
+        classifier.refresh()  # recompute the class features while other threads do the same for the other adapter
+        return torch.allclose(classifier.logits(pixels), expected[name], atol=1e-5)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        assert all(pool.map(work, range(64)))
+    assert model.active_adapter == "default"  # the classifiers never switched the model's adapter
