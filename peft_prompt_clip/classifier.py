@@ -132,8 +132,8 @@ class PromptClassifier:
         """Scaled cosine similarities `(num_images, num_classes)`, as `CLIPModel`'s `logits_per_image`. Pass the
         processor's other image outputs too where the model needs them (SigLIP 2: `pixel_attention_mask`,
         `spatial_shapes`): `logits(**processor(images=images, return_tensors="pt"))`."""
-        image = self.encoder.image_features({"pixel_values": pixel_values, **image_inputs})
         name = self.adapter
+        image = self.encoder.image_features({"pixel_values": pixel_values, **image_inputs}, name, name is not None)
         if self.encoder.is_conditional(name):
             if len(self.templates) != 1:
                 raise ValueError("A conditional (CoCoOp) adapter classifies with one template, not an ensemble.")

@@ -61,6 +61,18 @@ class PromptEmbeddingConfig(PeftConfig):
             with an image tower and a shared context.
         meta_net_reduction (`int`, *optional*, defaults to 16): the meta-net's hidden size is the image feature size
             divided by this (CoCoOp's Linear(d, d/16) -> ReLU -> Linear(d/16, width)).
+        prompt_depth (`int`, *optional*, defaults to 1): layers of the text tower that get learned tokens at the
+            context's positions: the input (the context, as CoOp) and, before each of the next `prompt_depth - 1`
+            encoder layers, that layer's own `n_ctx` learned tokens in place of the hidden states (deep prompts, as
+            VPT-deep, IVLP, MaPLe and PromptSRC). Deep prompts are shared by all classes.
+        vision_n_ctx (`int`, *optional*, defaults to 0): learned tokens appended to the image tower's sequence after
+            its embeddings (no position embedding, as VPT); 0 for none. Image features then depend on the adapter.
+        vision_prompt_depth (`int`, *optional*, defaults to 1): layers of the image tower with their own vision
+            tokens: the appended ones, and before each of the next `vision_prompt_depth - 1` encoder layers, that
+            layer's tokens in place of the previous ones.
+        coupled (`bool`, *optional*, defaults to `False`): MaPLe (Khattak et al., CVPR 2023): the vision tokens of
+            each layer are a learned linear map of that layer's text tokens (its coupling function), not parameters
+            of their own; `vision_n_ctx` and `vision_prompt_depth` are then `n_ctx` and `prompt_depth`.
         target_modules (`str`, *optional*):
             Name (or the end of the name) of the text embeddings module to replace; not a pattern. By default the text
             embeddings of a supported model are found by their class, wherever the model keeps them.
@@ -121,6 +133,20 @@ class PromptEmbeddingConfig(PeftConfig):
     meta_net_reduction: int = field(
         default=16, metadata={"help": "CoCoOp's meta-net hidden size is the image feature size divided by this."}
     )
+    prompt_depth: int = field(
+        default=1,
+        metadata={"help": "Text layers with learned tokens: 1 = the input context only (CoOp); J adds J-1 layers."},
+    )
+    vision_n_ctx: int = field(
+        default=0, metadata={"help": "Learned tokens appended to the image tower's sequence (0: none)."}
+    )
+    vision_prompt_depth: int = field(
+        default=1, metadata={"help": "Image layers with their own learned tokens (1: the appended tokens only)."}
+    )
+    coupled: bool = field(
+        default=False,
+        metadata={"help": "MaPLe: each layer's vision tokens are a learned linear map of its text tokens."},
+    )
     target_modules: str | None = field(
         default=None,
         metadata={
@@ -145,7 +171,7 @@ class PromptEmbeddingConfig(PeftConfig):
             raise ValueError(f"n_ctx must be at least 1, got {self.n_ctx}.")
         if self.ctx_init is not None and (not isinstance(self.ctx_init, str) or not self.ctx_init.strip()):
             raise ValueError(f"ctx_init must be non-empty words such as 'a photo of a', got {self.ctx_init!r}.")
-        for name in ("class_specific", "inference_mode", "conditional"):
+        for name in ("class_specific", "inference_mode", "conditional", "coupled"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be true or false, got {getattr(self, name)!r}.")
         for name in ("tokenizer_name_or_path", "base_model_name_or_path", "revision"):
@@ -179,6 +205,31 @@ class PromptEmbeddingConfig(PeftConfig):
             raise TypeError(f"meta_net_reduction must be an integer, got {self.meta_net_reduction!r}.")
         if self.meta_net_reduction < 1:
             raise ValueError(f"meta_net_reduction must be at least 1, got {self.meta_net_reduction}.")
+        for name, least in (("prompt_depth", 1), ("vision_n_ctx", 0), ("vision_prompt_depth", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an integer, got {value!r}.")
+            if value < least:
+                raise ValueError(f"{name} must be at least {least}, got {value}.")
+        if self.coupled:
+            if self.vision_n_ctx not in (0, self.n_ctx) or self.vision_prompt_depth not in (1, self.prompt_depth):
+                raise ValueError(
+                    f"coupled (MaPLe) maps each text layer's tokens to that layer's vision tokens, so vision_n_ctx "
+                    f"and vision_prompt_depth are n_ctx and prompt_depth; got vision_n_ctx={self.vision_n_ctx}, "
+                    f"vision_prompt_depth={self.vision_prompt_depth}. Leave them unset."
+                )
+            self.vision_prompt_depth = self.prompt_depth
+            if self.n_ctx is not None:
+                self.vision_n_ctx = self.n_ctx
+        elif self.vision_n_ctx == 0 and self.vision_prompt_depth > 1:
+            raise ValueError(
+                f"vision_prompt_depth={self.vision_prompt_depth} needs vision tokens: set vision_n_ctx (e.g. 4)."
+            )
+        if self.deep_or_vision and (self.class_specific or self.conditional):
+            raise ValueError(
+                "Deep and vision prompts are shared by all classes and images: they do not combine with "
+                "class_specific or conditional (CoCoOp) context."
+            )
         if self.conditional and self.class_specific:
             raise ValueError(
                 "conditional (CoCoOp) context is shared by all classes: drop class_specific or conditional."
@@ -202,6 +253,30 @@ class PromptEmbeddingConfig(PeftConfig):
                 f"target_modules must be a module name or the end of one, such as 'text_model.embeddings' (letters, "
                 f"digits, '_', '-' and '.'), got {self.target_modules!r}; patterns are not accepted."
             )
+
+    @property
+    def deep_or_vision(self) -> bool:
+        """Whether the adapter has prompts past the text tower's input: deep text prompts or vision prompts."""
+        return self.prompt_depth > 1 or self.vision_n_ctx > 0 or self.coupled
+
+    @property
+    def prompts_images(self) -> bool:
+        """Whether the adapter prompts the image tower (its image features depend on the adapter)."""
+        return self.vision_n_ctx > 0 or self.coupled
+
+    @property
+    def method(self) -> str:
+        """The method whose adapter this is, by its structure: CoOp, CoOp (CSC), CoCoOp, deep text prompts, vision
+        prompts, IVLP (independent deep text and vision prompts) or MaPLe (coupled)."""
+        if self.coupled:
+            return "MaPLe"
+        if self.vision_n_ctx:
+            return "IVLP" if self.prompt_depth > 1 else "CoOp with vision prompts (VPT)"
+        if self.prompt_depth > 1:
+            return "deep text prompts"
+        if self.conditional:
+            return "CoCoOp"
+        return "CoOp with class-specific context (CSC)" if self.class_specific else "CoOp"
 
 
 def check_class_names(names: list[str]) -> None:

@@ -15,9 +15,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .layer import PromptEmbeddingLayer, PromptOptions, find_prompt_layer, prompt_options
-from .layout import Pooling, end_of_text_index
+from .layout import Pooling, end_of_text_index, write_at
 from .model import find_text_embeddings, text_family, text_pooling
-from .prefix import CausalTextTower, common_prefix_length
+from .prefix import CausalTextTower, DeepWrite, common_prefix_length
 
 #: Encode a shared prefix once only when that saves at least this share of the token positions: below it, the
 #: separate prefix pass costs about what it saves (measured in benchmarks/shared_prefix.py)
@@ -103,6 +103,11 @@ class PromptEncoder:
         """Whether the (resolved) adapter's context depends on the image (CoCoOp)."""
         return adapter_name is not None and self.layer.is_conditional(adapter_name)
 
+    def prompts_images(self, adapter_name: str | None) -> bool:
+        """Whether the (resolved) adapter has vision prompts: its image features depend on it, so they cannot be
+        computed once without it."""
+        return adapter_name is not None and self.layer.prompts_images(adapter_name)
+
     def tokenize(
         self, texts: Sequence[str], adapter_name: str | None = None, enabled: bool = True
     ) -> dict[str, torch.Tensor]:
@@ -178,12 +183,14 @@ class PromptEncoder:
                     return self.text_features(rows, name, name is not None, classes=indices[start:stop])
 
             else:
-                ids, eos, shared = plan
-                states = self.tower.prefix_states(self._embedded(ids[:1], name, classes=indices[:1])[:, :shared])
+                ids, eos, shared, slots = plan
+                prefix = self._embedded(ids[:1], name, classes=indices[:1])[:, :shared]
+                states = self.tower.prefix_states(prefix, self._deep_write(name, slots, shared, 0, 1, prefix=True))
 
                 def run(start: int, stop: int) -> torch.Tensor:
                     rows = self._embedded(ids[start:stop], name, classes=indices[start:stop])[:, shared:]
-                    return _normalized(self.tower.features(rows, states, eos[start:stop] - shared))
+                    deep = self._deep_write(name, slots, shared, start, stop, prefix=False)
+                    return _normalized(self.tower.features(rows, states, eos[start:stop] - shared, deep))
 
             return _chunked(run, classes, chunk_size or classes)
         images = image_features.shape[0]
@@ -195,7 +202,7 @@ class PromptEncoder:
                 return features.view(stop - start, classes, -1)
 
         else:  # one prefix per image: the image's context is shared by its class prompts
-            ids, eos, shared = plan
+            ids, eos, shared, _ = plan  # CoCoOp has no deep prompts
             prefixes = self._embedded(ids[:1].repeat(images, 1), name, condition=image_features)[:, :shared]
             states = self.tower.prefix_states(prefixes)
 
@@ -210,13 +217,13 @@ class PromptEncoder:
 
     def _prefix_plan(
         self, tokens: Mapping[str, torch.Tensor], adapter_name: str | None
-    ) -> tuple[torch.Tensor, torch.Tensor, int] | None:
-        """`(ids, end-of-text index, shared length)` of the class prompts `tokens` as the text tower sees them (the
-        adapter's context slots inserted), when encoding their shared prefix once is exact and saves enough work;
-        None otherwise."""
+    ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None] | None:
+        """`(ids, end-of-text index, shared length, context slots)` of the class prompts `tokens` as the text tower
+        sees them (the adapter's context slots inserted; slots for deep prompts only), when encoding their shared
+        prefix once is exact and saves enough work; None otherwise."""
         if self.tower is None:
             return None
-        ids = tokens["input_ids"]
+        ids, slots = tokens["input_ids"], None
         if adapter_name is None:
             eos = end_of_text_index(ids, self.pooling, self.eos_token_id)
             shared = common_prefix_length(ids)
@@ -227,11 +234,32 @@ class PromptEncoder:
             shared = common_prefix_length(ids)
             if self.layer.prompt_embedding_ctx[adapter_name].dim() == 3:  # class-specific: each prompt's own context
                 shared = min(shared, int(layout.locate(ids).min()))
+            if adapter_name in self.layer.prompt_embedding_deep_ctx:
+                slots = layout.locate(ids)
         shared = min(shared, int(eos.min()))  # every prompt keeps at least its end-of-text token
+        if slots is not None and not bool(((slots < shared).sum(1) == (slots[0] < shared).sum()).all()):
+            return None  # the prefix must hold the same context slots in every prompt
         rows, length = ids.shape
         if shared * (rows - 1) < MIN_PREFIX_SAVING * rows * length:
             return None
-        return ids, eos, shared
+        return ids, eos, shared, slots
+
+    def _deep_write(
+        self, adapter_name: str | None, slots: torch.Tensor | None, shared: int, start: int, stop: int, prefix: bool
+    ) -> DeepWrite | None:
+        """How the shared-prefix path writes the adapter's deep prompts: in the prefix, the context slots before
+        `shared`; in the rows `start:stop` of the suffixes, the others, at their positions past the prefix."""
+        if slots is None:
+            return None
+        deep = self.layer.prompt_embedding_deep_ctx[adapter_name]
+        inside = int((slots[0] < shared).sum())  # the context's first `inside` vectors lie in the prefix
+        where = slots[:1, :inside] if prefix else slots[start:stop, inside:] - shared
+        part = slice(0, inside) if prefix else slice(inside, None)
+
+        def write(index: int, hidden: torch.Tensor) -> torch.Tensor:
+            return write_at(hidden, where, deep[index - 1, part]) if 0 < index <= deep.shape[0] else hidden
+
+        return write
 
     def _embedded(
         self,
@@ -248,11 +276,15 @@ class PromptEncoder:
         embeds = self.layer.embed(ids, adapter_name, PromptOptions(adapter_name, True, rows, condition))
         return self.layer.base_layer(inputs_embeds=embeds)
 
-    def image_features(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def image_features(
+        self, inputs: Mapping[str, torch.Tensor], adapter_name: str | None = None, enabled: bool = True
+    ) -> torch.Tensor:
         """Normalised image features `(images, dim)` (at least float32) of the processor's outputs `inputs`
-        (`pixel_values`, and for SigLIP 2 `pixel_attention_mask` and `spatial_shapes`)."""
+        (`pixel_values`, and for SigLIP 2 `pixel_attention_mask` and `spatial_shapes`), with the adapter's vision
+        prompts if it has them (the arguments after `inputs` are those of [`prompt_options`])."""
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
-        return _normalized(features_of(self.base.get_image_features(**inputs)))
+        with prompt_options(adapter_name, enabled):
+            return _normalized(features_of(self.base.get_image_features(**inputs)))
 
     def logits(self, image_features: torch.Tensor, class_features: torch.Tensor) -> torch.Tensor:
         """Scaled cosine similarities `(images, classes)`, as `CLIPModel`'s `logits_per_image`, for class features

@@ -8,6 +8,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -16,7 +17,7 @@ from torch import nn
 
 from .config import PromptEmbeddingConfig
 from .errors import InvalidAdapterError
-from .layout import PromptLayout
+from .layout import PromptLayout, write_at
 from .peft_private import set_active_adapter
 
 
@@ -74,12 +75,32 @@ def prompt_options(
 
 @dataclass(frozen=True)
 class _Call:
-    """One forward of the text model, resolved once by the pre-hook and read by the embeddings' forward."""
+    """One forward of a tower, resolved once by the pre-hook on the tower and read by the hooks inside it."""
 
     layer: PromptEmbeddingLayer
-    adapter_name: str | None  # None: the base model's embeddings, no context
+    adapter_name: str | None  # None: the base model's tower, no prompts
     options: PromptOptions
     previous: _Call | None
+    tower: str = "text"  # "text" or "vision"
+    slots: torch.Tensor | None = None  # text: the context's positions `(batch, n_ctx)` in the expanded prompts
+
+
+@dataclass(frozen=True)
+class VisionTower:
+    """The parts of an image tower that vision prompts hook into (found by class in `model.py`).
+
+    Args:
+        owner (`nn.Module`): the vision transformer, whose forward runs the others.
+        embeddings (`nn.Module`): its patch and position embeddings; the vision tokens are appended to its output.
+        layers (`Sequence[nn.Module]`): its encoder layers.
+        head (`nn.Module`, *optional*): an attention pooling head over all tokens (SigLIP), which the vision tokens
+            are kept out of.
+    """
+
+    owner: nn.Module
+    embeddings: nn.Module
+    layers: Sequence[nn.Module]
+    head: nn.Module | None = None
 
 
 _CALL: ContextVar[_Call | None] = ContextVar("peft_prompt_clip_call", default=None)
@@ -102,6 +123,13 @@ class PromptEmbeddingLayer(nn.Module, BaseTunerLayer):
     then replaces the placeholders' embeddings with that adapter's context. The resolved call lives in a `ContextVar`
     for the duration of the text model's forward, so concurrent forwards in other threads never see it.
 
+    Deep and vision prompts (IVLP, MaPLe, PromptSRC) are held here too, with hooks that write them in: a forward
+    pre-hook on each of the text tower's encoder layers replaces the hidden states at the context's positions with
+    that layer's tokens; in the image tower, a forward hook on the embeddings appends the vision tokens, a pre-hook on
+    each encoder layer replaces them with that layer's, and a pre-hook on an attention pooling head (SigLIP) keeps
+    them out of the pooling. The image tower's call is resolved by a pre-hook on the vision transformer, as the
+    text's.
+
     Args:
         base_layer (`nn.Module`): the text embeddings module, with `token_embedding` and `position_embedding`.
         owner (`nn.Module`): the module whose forward takes `input_ids` and calls `base_layer`.
@@ -109,10 +137,21 @@ class PromptEmbeddingLayer(nn.Module, BaseTunerLayer):
         context (`torch.Tensor`): its initial context, `(n_ctx, width)` or `(num_classes, n_ctx, width)`.
         layout (`PromptLayout`): where its context goes.
         inference_mode (`bool`, *optional*, defaults to `False`): whether the context is frozen.
+        text_layers (`Sequence[nn.Module]`, *optional*): the text tower's encoder layers, for deep prompts.
+        vision (`VisionTower`, *optional*): the image tower, for vision prompts.
         meta_net (`nn.Module`, *optional*): CoCoOp's meta-net, image feature -> context bias.
+        deep (`torch.Tensor`, *optional*): deep text prompts `(prompt_depth - 1, n_ctx, width)`.
+        vision_ctx (`torch.Tensor`, *optional*): vision prompts `(vision_prompt_depth, vision_n_ctx, vision width)`.
+        coupling (`nn.ModuleList`, *optional*): MaPLe's per-layer maps, text tokens -> vision tokens.
     """
 
-    adapter_layer_names = ("prompt_embedding_ctx", "prompt_embedding_meta_net")
+    adapter_layer_names = (
+        "prompt_embedding_ctx",
+        "prompt_embedding_meta_net",
+        "prompt_embedding_deep_ctx",
+        "prompt_embedding_vision_ctx",
+        "prompt_embedding_coupling",
+    )
     other_param_names = ("prompt_layouts",)
 
     def __init__(
@@ -123,12 +162,20 @@ class PromptEmbeddingLayer(nn.Module, BaseTunerLayer):
         context: torch.Tensor,
         layout: PromptLayout,
         inference_mode: bool = False,
+        text_layers: Sequence[nn.Module] = (),
+        vision: VisionTower | None = None,
         meta_net: nn.Module | None = None,
+        deep: torch.Tensor | None = None,
+        vision_ctx: torch.Tensor | None = None,
+        coupling: nn.ModuleList | None = None,
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.prompt_embedding_ctx = nn.ParameterDict({})
         self.prompt_embedding_meta_net = nn.ModuleDict({})
+        self.prompt_embedding_deep_ctx = nn.ParameterDict({})
+        self.prompt_embedding_vision_ctx = nn.ParameterDict({})
+        self.prompt_embedding_coupling = nn.ModuleDict({})
         self.prompt_layouts: dict[str, PromptLayout] = {}
         set_active_adapter(self, adapter_name)
         self.merged_adapters = []
@@ -136,11 +183,14 @@ class PromptEmbeddingLayer(nn.Module, BaseTunerLayer):
         self._owner_var_kwargs = next(
             (p.name for p in self._owner_signature.parameters.values() if p.kind is p.VAR_KEYWORD), None
         )
-        self._owner_hooks = (
+        self._hooks = [
             owner.register_forward_pre_hook(self._begin_call, with_kwargs=True),
             owner.register_forward_hook(self._end_call, always_call=True),
-        )
-        self.update_layer(adapter_name, context, layout, inference_mode=inference_mode, meta_net=meta_net)
+        ]
+        self._text_layers = list(text_layers)
+        self._vision = vision
+        self._hooked: set[str] = set()
+        self.update_layer(adapter_name, context, layout, inference_mode, meta_net, deep, vision_ctx, coupling)
 
     def update_layer(
         self,
@@ -149,13 +199,56 @@ class PromptEmbeddingLayer(nn.Module, BaseTunerLayer):
         layout: PromptLayout,
         inference_mode: bool = False,
         meta_net: nn.Module | None = None,
+        deep: torch.Tensor | None = None,
+        vision_ctx: torch.Tensor | None = None,
+        coupling: nn.ModuleList | None = None,
     ) -> None:
-        """Add (or replace) the context of `adapter_name`, and its CoCoOp meta-net if it has one."""
+        """Add (or replace) the context of `adapter_name`, and its CoCoOp meta-net, deep text prompts, vision prompts
+        and MaPLe coupling if it has them."""
+        for store in self.adapter_layer_names[1:]:  # a replaced adapter keeps nothing of its predecessor
+            if adapter_name in getattr(self, store):
+                del getattr(self, store)[adapter_name]
         self.prompt_embedding_ctx[adapter_name] = nn.Parameter(context)
         if meta_net is not None:
             self.prompt_embedding_meta_net[adapter_name] = meta_net
+        if deep is not None:
+            self.prompt_embedding_deep_ctx[adapter_name] = nn.Parameter(deep)
+            self._hook_text_layers()
+        if vision_ctx is not None:
+            self.prompt_embedding_vision_ctx[adapter_name] = nn.Parameter(vision_ctx)
+        if coupling is not None:
+            self.prompt_embedding_coupling[adapter_name] = coupling
+        if vision_ctx is not None or coupling is not None:
+            self._hook_vision_tower()
         self.prompt_layouts[adapter_name] = layout
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def _hook_text_layers(self) -> None:
+        if "text" in self._hooked:
+            return
+        self._hooked.add("text")
+        for index, layer in enumerate(self._text_layers):
+            if index:  # the input's tokens are the context, written by this module's forward
+                self._hooks.append(layer.register_forward_pre_hook(partial(self._deep_text, index), with_kwargs=True))
+
+    def _hook_vision_tower(self) -> None:
+        if "vision" in self._hooked:
+            return
+        if self._vision is None:
+            raise ValueError("Vision prompts need a model with an image tower of a supported family.")
+        self._hooked.add("vision")
+        tower = self._vision
+        self._hooks += [
+            tower.owner.register_forward_pre_hook(self._begin_vision_call),
+            tower.owner.register_forward_hook(self._end_call, always_call=True),
+            tower.embeddings.register_forward_hook(self._append_vision),
+        ]
+        for index, layer in enumerate(tower.layers):
+            if index:
+                hook = partial(self._deep_vision, index)
+                self._hooks.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+        if tower.head is not None:
+            self._hooks.append(tower.head.register_forward_pre_hook(self._drop_vision, with_kwargs=True))
 
     def resolve(self, options: PromptOptions | None = None) -> str | None:
         """The adapter a forward with `options` (default: this thread's [`prompt_options`]) uses, or None for the
@@ -202,9 +295,82 @@ class PromptEmbeddingLayer(nn.Module, BaseTunerLayer):
         mask = inputs.get("attention_mask")
         if mask is not None:
             mask = mask.view(-1, mask.shape[-1])
-        inputs["input_ids"], inputs["attention_mask"] = self.prompt_layouts[name].expand(input_ids, mask)
-        _CALL.set(_Call(self, name, options, previous))
+        layout = self.prompt_layouts[name]
+        inputs["input_ids"], inputs["attention_mask"] = layout.expand(input_ids, mask)
+        slots = layout.locate(inputs["input_ids"]) if name in self.prompt_embedding_deep_ctx else None
+        _CALL.set(_Call(self, name, options, previous, "text", slots))
         return (), inputs
+
+    def _begin_vision_call(self, owner: nn.Module, args: tuple) -> None:
+        previous = _CALL.get()
+        if previous is not None and previous.layer is self:
+            previous = previous.previous
+        options = _OPTIONS.get()
+        name = self.resolve(options)
+        if name is not None and not self.prompts_images(name):
+            name = None  # this adapter leaves the image tower as it is
+        _CALL.set(_Call(self, name, options, previous, "vision"))
+
+    def _current(self, tower: str) -> _Call | None:
+        """This layer's call of `tower` in progress, if it uses an adapter."""
+        call = _CALL.get()
+        if call is None or call.layer is not self or call.tower != tower or call.adapter_name is None:
+            return None
+        return call
+
+    def _deep_text(self, index: int, layer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple | None:
+        call = self._current("text")
+        deep = None if call is None else self.prompt_embedding_deep_ctx.get(call.adapter_name)
+        if deep is None or index > deep.shape[0]:
+            return None
+        return _with_hidden(args, kwargs, lambda h: write_at(h, call.slots, deep[index - 1]))
+
+    def _append_vision(self, embeddings: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        call = self._current("vision")
+        if call is None:
+            return None
+        tokens = self.vision_context(call.adapter_name, 0).to(output.dtype)
+        return torch.cat([output, tokens.expand(output.shape[0], -1, -1)], dim=1)
+
+    def _deep_vision(self, index: int, layer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple | None:
+        call = self._current("vision")
+        if call is None or index >= self.vision_depth(call.adapter_name):
+            return None
+        tokens = self.vision_context(call.adapter_name, index)
+        count = tokens.shape[0]
+        return _with_hidden(
+            args, kwargs, lambda h: torch.cat([h[:, :-count], tokens.to(h.dtype).expand(h.shape[0], -1, -1)], dim=1)
+        )
+
+    def _drop_vision(self, head: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple | None:
+        call = self._current("vision")
+        if call is None:
+            return None
+        count = self.vision_context(call.adapter_name, 0).shape[0]
+        return _with_hidden(args, kwargs, lambda h: h[:, :-count])
+
+    def prompts_images(self, adapter_name: str) -> bool:
+        """Whether adapter `adapter_name` has vision prompts (its image features depend on it)."""
+        return adapter_name in self.prompt_embedding_vision_ctx or adapter_name in self.prompt_embedding_coupling
+
+    def vision_depth(self, adapter_name: str) -> int:
+        """How many layers of the image tower get the adapter's vision tokens (0 without vision prompts)."""
+        if adapter_name in self.prompt_embedding_coupling:
+            return len(self.prompt_embedding_coupling[adapter_name])
+        if adapter_name in self.prompt_embedding_vision_ctx:
+            return self.prompt_embedding_vision_ctx[adapter_name].shape[0]
+        return 0
+
+    def vision_context(self, adapter_name: str, index: int) -> torch.Tensor:
+        """The vision tokens `(vision_n_ctx, vision width)` of image layer `index`: the adapter's own, or for MaPLe
+        the coupling map of that layer's text tokens (the context for layer 0, the deep prompts after it)."""
+        if adapter_name in self.prompt_embedding_coupling:
+            if index == 0:
+                text = self.prompt_embedding_ctx[adapter_name]
+            else:
+                text = self.prompt_embedding_deep_ctx[adapter_name][index - 1]
+            return self.prompt_embedding_coupling[adapter_name][index](text)
+        return self.prompt_embedding_vision_ctx[adapter_name][index]
 
     def _end_call(self, owner: nn.Module, args: tuple, output: Any) -> None:
         call = _CALL.get()
@@ -228,9 +394,7 @@ class PromptEmbeddingLayer(nn.Module, BaseTunerLayer):
         context slots (position embeddings not yet added)."""
         positions = self.prompt_layouts[adapter_name].locate(input_ids)
         embeds = self.base_layer.token_embedding(input_ids)
-        batch, _, width = embeds.shape
-        ctx = self.context(adapter_name, batch, options).to(embeds.dtype)
-        return embeds.scatter(1, positions[..., None].expand(-1, -1, width), ctx)
+        return write_at(embeds, positions, self.context(adapter_name, embeds.shape[0], options))
 
     def context(self, adapter_name: str, batch: int, options: PromptOptions) -> torch.Tensor:
         """The context of each of `batch` texts, `(batch, n_ctx, width)`, for the call's class rows or images."""
@@ -279,8 +443,8 @@ class PromptEmbeddingLayer(nn.Module, BaseTunerLayer):
         )
 
     def unwrap(self) -> nn.Module:
-        """Detach from the text model and return the original embeddings module (used by `unload()`)."""
-        for hook in self._owner_hooks:
+        """Detach from the towers and return the original embeddings module (used by `unload()`)."""
+        for hook in self._hooks:
             hook.remove()
         return self.base_layer
 
@@ -288,35 +452,66 @@ class PromptEmbeddingLayer(nn.Module, BaseTunerLayer):
         return "prompt_embedding." + super().__repr__()
 
 
+def _with_hidden(args: tuple, kwargs: dict[str, Any], change: Any) -> tuple:
+    """A layer's inputs with its hidden states (the first argument, or `hidden_states`) changed by `change`."""
+    if args:
+        return (change(args[0]), *args[1:]), kwargs
+    key = "hidden_states" if "hidden_states" in kwargs else "hidden_state"
+    return args, {**kwargs, key: change(kwargs[key])}
+
+
+def expected_tensor_counts(config: PromptEmbeddingConfig) -> dict[str, int]:
+    """How many tensors an adapter with `config` saves under each of the layer's parameter names."""
+    return {
+        "prompt_embedding_ctx": 1,
+        "prompt_embedding_meta_net": 4 if config.conditional else 0,  # CoCoOp: two Linear layers, weights and biases
+        "prompt_embedding_deep_ctx": 1 if config.prompt_depth > 1 else 0,
+        "prompt_embedding_vision_ctx": 1 if config.vision_n_ctx and not config.coupled else 0,
+        "prompt_embedding_coupling": 2 * config.prompt_depth if config.coupled else 0,  # a Linear per layer
+    }
+
+
 def check_adapter_tensors(tensors: Mapping[str, torch.Tensor], config: PromptEmbeddingConfig, where: str) -> None:
-    """The one check of a saved adapter's tensors against its config, before any of them reaches a model: one float
-    context of the configured shape, finite, and, for a conditional (CoCoOp) adapter, the meta-net's four tensors.
+    """The one check of a saved adapter's tensors against its config, before any of them reaches a model: the
+    tensors its config implies (context; CoCoOp's meta-net; deep, vision prompts and MaPLe's coupling), all finite
+    floats, the context and the deep prompts of the configured shapes.
 
     Raises:
         `InvalidAdapterError`: naming the file (`where`) and what is wrong.
     """
-    ctx_name, meta_name = PromptEmbeddingLayer.adapter_layer_names
-    contexts = [k for k in tensors if k.endswith(ctx_name) or f".{ctx_name}." in k]
-    meta_net = [k for k in tensors if f".{meta_name}." in k]
-    expected_meta = 4 if config.conditional else 0  # CoCoOp: two Linear layers, weights and biases
-    if len(contexts) != 1 or len(meta_net) != expected_meta or len(tensors) != 1 + expected_meta:
+    expected = expected_tensor_counts(config)
+    found = {name: [k for k in tensors if k.endswith(name) or f".{name}." in k] for name in expected}
+    if any(len(found[n]) != count for n, count in expected.items()) or len(tensors) != sum(expected.values()):
+        wanted = ", ".join(f"{count} {n}" for n, count in expected.items() if count)
         raise InvalidAdapterError(
-            f"{where} holds {len(tensors)} tensors ({sorted(tensors)[:6]}); this adapter "
-            f"(conditional={config.conditional}) holds its context (…{ctx_name})"
-            + (" and its meta-net's 4 tensors." if expected_meta else " only.")
+            f"{where} holds {len(tensors)} tensors ({sorted(tensors)[:6]}); an adapter with this config "
+            f"({config.method}) holds {wanted}: the files do not belong together."
         )
-    for key in meta_net:
-        if not tensors[key].is_floating_point() or not bool(tensors[key].isfinite().all()):
-            raise InvalidAdapterError(f"The meta-net tensor {key} in {where} is not finite floats.")
-    context = tensors[contexts[0]]
-    if not context.is_floating_point():
-        raise InvalidAdapterError(f"The context in {where} has dtype {context.dtype}, not floats.")
-    expected = (config.num_classes,) if config.class_specific else ()
-    if context.dim() != len(expected) + 2 or tuple(context.shape[:-1]) != (*expected, config.n_ctx):
+    for key, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise InvalidAdapterError(f"The tensor {key} in {where} has dtype {tensor.dtype}, not floats.")
+        if not bool(tensor.isfinite().all()):
+            raise InvalidAdapterError(f"The tensor {key} in {where} holds NaN or infinite values; it cannot be used.")
+    context = tensors[found["prompt_embedding_ctx"][0]]
+    shape = (config.num_classes,) if config.class_specific else ()
+    if context.dim() != len(shape) + 2 or tuple(context.shape[:-1]) != (*shape, config.n_ctx):
         what = f"num_classes={config.num_classes}, " if config.class_specific else ""
         raise InvalidAdapterError(
             f"The context in {where} has shape {tuple(context.shape)}, but adapter_config.json says "
             f"{what}n_ctx={config.n_ctx} (class_specific={config.class_specific}): the files do not belong together."
         )
-    if not bool(context.isfinite().all()):
-        raise InvalidAdapterError(f"The context in {where} holds NaN or infinite values; it cannot be used.")
+    for key in found["prompt_embedding_deep_ctx"]:
+        deep = tensors[key]
+        if tuple(deep.shape) != (config.prompt_depth - 1, config.n_ctx, context.shape[-1]):
+            raise InvalidAdapterError(
+                f"The deep prompts in {where} have shape {tuple(deep.shape)}, but adapter_config.json says "
+                f"prompt_depth={config.prompt_depth}, n_ctx={config.n_ctx} (expected "
+                f"{(config.prompt_depth - 1, config.n_ctx, context.shape[-1])})."
+            )
+    for key in found["prompt_embedding_vision_ctx"]:
+        vision = tensors[key]
+        if vision.dim() != 3 or tuple(vision.shape[:2]) != (config.vision_prompt_depth, config.vision_n_ctx):
+            raise InvalidAdapterError(
+                f"The vision prompts in {where} have shape {tuple(vision.shape)}, but adapter_config.json says "
+                f"vision_prompt_depth={config.vision_prompt_depth}, vision_n_ctx={config.vision_n_ctx}."
+            )

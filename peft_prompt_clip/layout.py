@@ -45,6 +45,14 @@ def end_of_text_index(input_ids: torch.Tensor, pooling: Pooling, eos_token_id: i
     return is_eos.to(torch.int).argmax(dim=-1)
 
 
+def write_at(hidden: torch.Tensor, slots: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """`hidden` `(batch, length, width)` with `tokens` (`(n, width)`, or one set per row `(batch, n, width)`) in
+    place of the vectors at positions `slots` (`(batch, n)`, or `(1, n)` for every row); out of place."""
+    batch, _, width = hidden.shape
+    index = slots.expand(batch, -1)[..., None].expand(-1, -1, width)
+    return hidden.scatter(1, index, tokens.to(hidden.dtype).expand(batch, -1, -1))
+
+
 @dataclass(frozen=True)
 class PromptLayout:
     """How one adapter arranges its context around a text.

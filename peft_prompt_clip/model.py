@@ -9,10 +9,14 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
-from transformers.models.clip.modeling_clip import CLIPTextEmbeddings
+from transformers.models.clip.modeling_clip import CLIPTextEmbeddings, CLIPVisionEmbeddings
 from transformers.models.groupvit.modeling_groupvit import GroupViTTextEmbeddings
-from transformers.models.owlvit.modeling_owlvit import OwlViTTextEmbeddings
-from transformers.models.siglip.modeling_siglip import SiglipTextEmbeddings
+from transformers.models.owlvit.modeling_owlvit import OwlViTTextEmbeddings, OwlViTVisionEmbeddings
+from transformers.models.siglip.modeling_siglip import (
+    SiglipMultiheadAttentionPoolingHead,
+    SiglipTextEmbeddings,
+    SiglipVisionEmbeddings,
+)
 
 try:
     from transformers.models.siglip2.modeling_siglip2 import Siglip2TextEmbeddings
@@ -21,7 +25,7 @@ except ImportError:  # transformers < 4.49
 
 from .config import PEFT_TYPE, ClassTokenPosition, PromptEmbeddingConfig
 from .errors import InvalidAdapterError
-from .layer import PromptEmbeddingLayer, check_adapter_tensors
+from .layer import PromptEmbeddingLayer, VisionTower, check_adapter_tensors
 from .layout import Pooling, PromptLayout
 from .peft_private import TunerPrivateHooks, register_tuner
 
@@ -55,6 +59,31 @@ if Siglip2TextEmbeddings is not None:  # transformers >= 4.49
     SUPPORTED_TEXT_EMBEDDINGS[Siglip2TextEmbeddings] = TextFamily(
         "SigLIP 2", "Siglip2Model, Siglip2TextModel", Pooling.LAST, 0
     )
+
+
+#: Image towers that vision prompts know (found by their embeddings' class). The vision tokens are appended after the
+#: patch tokens; CLIP and OWL-ViT pool at the class token, so the tokens act through attention only, as in VPT, MaPLe
+#: and PromptSRC; SigLIP's attention pooling head is given the patch tokens alone, for the same effect. Not supported:
+#: GroupViT (its grouping stages merge tokens into groups) and SigLIP 2 (a variable count of patches under a mask).
+SUPPORTED_VISION_EMBEDDINGS: dict[type[nn.Module], str] = {
+    CLIPVisionEmbeddings: "CLIP",
+    OwlViTVisionEmbeddings: "OWL-ViT",
+    SiglipVisionEmbeddings: "SigLIP",
+}
+
+
+def find_vision_tower(model: nn.Module) -> VisionTower | None:
+    """The image tower of `model` that vision prompts hook into, or None when it has none of a supported family."""
+    names = [n for n, m in model.named_modules() if isinstance(m, tuple(SUPPORTED_VISION_EMBEDDINGS))]
+    if len(names) != 1:
+        return None
+    owner = model.get_submodule(names[0].rpartition(".")[0])
+    layers = getattr(getattr(owner, "encoder", None), "layers", None)
+    if layers is None:
+        return None
+    head = getattr(owner, "head", None)
+    head = head if isinstance(head, SiglipMultiheadAttentionPoolingHead) else None
+    return VisionTower(owner, model.get_submodule(names[0]), list(layers), head)
 
 
 def text_family(embeddings: nn.Module) -> TextFamily:
@@ -185,13 +214,23 @@ class PromptEmbeddingModel(TunerPrivateHooks):
         context = _initial_context(peft_config, embeddings, _tokenizer(peft_config, self.model))
         layout = layout_of(peft_config, embeddings, parent.config)
         meta_net = self._meta_net(peft_config, context) if peft_config.conditional else None
+        text_layers = list(parent.encoder.layers)
+        vision = find_vision_tower(self.model)
+        deep, vision_ctx, coupling = _deep_prompts(peft_config, context, text_layers, vision)
+        prompts = {"meta_net": meta_net, "deep": deep, "vision_ctx": vision_ctx, "coupling": coupling}
         if isinstance(target, PromptEmbeddingLayer):
-            target.update_layer(
-                adapter_name, context, layout, inference_mode=peft_config.inference_mode, meta_net=meta_net
-            )
+            target.update_layer(adapter_name, context, layout, peft_config.inference_mode, **prompts)
             return
         new_module = PromptEmbeddingLayer(
-            embeddings, parent, adapter_name, context, layout, peft_config.inference_mode, meta_net
+            embeddings,
+            parent,
+            adapter_name,
+            context,
+            layout,
+            peft_config.inference_mode,
+            text_layers,
+            vision,
+            **prompts,
         )
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
@@ -235,40 +274,45 @@ class PromptEmbeddingModel(TunerPrivateHooks):
         """Refuse an adapter's tensors that do not fit `model`, and map a context saved from another layout of the
         same text tower (CLIPModel vs CLIPTextModel, transformers 4 vs 5) to this one's key."""
         check_adapter_tensors(state_dict, config, "the adapter weights")
-        ctx_name, meta_name = PromptEmbeddingLayer.adapter_layer_names
         own = model.state_dict()
-        for key, value in remapped.items():
-            if meta_name in key and key in own and own[key].shape != value.shape:
-                raise InvalidAdapterError(
-                    f"The adapter's meta-net tensor {key} has shape {tuple(value.shape)}, but this model expects "
-                    f"{tuple(own[key].shape)}: the adapter was learned on another base model."
-                )
-        expected = {k: v for k, v in own.items() if k.endswith(f"{ctx_name}.{adapter_name}")}
-        saved = [k for k in remapped if ctx_name in k and k not in expected]
-        if len(expected) == 1 and next(iter(expected)) not in remapped and len(saved) == 1:
-            # saved from another layout of the same text tower: CLIPModel vs CLIPTextModel, transformers 4 vs 5
-            remapped[next(iter(expected))] = remapped.pop(saved[0])
-        for key, param in expected.items():
+        names = PromptEmbeddingLayer.adapter_layer_names
+        mine = [k for k in own if any(k.endswith(f"{n}.{adapter_name}") or f"{n}.{adapter_name}." in k for n in names)]
+        # saved from another layout of the same towers (CLIPModel vs CLIPTextModel, transformers 4 vs 5): the keys
+        # differ only before the layer's parameter names; PEFT passes on keys it could not map as saved (no adapter)
+        by_tail = {_tail(k).replace(f".{adapter_name}", "", 1): k for k in mine}
+        for key in [k for k in remapped if k not in own and _tail(k) in by_tail]:
+            remapped[by_tail[_tail(key)]] = remapped.pop(key)
+        for key in mine:
             if key not in remapped:
                 raise InvalidAdapterError(
-                    f"The adapter weights hold no learned context for {key}: the adapter file is not a prompt adapter "
-                    f"or was saved from another kind of model. Keys found: {sorted(state_dict)}."
+                    f"The adapter weights hold nothing for {key}: the adapter file is not a prompt adapter "
+                    f"of this kind ({config.method}) or was saved from another kind of model. Keys found: "
+                    f"{sorted(state_dict)}."
                 )
-            loaded = remapped[key]
-            if not loaded.is_floating_point():
-                raise InvalidAdapterError(
-                    f"The learned context in the adapter file has dtype {loaded.dtype}; expected floats."
-                )
-            if loaded.shape != param.shape:
+            loaded, param = remapped[key], own[key]
+            if loaded.shape == param.shape:
+                continue
+            if names[0] in key:
                 raise InvalidAdapterError(
                     f"The adapter's context has shape {tuple(loaded.shape)}, but this model expects "
-                    f"{tuple(param.shape)} "
-                    f"(n_ctx={config.n_ctx}, text width {param.shape[-1]}). The adapter was learned on a base model "
-                    f"with text width {loaded.shape[-1]} ({config.base_model_name_or_path or 'unknown'}); load it "
-                    "into that model."
+                    f"{tuple(param.shape)} (n_ctx={config.n_ctx}, text width {param.shape[-1]}). The adapter was "
+                    f"learned on a base model with text width {loaded.shape[-1]} "
+                    f"({config.base_model_name_or_path or 'unknown'}); load it into that model."
                 )
-            _check_magnitude(loaded, model)
+            raise InvalidAdapterError(
+                f"The adapter's tensor {key} has shape {tuple(loaded.shape)}, but this model expects "
+                f"{tuple(param.shape)}: the adapter was learned on another base model "
+                f"({config.base_model_name_or_path or 'unknown'})."
+            )
+        for key in mine:
+            if names[0] in key or names[2] in key:  # token vectors of the text tower
+                _check_magnitude(remapped[key], model)
         return remapped
+
+
+def _tail(key: str) -> str:
+    """A prompt layer's state-dict key from its parameter name on (`prompt_embedding_ctx.default`)."""
+    return key[key.find(PromptEmbeddingModel.prefix) :]
 
 
 #: A loaded context vector may be this many times longer than the longest token embedding of its model, and no more:
@@ -361,6 +405,8 @@ def complete_config(config: PromptEmbeddingConfig, tokenizer: PreTrainedTokenize
         )
     if config.n_ctx is None:
         config.n_ctx = 16 if ids is None else len(ids)
+    if config.coupled:  # MaPLe: each layer's vision tokens are mapped from its text tokens
+        config.vision_n_ctx = config.n_ctx
     if config.class_token_position != ClassTokenPosition.END and config.suffix_token_ids is None:
         if tokenizer is None:
             warnings.warn(
@@ -388,6 +434,49 @@ def _initial_context(
     # the context stays float32 whatever the base model's dtype: the updates of a few thousand parameters are
     # small, and bf16/fp16 would round them away; it is cast to the embeddings' dtype in the forward
     return context.to(weight.device)
+
+
+def _deep_prompts(
+    config: PromptEmbeddingConfig, context: torch.Tensor, text_layers: list[nn.Module], vision: VisionTower | None
+) -> tuple[torch.Tensor | None, torch.Tensor | None, nn.ModuleList | None]:
+    """The initial deep text prompts, vision prompts and MaPLe coupling of a completed config (None where it has
+    none): normal with std 0.02 as VPT, MaPLe and PromptSRC, the maps as `nn.Linear`'s own; seeded by `init_seed`."""
+    if config.prompt_depth > len(text_layers):
+        raise ValueError(
+            f"prompt_depth={config.prompt_depth}, but the text tower has {len(text_layers)} layers; use at most "
+            f"{len(text_layers)}."
+        )
+    if not config.prompts_images:
+        vision_ctx = coupling = None
+    elif vision is None:
+        supported = ", ".join(SUPPORTED_VISION_EMBEDDINGS.values())
+        raise ValueError(
+            f"Vision prompts (vision_n_ctx, coupled) need a model with an image tower of a supported family "
+            f"({supported}); this model has none. Use prompt_depth alone for deep text prompts."
+        )
+    elif config.vision_prompt_depth > len(vision.layers):
+        raise ValueError(
+            f"vision_prompt_depth={config.vision_prompt_depth}, but the image tower has {len(vision.layers)} "
+            f"layers; use at most {len(vision.layers)}."
+        )
+    width = context.shape[-1]
+    vision_width = None if vision is None else vision.embeddings.embed_dim
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.init_seed + 1)  # not the context's stream: adding depth leaves the context as it was
+        deep = vision_ctx = coupling = None
+        if config.prompt_depth > 1:
+            deep = torch.randn(config.prompt_depth - 1, config.n_ctx, width) * INIT_STD
+        if config.coupled:
+            coupling = nn.ModuleList(nn.Linear(width, vision_width) for _ in range(config.prompt_depth))
+        elif config.vision_n_ctx:
+            shape = (config.vision_prompt_depth, config.vision_n_ctx, vision_width)
+            vision_ctx = torch.randn(*shape) * INIT_STD
+    device = context.device
+    return (
+        None if deep is None else deep.to(device),
+        None if vision_ctx is None else vision_ctx.to(device),
+        None if coupling is None else coupling.to(device),
+    )
 
 
 def register() -> None:

@@ -11,7 +11,7 @@ attends both ways (every position sees the class name), so nothing is shared the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +20,10 @@ from torch import nn
 
 #: The parts of an encoder layer the shared-prefix path runs (CLIP's pre-norm layer; GroupViT and OWL-ViT copy it).
 LAYER_PARTS = ("layer_norm1", "self_attn", "layer_norm2", "mlp")
+
+#: Deep prompts: `write(i, hidden)` gives the hidden states that enter layer `i`, with that layer's learned tokens in
+#: place where it has them
+DeepWrite = Callable[[int, torch.Tensor], torch.Tensor]
 ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "out_proj", "num_heads", "head_dim", "scale")
 
 
@@ -58,12 +62,15 @@ class CausalTextTower:
         )
         return cls(list(layers), final, projection) if known else None
 
-    def prefix_states(self, prefix: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def prefix_states(
+        self, prefix: torch.Tensor, deep: DeepWrite | None = None
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each layer's keys and values `(groups, heads, P, head_dim)` of the prefixes `(groups, P, width)`
-        (embeddings with their positions), which attend causally among themselves."""
+        (embeddings with their positions), which attend causally among themselves; `deep` writes deep prompts."""
         states = []
         x = prefix
         for i, layer in enumerate(self.layers):
+            x = x if deep is None else deep(i, x)
             attention = layer.self_attn
             h = layer.layer_norm1(x)
             k, v = _heads(attention, attention.k_proj(h)), _heads(attention, attention.v_proj(h))
@@ -77,17 +84,22 @@ class CausalTextTower:
         return states
 
     def features(
-        self, suffix: torch.Tensor, states: list[tuple[torch.Tensor, torch.Tensor]], pool_index: torch.Tensor
+        self,
+        suffix: torch.Tensor,
+        states: list[tuple[torch.Tensor, torch.Tensor]],
+        pool_index: torch.Tensor,
+        deep: DeepWrite | None = None,
     ) -> torch.Tensor:
         """Projected features `(rows, dim)` of prompts whose own positions are `suffix` `(rows, S, width)`
         (embeddings with their positions), rows `r * rows // groups ...` following the prefix of group `r`; pooled at
-        `pool_index` (positions within the suffix)."""
+        `pool_index` (positions within the suffix); `deep` writes deep prompts at the suffix's positions."""
         rows, length = suffix.shape[:2]
         groups, prefix = states[0][0].shape[0], states[0][0].shape[2]
         # suffix position i sees the whole prefix and its own positions up to i
         mask = torch.ones(length, prefix + length, dtype=torch.bool, device=suffix.device).tril(prefix)
         x = suffix
-        for layer, (prefix_k, prefix_v) in zip(self.layers, states, strict=True):
+        for i, (layer, (prefix_k, prefix_v)) in enumerate(zip(self.layers, states, strict=True)):
+            x = x if deep is None else deep(i, x)
             attention = layer.self_attn
             h = layer.layer_norm1(x)
             q = _heads(attention, attention.q_proj(h))
