@@ -137,7 +137,7 @@ def setup(mode: str, classes: int) -> Callable[[], None]:
         params = trainer.params
 
         def compute():
-            features = trainer.image_features(order, "bench") if cached is None else cached
+            features = trainer.image_features(order, "bench")[0] if cached is None else cached
             trainer.step(features, labels, IMAGES)
 
     elif mode == "seed":

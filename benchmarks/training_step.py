@@ -60,8 +60,8 @@ def one(classes: int, augment: bool, chunk: int | None, repeats: int, mode: str)
     order = list(range(len(data)))
 
     def step():
-        features = trainer.image_features(order, "bench") if augment else cached
-        trainer.step(features, labels, len(order))
+        features, frozen = trainer.image_features(order, "bench") if augment else (cached, None)
+        trainer.step(features, labels, len(order), frozen)
         model.zero_grad(set_to_none=True)
 
     def per_image_loop():  # CoCoOp's own trainer: the text encoder once per image, one backward for the batch

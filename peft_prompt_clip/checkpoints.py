@@ -18,10 +18,19 @@ from .storage import atomic_path
 CHECKPOINT_NAME = "checkpoint.safetensors"
 
 
-def save_checkpoint(path: Path, params: list[torch.Tensor], optimizer: Any, epoch: int, run: dict[str, Any]) -> None:
-    """Write the trainable parameters, the optimizer state and the run's description (`run`: the recipe and the data's
-    fingerprint) to `path` atomically: a crash leaves the previous checkpoint whole."""
+def save_checkpoint(
+    path: Path,
+    params: list[torch.Tensor],
+    optimizer: Any,
+    epoch: int,
+    run: dict[str, Any],
+    averages: list[torch.Tensor] | None = None,
+) -> None:
+    """Write the trainable parameters, the optimizer state, the running average of the parameters if the run keeps one
+    (PromptSRC's GPA) and the run's description (`run`: the recipe and the data's fingerprint) to `path` atomically: a
+    crash leaves the previous checkpoint whole."""
     tensors = {f"param.{i}": p.detach().cpu().contiguous() for i, p in enumerate(params)}
+    tensors.update({f"average.{i}": a.detach().cpu().contiguous() for i, a in enumerate(averages or [])})
     scalars: dict[str, Any] = {}
     for index, values in optimizer.state_dict()["state"].items():
         for key, value in values.items():
@@ -37,9 +46,16 @@ def save_checkpoint(path: Path, params: list[torch.Tensor], optimizer: Any, epoc
             raise OSError(f"Could not write the checkpoint {path} ({exc}); the previous one is kept.") from None
 
 
-def load_checkpoint(path: Path, params: list[torch.Tensor], optimizer: Any, run: dict[str, Any]) -> int:
-    """Restore the parameters and optimizer state saved by [`save_checkpoint`] for the same `run`; returns the epochs
-    already done. The optimizer's hyperparameters are this run's, never read from the file.
+def load_checkpoint(
+    path: Path,
+    params: list[torch.Tensor],
+    optimizer: Any,
+    run: dict[str, Any],
+    averages: list[torch.Tensor] | None = None,
+) -> int:
+    """Restore the parameters, optimizer state and running averages (into `averages`, when the run keeps them) saved
+    by [`save_checkpoint`] for the same `run`; returns the epochs already done. The optimizer's hyperparameters are
+    this run's, never read from the file.
 
     Raises:
         `InvalidCheckpointError`: naming what is damaged, or how the checkpoint's run differs from this one.
@@ -73,19 +89,20 @@ def load_checkpoint(path: Path, params: list[torch.Tensor], optimizer: Any, run:
         if key.startswith("optim."):
             _, index, name = key.split(".", 2)
             state.setdefault(int(index), {})[name] = value
-        elif not key.startswith("param."):
+        elif not key.startswith(("param.", "average.")):
             raise InvalidCheckpointError(f"{path} holds an unknown tensor {key!r}.")
     for key, value in scalars.items():
         index, _, name = key.partition(".")
         if not isinstance(value, int | float) or not math.isfinite(value) or not index.isdigit():
             raise InvalidCheckpointError(f"{path} has a malformed optimizer value {key!r}: {value!r}.")
         state.setdefault(int(index), {})[name] = value
-    for i, p in enumerate(params):
-        saved = tensors.get(f"param.{i}")
-        if saved is None or saved.shape != p.shape or not saved.is_floating_point() or not saved.isfinite().all():
-            raise InvalidCheckpointError(
-                f"{path} holds no finite parameter {i} of shape {tuple(p.shape)}; train without --resume."
-            )
+    for kind, targets in (("param", params), ("average", averages or [])):
+        for i, p in enumerate(targets):
+            saved = tensors.get(f"{kind}.{i}")
+            if saved is None or saved.shape != p.shape or not saved.is_floating_point() or not saved.isfinite().all():
+                raise InvalidCheckpointError(
+                    f"{path} holds no finite {kind} {i} of shape {tuple(p.shape)}; train without --resume."
+                )
     for index, values in state.items():
         if index >= len(params) or any(
             isinstance(v, torch.Tensor) and (not v.isfinite().all() or (v.dim() and v.shape != params[index].shape))
@@ -95,6 +112,8 @@ def load_checkpoint(path: Path, params: list[torch.Tensor], optimizer: Any, run:
     with torch.no_grad():
         for i, p in enumerate(params):
             p.copy_(tensors[f"param.{i}"])
+        for i, a in enumerate(averages or []):
+            a.copy_(tensors[f"average.{i}"])
     try:
         optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
     except (KeyError, ValueError, RuntimeError) as exc:

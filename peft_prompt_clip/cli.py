@@ -22,13 +22,18 @@ from .errors import TrainingDivergedError
 from .evaluation import evaluate, harmonic_mean
 from .hub import RESULTS_NAME
 from .loading import get_prompt_model, load_prompt_model, read_adapter_config, resolve_adapter
-from .model import find_text_embeddings
+from .methods import METHODS, method_settings
+from .model import find_text_embeddings, find_vision_tower
 from .storage import write_json
 from .trainer import PromptTrainer, TrainingArguments
 
 #: What the CLI reports in one line: the package's own errors and the user mistakes the libraries signal (a bad value,
 #: a missing file or model, a damaged safetensors file). Anything else is a bug, and shows its traceback.
 USER_ERRORS = (ValueError, OSError, TrainingDivergedError, SafetensorError)
+
+#: The `train` options that set a `PromptEmbeddingConfig` field (by the field's name); unset ones take `--method`'s.
+ADAPTER_OPTIONS = ("n_ctx", "ctx_init", "class_token_position", "class_specific", "conditional", "meta_net_reduction")
+ADAPTER_OPTIONS += ("prompt_depth", "vision_n_ctx", "vision_prompt_depth", "coupled")
 
 #: The `train` options that set a `TrainingArguments` field: flag -> (field, type). Their defaults are the fields'.
 TRAINING_OPTIONS: dict[str, tuple[str, Any, str]] = {
@@ -45,7 +50,11 @@ TRAINING_OPTIONS: dict[str, tuple[str, Any, str]] = {
     "--class-chunk-size": ("class_chunk_size", int, "encode at most this many prompts at a time (bounds memory)"),
     "--kg-weight": ("kg_weight", float, "KgCoOp regulariser weight (KgCoOp uses 8.0)"),
     "--kl-weight": ("kl_weight", float, "ProGrad-style KL to the zero-shot predictions"),
-    "--hand-template": ("hand_template", str, "the hand-written prompt of --kg-weight and --kl-weight"),
+    "--scl-text-weight": ("scl_text_weight", float, "PromptSRC's L1 to the hand-written class features (it uses 25)"),
+    "--scl-image-weight": ("scl_image_weight", float, "PromptSRC's L1 to the frozen image features (it uses 10)"),
+    "--gpa-mean": ("gpa_mean", float, "PromptSRC's Gaussian aggregation of the prompts over epochs: its mean epoch"),
+    "--gpa-std": ("gpa_std", float, "the standard deviation of --gpa-mean's Gaussian, in epochs"),
+    "--hand-template": ("hand_template", str, "hand-written prompt of the regularisers ('imagenet': that ensemble)"),
     "--report-to": ("report_to", str, "Accelerate tracker, e.g. tensorboard; 'all' or 'none'"),
 }
 
@@ -92,26 +101,27 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     """Learn a prompt adapter on `--data` and save it in `--output`."""
     data = _data(args, "train", args.shots)
     model, processor = _load_base(args.model)
-    config = PromptEmbeddingConfig(
-        n_ctx=args.n_ctx,
-        ctx_init=args.ctx_init,
-        class_token_position=args.position,
-        class_specific=args.csc,
-        conditional=args.conditional,
-        meta_net_reduction=args.meta_net_reduction,
-        class_names=data.class_names,
-        init_seed=args.seed,
+    text_model = model.get_submodule(find_text_embeddings(model).rpartition(".")[0])
+    vision = find_vision_tower(model)
+    preset, recipe = method_settings(
+        args.method, len(data.class_names), len(text_model.encoder.layers), vision and len(vision.layers)
     )
+    flags = {field: getattr(args, field) for field in ADAPTER_OPTIONS}
+    adapter = {**preset, **{k: v for k, v in flags.items() if v is not None and v is not False}}
+    config = PromptEmbeddingConfig(**adapter, class_names=data.class_names, init_seed=args.seed)
     model = get_prompt_model(model, config)
     given = {field: getattr(args, field) for field, _, _ in TRAINING_OPTIONS.values()}
+    if given["hand_template"] == "imagenet":
+        given["hand_template"] = list(IMAGENET_TEMPLATES)
     given["share_prefix"] = args.share_prefix
+    settings = {**recipe, **{field: value for field, value in given.items() if value is not None}}
     training = TrainingArguments(
-        output_dir=args.output,
-        augment=args.augment,
-        seed=args.seed,
-        resume=args.resume,
-        **{field: value for field, value in given.items() if value is not None},
+        output_dir=args.output, augment=args.augment, seed=args.seed, resume=args.resume, **settings
     )
+    if os.environ.get("RANK", "0") == "0":
+        shown = {k: v for k, v in {**adapter, **settings}.items() if k != "hand_template"}
+        settings_text = ", ".join(f"{k}={v}" for k, v in shown.items())
+        print(f"method: {METHODS[args.method].name} ({config.method} adapter); {settings_text}")
     trainer = PromptTrainer(model, processor, data, training)
     summary = trainer.train()
     if trainer.accelerator.is_main_process:
@@ -258,17 +268,32 @@ def build_parser() -> argparse.ArgumentParser:
     data_options(p)
     p.add_argument("--output", required=True, help="folder for the adapter and checkpoint")
     p.add_argument("--shots", type=int, help="images per class (K-shot); all by default")
+    p.add_argument(
+        "--method",
+        default="coop",
+        choices=list(METHODS),
+        help="a paper's adapter and recipe, each setting overridable by its own flag (default: %(default)s; see "
+        "docs/methods)",
+    )
     p.add_argument("--n-ctx", type=int, default=None, help="context vectors (default 16, or the words of --ctx-init)")
     p.add_argument("--ctx-init", help="initial words, e.g. 'a photo of a'")
-    p.add_argument("--position", default="end", choices=["end", "middle", "front"], help="class token position")
-    p.add_argument("--csc", action="store_true", help="one context per class (CoOp's class-specific context)")
+    p.add_argument(
+        "--position",
+        dest="class_token_position",
+        choices=["end", "middle", "front"],
+        help="class token position (default: end)",
+    )
+    p.add_argument("--csc", dest="class_specific", action="store_true", help="one context per class (CoOp's CSC)")
     p.add_argument("--conditional", action="store_true", help="CoCoOp: image-conditional context (a meta-net)")
     p.add_argument(
         "--meta-net-reduction",
         type=int,
-        default=PromptEmbeddingConfig.__dataclass_fields__["meta_net_reduction"].default,
-        help="CoCoOp's meta-net hidden size is the image feature size divided by this (default: %(default)s)",
+        help="CoCoOp's meta-net hidden size is the image feature size divided by this (default: 16)",
     )
+    p.add_argument("--prompt-depth", type=int, help="text layers with learned tokens, input included (default: 1)")
+    p.add_argument("--vision-n-ctx", type=int, help="learned tokens in the image tower (default: 0, none)")
+    p.add_argument("--vision-prompt-depth", type=int, help="image layers with their own tokens (default: 1)")
+    p.add_argument("--coupled", action="store_true", help="MaPLe: vision tokens mapped from each layer's text tokens")
     defaults = {f.name: f.default for f in dataclasses.fields(TrainingArguments)}
     for flag, (field, kind, text) in TRAINING_OPTIONS.items():
         text = text if "default" in text else f"{text} (default: {defaults[field]})"

@@ -60,11 +60,19 @@ def model_card(
     invalid = [d for d in datasets or [] if not REPO_ID.fullmatch(d)]
     if invalid:
         raise ValueError(f"datasets must be Hub dataset ids such as 'tanganke/eurosat', got {invalid}.")
-    method = "CoOp with class-specific context (CSC)" if config.class_specific else "CoOp"
-    method = "CoCoOp" if config.conditional else method
+    method = config.method
     tags = ["prompt-learning", "coop", "peft-prompt-clip", "clip"]
     tags += ["class-specific-context"] if config.class_specific else []
     tags += ["cocoop"] if config.conditional else []
+    tags += ["maple"] if config.coupled else ["ivlp"] if config.method == "IVLP" else []
+    deep = []
+    if config.prompt_depth > 1:
+        deep.append(f"learned tokens in the first {config.prompt_depth} layers of the text tower")
+    if config.vision_n_ctx:
+        how = "mapped from the text tokens" if config.coupled else "learned"
+        layers = config.vision_prompt_depth
+        deep.append(f"{config.vision_n_ctx} {how} tokens in the first {layers} layers of the image tower")
+    depth = f" ({'; '.join(deep)})" if deep else ""
     tags += [f"base_model:adapter:{base}"] if base else []
     table, evaluations = "", []
     if results and "zero-shot" in results:
@@ -96,7 +104,7 @@ def model_card(
 # {repo_id}
 
 A prompt adapter for `{load}`, learned with [peft-prompt-clip](https://pypi.org/project/peft-prompt-clip/):
-{method}, {config.n_ctx} learned context vectors (class token at the {position}) that replace the
+{method}, {config.n_ctx} learned context vectors (class token at the {position}){depth} that replace the
 hand-written words of CLIP's prompt. {classes}
 {table}
 ## Usage

@@ -78,8 +78,21 @@ class TrainingArguments:
         kg_weight (`float`, *optional*, defaults to 0): KgCoOp's regulariser (Yao et al., CVPR 2023): adds
             `kg_weight * mean(1 - cos(learned class feature, hand-written class feature))`; KgCoOp uses 8.0.
         kl_weight (`float`, *optional*, defaults to 0): a ProGrad-style regulariser (Zhu et al., ICCV 2023): adds
-            `kl_weight * KL(zero-shot probabilities || learned probabilities)` per image.
-        hand_template (`str`, *optional*, defaults to `"a photo of a {}."`): the hand-written prompt of both.
+            `kl_weight * KL(zero-shot probabilities || learned probabilities)` per image (zero-shot: the frozen model
+            with the hand-written prompt). PromptSRC's logit term is this with weight `1 / classes`.
+        scl_text_weight (`float`, *optional*, defaults to 0): PromptSRC's text self-consistency term (Khattak et al.,
+            ICCV 2023): adds `scl_text_weight * mean |learned class features - hand-written class features|`; 25.0 in
+            its paper.
+        scl_image_weight (`float`, *optional*, defaults to 0): PromptSRC's image term, for adapters with vision
+            prompts: adds `scl_image_weight * mean |prompted image features - frozen image features|` per image; 10.0
+            in its paper.
+        hand_template (`str` or `list[str]`, *optional*, defaults to `"a photo of a {}."`): the hand-written prompt of
+            the regularisers; several templates give the normalised mean of their class features (PromptSRC's textual
+            diversity uses `IMAGENET_TEMPLATES`).
+        gpa_mean (`float`, *optional*): PromptSRC's Gaussian weighted prompt aggregation: the adapter saved at the end
+            is the mean of its parameters after each epoch `e` (from 1), weighted by a Gaussian of `e` with this mean
+            and `gpa_std`; 15 for its 20 epochs. Off by default (the last epoch's parameters).
+        gpa_std (`float`, *optional*, defaults to 1.0): the Gaussian's standard deviation, in epochs.
         seed (`int`, *optional*, defaults to 1): seeds batch order and augmentation.
         report_to (`str`, *optional*): an Accelerate tracker, e.g. `"tensorboard"`; `"all"` for every installed one,
             `"none"` (or unset) for none. A named tracker that is not installed is an error before training.
@@ -102,13 +115,17 @@ class TrainingArguments:
     share_prefix: bool = True
     kg_weight: float = 0.0
     kl_weight: float = 0.0
-    hand_template: str = "a photo of a {}."
+    scl_text_weight: float = 0.0
+    scl_image_weight: float = 0.0
+    hand_template: str | list[str] = "a photo of a {}."
+    gpa_mean: float | None = None
+    gpa_std: float = 1.0
     seed: int = 1
     report_to: str | None = None
     resume: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("lr", "momentum", "weight_decay", "warmup_lr", "kg_weight", "kl_weight"):
+        for name in ("lr", "momentum", "weight_decay", "warmup_lr", "kg_weight", "kl_weight", "scl_text_weight"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
@@ -126,10 +143,34 @@ class TrainingArguments:
             raise ValueError(f"epochs must be at least 1, got {self.epochs}.")
         if self.kg_weight < 0 or self.kl_weight < 0:
             raise ValueError(f"kg_weight and kl_weight must be >= 0, got {self.kg_weight} and {self.kl_weight}.")
-        if "{}" not in self.hand_template:
+        for name in ("scl_image_weight", "gpa_std"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
+        if self.gpa_std <= 0:
+            raise ValueError(f"gpa_std must be above 0, got {self.gpa_std}.")
+        if self.gpa_mean is not None and (
+            not isinstance(self.gpa_mean, int | float) or not math.isfinite(self.gpa_mean)
+        ):
+            raise ValueError(f"gpa_mean must be a number (an epoch, from 1), got {self.gpa_mean!r}.")
+        templates = [self.hand_template] if isinstance(self.hand_template, str) else self.hand_template
+        if not templates or any(not isinstance(t, str) or "{}" not in t for t in templates):
             raise ValueError(f"hand_template needs a '{{}}' for the class name, got {self.hand_template!r}.")
         if self.class_chunk_size is not None and self.class_chunk_size < 1:
             raise ValueError(f"class_chunk_size must be at least 1, got {self.class_chunk_size}.")
+
+    def gpa_weights(self, epochs: int) -> list[float] | None:
+        """PromptSRC's aggregation weights of the parameters after each of `epochs` epochs (summing to 1), or None
+        without `gpa_mean`."""
+        if self.gpa_mean is None:
+            return None
+        weights = [math.exp(-((e + 1 - self.gpa_mean) ** 2) / (2 * self.gpa_std**2)) for e in range(epochs)]
+        if sum(weights) == 0:
+            raise ValueError(
+                f"gpa_mean={self.gpa_mean} with gpa_std={self.gpa_std} gives no weight to any of the {epochs} epochs; "
+                f"choose a mean between 1 and {epochs}."
+            )
+        return [w / sum(weights) for w in weights]
 
     def learning_rate(self, epoch: int, epochs: int) -> float:
         """CoOp's schedule: `warmup_lr` for the warm-up epochs, then cosine from `lr` to 0 over all epochs."""
@@ -193,18 +234,33 @@ class PromptTrainer:
         self.model.to(self.accelerator.device).eval()  # CLIP has no dropout; eval also freezes nothing else
         self.encoder = PromptEncoder(model, processor, share_prefix=args.share_prefix)
         self.conditional = self.encoder.is_conditional(self.adapter_name)
-        if self.conditional and (args.kg_weight or args.kl_weight):
-            raise ValueError("kg_weight and kl_weight regularise a context shared by all images, not CoCoOp's.")
+        self.prompts_images = self.encoder.prompts_images(self.adapter_name)
+        if self.conditional and (args.kg_weight or args.kl_weight or args.scl_text_weight):
+            raise ValueError(
+                "kg_weight, kl_weight and scl_text_weight regularise a context shared by all images, not CoCoOp's."
+            )
+        if args.scl_image_weight and not self.prompts_images:
+            raise ValueError(
+                "scl_image_weight compares prompted with frozen image features, but this adapter has no vision "
+                "prompts (its image features are the frozen ones): set vision_n_ctx or coupled, or drop "
+                "scl_image_weight."
+            )
         self.class_tokens = self.encoder.tokenize([f"{name}." for name in train_data.class_names], self.adapter_name)
-        self.loss = PromptLoss(args.kg_weight, args.kl_weight, self._hand_features())
+        self.loss = PromptLoss(
+            args.kg_weight, args.kl_weight, self._hand_features(), args.scl_text_weight, args.scl_image_weight
+        )
+        self.gpa_weights = args.gpa_weights(self.epochs)
+        self.averages = [torch.zeros_like(p) for p in self.params] if self.gpa_weights else None
         self.labels = torch.tensor(train_data.labels, device=self.accelerator.device)
         # what a checkpoint must share with this run to be resumed by it: the adapter, the base model, the recipe and
         # the loss (more epochs may follow) and the data's fingerprint
         config = model.peft_config[self.adapter_name]
         adapter_fields = ("n_ctx", "ctx_init", "init_seed", "class_token_position", "class_specific", "conditional")
-        adapter_fields += ("meta_net_reduction", "suffix_token_ids", "base_model_name_or_path")
+        adapter_fields += ("meta_net_reduction", "suffix_token_ids", "base_model_name_or_path", "prompt_depth")
+        adapter_fields += ("vision_n_ctx", "vision_prompt_depth", "coupled")
         recipe = ("optimizer", "lr", "momentum", "weight_decay", "warmup_epochs", "warmup_lr", "batch_size", "seed")
-        recipe += ("kg_weight", "kl_weight", "hand_template")
+        recipe += ("kg_weight", "kl_weight", "scl_text_weight", "scl_image_weight", "hand_template", "gpa_mean")
+        recipe += ("gpa_std",)
         self.run = {
             **{k: getattr(config, k) for k in adapter_fields},
             **{k: getattr(args, k) for k in recipe},
@@ -231,13 +287,20 @@ class PromptTrainer:
         config.class_names = names
 
     def _hand_features(self) -> torch.Tensor | None:
-        """The hand-written prompt's class features (base model), for the regularisers that need them."""
-        if not (self.args.kg_weight or self.args.kl_weight):
+        """The hand-written prompts' class features (base model; the normalised mean over several templates), for the
+        regularisers that need them."""
+        args = self.args
+        if not (args.kg_weight or args.kl_weight or args.scl_text_weight):
             return None
-        texts = [self.args.hand_template.format(name) for name in self.data.class_names]
+        templates = [args.hand_template] if isinstance(args.hand_template, str) else args.hand_template
+        total = 0
         with torch.no_grad():
-            tokens = self.encoder.tokenize(texts, enabled=False)
-            return self.encoder.class_features(tokens, enabled=False, chunk_size=self.args.class_chunk_size)
+            for template in templates:
+                tokens = self.encoder.tokenize(
+                    [template.format(name) for name in self.data.class_names], enabled=False
+                )
+                total = total + self.encoder.class_features(tokens, enabled=False, chunk_size=args.class_chunk_size)
+        return torch.nn.functional.normalize(total, dim=-1)
 
     def _optimizer(self) -> torch.optim.Optimizer:
         args = self.args
@@ -247,20 +310,39 @@ class PromptTrainer:
 
     # -- one step -------------------------------------------------------------------------------------------------
 
-    def image_features(self, indices: list[int], augment_seed: str | None = None) -> torch.Tensor:
-        """Normalised features of the training images `indices`, augmented with `augment_seed` when given."""
+    def image_features(
+        self, indices: list[int], augment_seed: str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Normalised features of the training images `indices`, augmented with `augment_seed` when given: the frozen
+        image tower's; for an adapter with vision prompts, the prompted tower's (with autograd) and the frozen ones
+        when the loss compares with them (else None)."""
         inputs = image_inputs(self.processor, self.data, indices, augment_seed=augment_seed)
-        with torch.no_grad(), self.accelerator.autocast():
-            return self.encoder.image_features(inputs)
+        with self.accelerator.autocast():
+            frozen = None
+            if not self.prompts_images or self.loss.needs_frozen_images:
+                with torch.no_grad():
+                    frozen = self.encoder.image_features(inputs, enabled=False)
+            if not self.prompts_images:
+                return frozen, None
+            return self.encoder.image_features(inputs, self.adapter_name), frozen
 
     def cached_image_features(self) -> torch.Tensor:
-        """Features of every training image, unaugmented, computed once in batches of 64."""
+        """Features of every training image, unaugmented, from the frozen image tower, computed once in batches of
+        64."""
         order = list(range(len(self.data)))
-        return torch.cat([self.image_features(order[i : i + 64]) for i in range(0, len(order), 64)])
+        return torch.cat([self.image_features(order[i : i + 64])[0] for i in range(0, len(order), 64)])
 
-    def step(self, image_features: torch.Tensor, labels: torch.Tensor, global_count: int) -> tuple[float, int]:
+    def step(
+        self,
+        image_features: torch.Tensor,
+        labels: torch.Tensor,
+        global_count: int,
+        frozen_image_features: torch.Tensor | None = None,
+    ) -> tuple[float, int]:
         """Forward and backward of this process's share of a batch of `global_count` images (over all processes);
-        returns its summed loss and its correct count. The gradient is accumulated, not applied."""
+        returns its summed loss and its correct count. The gradient is accumulated, not applied. With vision prompts,
+        `image_features` come from the prompted tower (with autograd) and `frozen_image_features` from the frozen
+        one."""
         with self.accelerator.autocast():
             text = self.encoder.class_features(
                 self.class_tokens,
@@ -270,7 +352,8 @@ class PromptTrainer:
             )
         logits = self.encoder.logits(image_features, text)
         scale = self.encoder.base.logit_scale.exp()
-        per_image, per_batch = self.loss(StepOutputs(logits, labels, text, image_features, scale))
+        outputs = StepOutputs(logits, labels, text, image_features, scale, frozen_image_features)
+        per_image, per_batch = self.loss(outputs)
         # every process sums its images' terms over the global batch, and adds its share of the batch terms, so the
         # gradients summed over processes (see _sync_gradients) are exactly those of the whole batch
         accumulation = self.args.gradient_accumulation_steps
@@ -308,8 +391,11 @@ class PromptTrainer:
             if not mine:
                 loss, correct = 0.0, 0
             else:
-                features = cached[mine] if cached is not None else self.image_features(mine, f"{args.seed}-{epoch}")
-                loss, correct = self.step(features, self.labels[mine], len(batch))
+                if cached is not None:
+                    features, frozen = cached[mine], None
+                else:
+                    features, frozen = self.image_features(mine, f"{args.seed}-{epoch}" if self.augment else None)
+                loss, correct = self.step(features, self.labels[mine], len(batch), frozen)
             totals = acc.reduce(torch.tensor([loss, correct, len(mine)], device=acc.device), "sum")
             if not math.isfinite(totals[0].item()):  # e.g. fp16 overflow: drop this step's gradient, keep going
                 self.optimizer.zero_grad(set_to_none=True)
@@ -339,12 +425,13 @@ class PromptTrainer:
         output = Path(args.output_dir)
         if acc.is_main_process:
             output.mkdir(parents=True, exist_ok=True)
+        checkpoint = output / CHECKPOINT_NAME
         start_epoch = (
-            load_checkpoint(output / CHECKPOINT_NAME, self.params, self.optimizer, self.run) if args.resume else 0
+            load_checkpoint(checkpoint, self.params, self.optimizer, self.run, self.averages) if args.resume else 0
         )
         if args.report_to:
             acc.init_trackers("peft-prompt-clip", config=asdict(args))
-        cached = None if self.augment else self.cached_image_features()
+        cached = None if self.augment or self.prompts_images else self.cached_image_features()
         batches_per_epoch = math.ceil(len(self.data) / args.batch_size)
         progress = tqdm(
             total=self.epochs * batches_per_epoch,
@@ -358,7 +445,11 @@ class PromptTrainer:
         for epoch in range(start_epoch, self.epochs):
             stats = self._train_epoch(epoch, cached, progress)
             step_seconds += stats.step_seconds
-            self._check_finite(epoch, stats.skipped, batches_per_epoch, output / CHECKPOINT_NAME)
+            self._check_finite(epoch, stats.skipped, batches_per_epoch, checkpoint)
+            if self.averages is not None:
+                with torch.no_grad():
+                    for average, p in zip(self.averages, self.params, strict=True):
+                        average.add_(p, alpha=self.gpa_weights[epoch])
             summary.update(
                 loss=stats.loss / stats.seen, accuracy=stats.correct / stats.seen, skipped_steps=stats.skipped
             )
@@ -366,11 +457,15 @@ class PromptTrainer:
                 lr = self.optimizer.param_groups[0]["lr"]
                 acc.log({"loss": summary["loss"], "accuracy": summary["accuracy"], "lr": lr}, step=epoch + 1)
             if acc.is_main_process:
-                save_checkpoint(output / CHECKPOINT_NAME, self.params, self.optimizer, epoch + 1, self.run)
+                save_checkpoint(checkpoint, self.params, self.optimizer, epoch + 1, self.run, self.averages)
             acc.wait_for_everyone()
         progress.close()
         if args.report_to:
             acc.end_training()
+        if self.averages is not None:  # PromptSRC's GPA: the adapter is the weighted mean over epochs
+            with torch.no_grad():
+                for average, p in zip(self.averages, self.params, strict=True):
+                    p.copy_(average)
         if acc.is_main_process:
             save_adapter(self.model, output)
         summary["seconds_per_step"] = sorted(step_seconds)[len(step_seconds) // 2] if step_seconds else None

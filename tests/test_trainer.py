@@ -74,20 +74,23 @@ def test_training_learns(clip_dir, tmp_path):
     assert (tmp_path / "run" / CHECKPOINT_NAME).is_file()
 
 
-@pytest.mark.parametrize("augment", [False, True])
-def test_resume_gives_the_uninterrupted_result(clip_dir, tmp_path, augment, monkeypatch):
+@pytest.mark.parametrize(
+    "extra", [{"augment": False}, {"augment": True}, {"augment": False, "gpa_mean": 2.5}], ids=["cached", "augment", "gpa"]
+)
+def test_resume_gives_the_uninterrupted_result(clip_dir, tmp_path, extra, monkeypatch):
+    """Also with PromptSRC's aggregation over epochs, whose running average travels in the checkpoint."""
     import peft_prompt_clip.trainer as trainer_module
 
     data = teacher_data(clip_dir, n=48)
-    recipe = dict(optimizer="sgd", lr=0.5, augment=augment)
+    recipe = dict(optimizer="sgd", lr=0.5, **extra)
     model, processor = student(clip_dir)
     PromptTrainer(model, processor, data, args(tmp_path / "full", **recipe)).train()
     full = context(model)
 
     save = trainer_module.save_checkpoint
 
-    def save_then_die(path, params, optimizer, epoch, run):
-        save(path, params, optimizer, epoch, run)
+    def save_then_die(path, params, optimizer, epoch, *rest):
+        save(path, params, optimizer, epoch, *rest)
         if epoch == 2:
             raise KeyboardInterrupt  # the process dies right after its second checkpoint
 

@@ -1,0 +1,99 @@
+"""The published methods as presets: each paper's adapter settings and training recipe, in the fields of
+[`PromptEmbeddingConfig`] and [`TrainingArguments`], so that `train --method maple` (or [`method_settings`] in Python)
+starts from what the paper ran, and every field can still be set on top."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .classifier import IMAGENET_TEMPLATES
+
+
+@dataclass(frozen=True)
+class Method:
+    """One paper's preset.
+
+    Args:
+        name (`str`): the method, as its paper names it.
+        paper (`str`): the paper.
+        adapter (`dict`): [`PromptEmbeddingConfig`] fields.
+        training (`dict`): [`TrainingArguments`] fields (the rest are CoOp's recipe, this package's defaults).
+    """
+
+    name: str
+    paper: str
+    adapter: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+
+
+#: The presets, by the name `--method` takes. The recipes are those of the papers' base-to-novel configurations
+#: (ViT-B/16): MaPLe's and PromptSRC's as in the PromptSRC repository's configs. Depths are for 12-layer towers; on a
+#: shallower model they are capped at its layer count (see [`method_settings`]).
+METHODS: dict[str, Method] = {
+    "coop": Method("CoOp", "Zhou et al., Learning to Prompt for Vision-Language Models, IJCV 2022"),
+    "cocoop": Method(
+        "CoCoOp",
+        "Zhou et al., Conditional Prompt Learning for Vision-Language Models, CVPR 2022",
+        {"n_ctx": 4, "ctx_init": "a photo of a", "conditional": True},
+        {"batch_size": 1, "epochs": 10},
+    ),
+    "kgcoop": Method(
+        "KgCoOp",
+        "Yao et al., Visual-Language Prompt Tuning with Knowledge-guided Context Optimization, CVPR 2023",
+        {"n_ctx": 4, "ctx_init": "a photo of a"},
+        {"kg_weight": 8.0},
+    ),
+    "ivlp": Method(
+        "IVLP",
+        "Khattak et al., MaPLe: Multi-modal Prompt Learning, CVPR 2023 (its independent V-L prompting baseline)",
+        {"n_ctx": 2, "ctx_init": "a photo", "prompt_depth": 9, "vision_n_ctx": 2, "vision_prompt_depth": 9},
+        {"lr": 0.0035, "batch_size": 4, "epochs": 2},
+    ),
+    "maple": Method(
+        "MaPLe",
+        "Khattak et al., MaPLe: Multi-modal Prompt Learning, CVPR 2023",
+        {"n_ctx": 2, "ctx_init": "a photo", "prompt_depth": 9, "coupled": True},
+        {"lr": 0.0035, "batch_size": 4, "epochs": 2},
+    ),
+    "promptsrc": Method(
+        "PromptSRC",
+        "Khattak et al., Self-regulating Prompts: Foundational Model Adaptation without Forgetting, ICCV 2023",
+        {"n_ctx": 4, "ctx_init": "a photo of a", "prompt_depth": 9, "vision_n_ctx": 4, "vision_prompt_depth": 9},
+        {
+            "lr": 0.0025,
+            "batch_size": 4,
+            "epochs": 20,
+            "scl_text_weight": 25.0,
+            "scl_image_weight": 10.0,
+            "hand_template": list(IMAGENET_TEMPLATES),
+            "gpa_mean": 15.0,
+            "gpa_std": 1.0,
+        },
+    ),
+}
+
+
+def method_settings(
+    name: str, num_classes: int, text_layers: int | None = None, vision_layers: int | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The adapter fields and training fields of the preset `name` for `num_classes` classes: PromptSRC's logit term
+    (KL summed over classes and averaged over images and classes) is `kl_weight = 1 / num_classes` here, and depths
+    are capped at the towers' layer counts when given.
+
+    Raises:
+        `ValueError`: for an unknown name, listing the known ones.
+    """
+    if name not in METHODS:
+        raise ValueError(f"Unknown method {name!r}; choose one of {', '.join(METHODS)}.")
+    method = METHODS[name]
+    adapter, training = dict(method.adapter), dict(method.training)
+    if name == "promptsrc":
+        training["kl_weight"] = 1.0 / num_classes
+    coupled = adapter.get("coupled", False)  # MaPLe's depth is that of both towers
+    caps = {"prompt_depth": [text_layers, vision_layers if coupled else None], "vision_prompt_depth": [vision_layers]}
+    for key, layers in caps.items():
+        for count in layers:
+            if key in adapter and count is not None:
+                adapter[key] = min(adapter[key], count)
+    return adapter, training

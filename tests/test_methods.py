@@ -1,0 +1,135 @@
+"""Training deep and multi-modal prompts: vision prompts are learned through the prompted image tower (never from
+cached features), PromptSRC's terms and its Gaussian aggregation over epochs do what the paper says, and the presets
+give the papers' settings."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import write_image_folder
+from peft import get_peft_model
+from test_cli import run
+from test_trainer import CLASSES, teacher_data
+from transformers import AutoProcessor, CLIPModel
+
+from peft_prompt_clip import PromptClassifier, PromptEmbeddingConfig, load_prompt_model
+from peft_prompt_clip.layer import find_prompt_layer
+from peft_prompt_clip.losses import PromptLoss, StepOutputs, l1_to_frozen
+from peft_prompt_clip.methods import METHODS, method_settings
+from peft_prompt_clip.trainer import PromptTrainer, TrainingArguments
+
+
+def prompted_student(clip_dir, **fields):
+    config = PromptEmbeddingConfig(n_ctx=2, class_names=CLASSES, **fields)
+    return get_peft_model(CLIPModel.from_pretrained(clip_dir).eval(), config), AutoProcessor.from_pretrained(clip_dir)
+
+
+def adapter_tensors(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("fields", [{"vision_n_ctx": 2, "prompt_depth": 2}, {"coupled": True, "prompt_depth": 2}])
+def test_vision_prompts_learn_through_the_prompted_image_tower(clip_dir, tmp_path, monkeypatch, fields):
+    def no_cache(self):
+        raise AssertionError("image features of a vision-prompted adapter must not be cached")
+
+    monkeypatch.setattr(PromptTrainer, "cached_image_features", no_cache)
+    data = teacher_data(clip_dir, n=48)
+    model, processor = prompted_student(clip_dir, **fields)
+    before = adapter_tensors(model)
+    args = TrainingArguments(output_dir=str(tmp_path), epochs=3, batch_size=16, optimizer="adamw", lr=0.05)
+    args.augment = False  # even without augmentation: the features depend on the adapter
+    trainer = PromptTrainer(model, processor, data, args)
+    assert trainer.prompts_images
+    summary = trainer.train()
+    after = adapter_tensors(model)
+    vision = [n for n in after if "vision_ctx" in n or "coupling" in n]
+    assert vision and all(not torch.equal(before[n], after[n]) for n in after)
+    assert math.isfinite(summary["loss"])
+    # the saved adapter classifies with its prompted image tower
+    loaded = load_prompt_model(CLIPModel.from_pretrained(clip_dir).eval(), tmp_path)
+    classifier = PromptClassifier(loaded, processor, CLASSES)
+    pixels = processor(images=data.images[:4], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        with_prompts = classifier.logits(pixels)
+        find_prompt_layer(loaded).prompt_embedding_vision_ctx.clear()  # the text side alone differs
+        find_prompt_layer(loaded).prompt_embedding_coupling.clear()
+        assert not torch.allclose(classifier.logits(pixels), with_prompts)
+
+
+def test_promptsrc_terms():
+    text = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
+    hand = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
+    image, frozen = (torch.nn.functional.normalize(torch.randn(2, 8), dim=-1) for _ in range(2))
+    assert torch.allclose(l1_to_frozen(text, hand), (text - hand).abs().mean(-1))
+    logits = 10 * image @ text.T
+    step = StepOutputs(logits, torch.tensor([0, 1]), text, image, torch.tensor(10.0), frozen)
+    ce = torch.nn.functional.cross_entropy(logits, step.labels, reduction="sum")
+    per_image, per_batch = PromptLoss(hand_features=hand, scl_text_weight=25.0, scl_image_weight=10.0)(step)
+    torch.testing.assert_close(per_batch, 25.0 * (text - hand).abs().mean())
+    torch.testing.assert_close(per_image, ce + 10.0 * (image - frozen).abs().mean(-1).sum())
+    # the zero-shot logits of the KL term come from the frozen image features, not the prompted ones
+    per_image, _ = PromptLoss(kl_weight=1.0, hand_features=hand)(step)
+    zero_shot = (10 * frozen @ hand.T).log_softmax(-1)
+    kl = (zero_shot.exp() * (zero_shot - logits.log_softmax(-1))).sum()
+    torch.testing.assert_close(per_image, ce + kl)
+
+
+def test_gaussian_prompt_aggregation_saves_the_weighted_mean(clip_dir, tmp_path, monkeypatch):
+    import peft_prompt_clip.trainer as trainer_module
+
+    epochs_seen = []
+    save = trainer_module.save_checkpoint
+
+    def record(path, params, *rest):
+        epochs_seen.append([p.detach().clone() for p in params])
+        save(path, params, *rest)
+
+    monkeypatch.setattr(trainer_module, "save_checkpoint", record)
+    data = teacher_data(clip_dir, n=32)
+    model, processor = prompted_student(clip_dir, prompt_depth=2, vision_n_ctx=2)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), epochs=4, batch_size=16, lr=0.5, augment=False, gpa_mean=2.5, gpa_std=1.0
+    )
+    args.scl_text_weight, args.scl_image_weight = 25.0, 10.0
+    trainer = PromptTrainer(model, processor, data, args)
+    trainer.train()
+    weights = [math.exp(-((e - 2.5) ** 2) / 2) for e in range(1, 5)]
+    weights = [w / sum(weights) for w in weights]
+    assert weights[1] == weights[2] > weights[0] == weights[3]
+    final = [p.detach() for p in trainer.params]
+    for i, param in enumerate(final):
+        expected = sum(w * epoch[i] for w, epoch in zip(weights, epochs_seen, strict=True))
+        torch.testing.assert_close(param, expected, atol=1e-6, rtol=1e-5)
+        assert not torch.allclose(param, epochs_seen[-1][i])  # not the last epoch's
+    with pytest.raises(ValueError, match="gives no weight to any of the 4 epochs"):
+        TrainingArguments(output_dir=".", gpa_mean=400.0, gpa_std=1.0).gpa_weights(4)
+
+
+def test_presets_are_the_papers():
+    adapter, training = method_settings("promptsrc", num_classes=10)
+    assert adapter == {**METHODS["promptsrc"].adapter} and adapter["prompt_depth"] == 9
+    assert training["kl_weight"] == pytest.approx(0.1) and training["scl_text_weight"] == 25.0
+    assert (training["gpa_mean"], training["lr"], training["batch_size"], training["epochs"]) == (15.0, 0.0025, 4, 20)
+    adapter, training = method_settings("maple", num_classes=10, text_layers=12, vision_layers=3)
+    assert adapter["prompt_depth"] == 3 and adapter["coupled"]  # MaPLe's depth is both towers'
+    assert (training["lr"], training["batch_size"], training["epochs"]) == (0.0035, 4, 2)
+    with pytest.raises(ValueError, match="Unknown method 'vpt'; choose one of coop, cocoop"):
+        method_settings("vpt", 3)
+
+
+def test_cli_method_preset_with_an_override(clip_dir, tmp_path):
+    images = write_image_folder(tmp_path / "images", per_class=4)
+    out = tmp_path / "maple"
+    result = run(
+        "train", "--model", clip_dir, "--data", images, "--output", out, "--method", "maple", "--epochs", "1",
+        "--n-ctx", "3",
+    )  # fmt: skip
+    assert "method: MaPLe (MaPLe adapter)" in result.stdout and "prompt_depth=2" in result.stdout
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert (config["coupled"], config["prompt_depth"], config["n_ctx"], config["vision_n_ctx"]) == (True, 2, 3, 3)
+    evaluated = run("eval", "--adapter", out, "--data", images)
+    assert "learned" in evaluated.stdout
