@@ -23,7 +23,7 @@ from .evaluation import evaluate, harmonic_mean
 from .hub import RESULTS_NAME
 from .loading import get_prompt_model, load_prompt_model, read_adapter_config, resolve_adapter
 from .methods import METHODS, method_settings
-from .model import find_text_embeddings, find_vision_tower
+from .model import find_text_embeddings
 from .storage import write_json
 from .trainer import PromptTrainer, TrainingArguments
 
@@ -101,11 +101,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     """Learn a prompt adapter on `--data` and save it in `--output`."""
     data = _data(args, "train", args.shots)
     model, processor = _load_base(args.model)
-    text_model = model.get_submodule(find_text_embeddings(model).rpartition(".")[0])
-    vision = find_vision_tower(model)
-    preset, recipe = method_settings(
-        args.method, len(data.class_names), len(text_model.encoder.layers), vision and len(vision.layers)
-    )
+    preset, recipe = method_settings(args.method, len(data.class_names), model)
     flags = {field: getattr(args, field) for field in ADAPTER_OPTIONS}
     adapter = {**preset, **{k: v for k, v in flags.items() if v is not None and v is not False}}
     config = PromptEmbeddingConfig(**adapter, class_names=data.class_names, init_seed=args.seed)

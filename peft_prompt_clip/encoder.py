@@ -255,6 +255,8 @@ class PromptEncoder:
         inside = int((slots[0] < shared).sum())  # the context's first `inside` vectors lie in the prefix
         where = slots[:1, :inside] if prefix else slots[start:stop, inside:] - shared
         part = slice(0, inside) if prefix else slice(inside, None)
+        if where.shape[1] == 0:  # none of the context here (the end position's suffixes): nothing to copy
+            return None
 
         def write(index: int, hidden: torch.Tensor) -> torch.Tensor:
             return write_at(hidden, where, deep[index - 1, part]) if 0 < index <= deep.shape[0] else hidden

@@ -69,9 +69,9 @@ def model_card(
     if config.prompt_depth > 1:
         deep.append(f"learned tokens in the first {config.prompt_depth} layers of the text tower")
     if config.vision_n_ctx:
-        how = "mapped from the text tokens" if config.coupled else "learned"
+        how = "each a map of that layer's text tokens" if config.coupled else "learned"
         layers = config.vision_prompt_depth
-        deep.append(f"{config.vision_n_ctx} {how} tokens in the first {layers} layers of the image tower")
+        deep.append(f"{config.vision_n_ctx} vision tokens in the first {layers} layers of the image tower ({how})")
     depth = f" ({'; '.join(deep)})" if deep else ""
     tags += [f"base_model:adapter:{base}"] if base else []
     table, evaluations = "", []

@@ -7,7 +7,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from torch import nn
+
 from .classifier import IMAGENET_TEMPLATES
+from .model import find_text_embeddings, find_vision_tower
 
 
 @dataclass(frozen=True)
@@ -75,14 +78,25 @@ METHODS: dict[str, Method] = {
 
 
 def method_settings(
-    name: str, num_classes: int, text_layers: int | None = None, vision_layers: int | None = None
+    name: str, num_classes: int, model: nn.Module | None = None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The adapter fields and training fields of the preset `name` for `num_classes` classes: PromptSRC's logit term
-    (KL summed over classes and averaged over images and classes) is `kl_weight = 1 / num_classes` here, and depths
-    are capped at the towers' layer counts when given.
+    """
+    The adapter fields and training fields of the preset `name` for `num_classes` classes. PromptSRC's logit term (KL
+    averaged over images and classes) is `kl_weight = 1 / num_classes` here; given the `model`, depths are capped at
+    its towers' layer counts (the papers' depth 9 is for 12-layer towers).
 
     Raises:
         `ValueError`: for an unknown name, listing the known ones.
+
+    Example:
+
+    ```py
+    >>> from peft_prompt_clip.methods import method_settings
+    >>> adapter, training = method_settings("maple", num_classes=10)
+    >>> adapter["prompt_depth"], adapter["coupled"], training["lr"]
+    (9, True, 0.0035)
+
+    ```
     """
     if name not in METHODS:
         raise ValueError(f"Unknown method {name!r}; choose one of {', '.join(METHODS)}.")
@@ -90,6 +104,12 @@ def method_settings(
     adapter, training = dict(method.adapter), dict(method.training)
     if name == "promptsrc":
         training["kl_weight"] = 1.0 / num_classes
+    text_layers = vision_layers = None
+    if model is not None:
+        text_model = model.get_submodule(find_text_embeddings(model).rpartition(".")[0])
+        text_layers = len(text_model.encoder.layers)
+        vision = find_vision_tower(model)
+        vision_layers = None if vision is None else len(vision.layers)
     coupled = adapter.get("coupled", False)  # MaPLe's depth is that of both towers
     caps = {"prompt_depth": [text_layers, vision_layers if coupled else None], "vision_prompt_depth": [vision_layers]}
     for key, layers in caps.items():

@@ -1,6 +1,7 @@
-"""Deep text prompts, vision prompts, IVLP and MaPLe: features equal a forward built by hand from the model's own layers
-with the prompts written in at each layer (CLIP and SigLIP), gradients reach the adapter alone, `disable_adapter()`
-and `unload()` give the base model back in both towers, and adapters round-trip through save/load."""
+"""Deep text prompts, vision prompts, IVLP and MaPLe: features equal a forward built by hand from the model's own
+layers with the prompts written in at each layer (CLIP and SigLIP), gradients reach the adapter alone,
+`disable_adapter()` and `unload()` give the base model back in both towers, and adapters round-trip through
+save/load."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
-from transformers import CLIPConfig, CLIPModel, CLIPTextModel, SiglipConfig, SiglipModel
+from transformers import CLIPConfig, CLIPModel, CLIPTextModel, OwlViTConfig, OwlViTModel, SiglipConfig, SiglipModel
 
 from peft_prompt_clip import InvalidAdapterError, PromptEmbeddingConfig, PromptEncoder, prompt_options
 from peft_prompt_clip.encoder import features_of
@@ -29,6 +30,13 @@ def clip_model() -> CLIPModel:
     return CLIPModel(CLIPConfig(text_config=text, vision_config=VISION, projection_dim=16)).eval()
 
 
+def owlvit_model() -> OwlViTModel:
+    torch.manual_seed(0)
+    text = {**TOWER, "hidden_size": 32, "vocab_size": 99, "max_position_embeddings": 24}
+    text.update(bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
+    return OwlViTModel(OwlViTConfig(text_config=text, vision_config=VISION, projection_dim=16)).eval()
+
+
 def siglip_model() -> SiglipModel:
     torch.manual_seed(0)
     text = {**TOWER, "hidden_size": 32, "vocab_size": 99, "max_position_embeddings": 16}
@@ -36,7 +44,7 @@ def siglip_model() -> SiglipModel:
     return SiglipModel(SiglipConfig(text_config=text, vision_config=VISION)).eval()
 
 
-FAMILIES = {"clip": clip_model, "siglip": siglip_model}
+FAMILIES = {"clip": clip_model, "owlvit": owlvit_model, "siglip": siglip_model}
 METHODS = {
     "deep-text": {"n_ctx": 3, "prompt_depth": 3},
     "vision": {"n_ctx": 3, "vision_n_ctx": 2, "vision_prompt_depth": 3},
@@ -93,13 +101,14 @@ def reference_text(model, family: str, ids: torch.Tensor, ctx: torch.Tensor, dee
 
 def reference_image(model, family: str, pixel_values: torch.Tensor, tokens: list[torch.Tensor]) -> torch.Tensor:
     """The image tower by hand: the vision tokens appended after the embeddings, each deep layer's written over them
-    before that layer; the class token (CLIP) or the attention head over the patch tokens alone (SigLIP) pools."""
+    before that layer; the class token (CLIP, OWL-ViT) or the attention head over the patch tokens alone (SigLIP)
+    pools."""
     tower = model.vision_model
     x = tower.embeddings(pixel_values)
     m = tokens[0].shape[0]
     x = torch.cat([x, tokens[0].expand(len(x), -1, -1)], dim=1)
-    if family == "clip":
-        x = tower.pre_layrnorm(x)
+    if family != "siglip":
+        x = (tower.pre_layrnorm if family == "clip" else tower.pre_layernorm)(x)
     for i, layer in enumerate(tower.encoder.layers):
         if 1 <= i < len(tokens):
             x = torch.cat([x[:, :-m], tokens[i].expand(len(x), -1, -1)], dim=1)
@@ -265,6 +274,25 @@ def test_bad_configs_name_the_fix():
         CLIPTextModel(clip_model().config.text_config), PromptEmbeddingConfig(n_ctx=2, prompt_depth=3)
     )
     assert text_only.get_nb_trainable_parameters()[0] == 3 * 2 * 32
+
+
+def test_an_adapter_saved_before_deep_prompts_still_loads(tmp_path):
+    """An adapter_config.json of the previous release has none of the new fields: they take their defaults."""
+    import json
+
+    model = get_peft_model(clip_model(), PromptEmbeddingConfig(n_ctx=3))
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    for field in ("prompt_depth", "vision_n_ctx", "vision_prompt_depth", "coupled"):
+        del config[field]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    loaded = PeftModel.from_pretrained(clip_model(), tmp_path)
+    assert loaded.peft_config["default"].method == "CoOp"
+    with torch.no_grad():
+        torch.testing.assert_close(
+            features_of(loaded.get_text_features(**text_inputs("clip"))),
+            features_of(model.get_text_features(**text_inputs("clip"))),
+        )
 
 
 def test_an_adapter_file_without_its_vision_prompts_is_refused(tmp_path):

@@ -63,11 +63,12 @@ def inputs(name: str) -> torch.Tensor:
     return torch.tensor([[BOS, *t, EOS] + [pad] * (longest - len(t) - 2) for t in TEXTS])
 
 
-def hand_built(tower, ctx: torch.Tensor, name: str, position: str) -> torch.Tensor:
-    """The prompt laid out by hand, through the text tower's layers, pooled by the family's rule."""
+def hand_built(tower, ctx: torch.Tensor, name: str, position: str, deep: tuple = ()) -> torch.Tensor:
+    """The prompt laid out by hand, through the text tower's layers (each of `deep`'s tokens written over the
+    context's positions before layers 1, 2, ...), pooled by the family's rule."""
     text_model = next(m for m in tower.modules() if hasattr(m, "final_layer_norm") and hasattr(m, "encoder"))
     table = text_model.embeddings.token_embedding
-    rows, pool = [], []
+    rows, pool, starts = [], [], []
     for i, text in enumerate(TEXTS):
         body, suffix = (text[:-1], text[-1:]) if text[-1] == DOT else (text, [])
         prefix = [] if is_siglip(name) else [BOS]
@@ -75,8 +76,10 @@ def hand_built(tower, ctx: torch.Tensor, name: str, position: str) -> torch.Tens
         c = ctx[i] if ctx.dim() == 3 else ctx
         if position == "end":
             parts = [embed(prefix), c, embed(text + [EOS if not is_siglip(name) else 1])]
+            starts.append(len(prefix))
         else:  # front
             parts = [embed(prefix), embed(body), c, embed(suffix + [EOS if not is_siglip(name) else 1])]
+            starts.append(len(prefix) + len(body))
         row = torch.cat(parts)
         eos_at = row.shape[0] - 1
         if is_siglip(name):  # pad to the original length; the context replaced trailing padding
@@ -90,7 +93,11 @@ def hand_built(tower, ctx: torch.Tensor, name: str, position: str) -> torch.Tens
     x = torch.stack(rows) + text_model.embeddings.position_embedding.weight[:length]
     causal = torch.full((length, length), torch.finfo(x.dtype).min).triu(1).expand(len(rows), 1, length, length)
     mask = None if is_siglip(name) else causal
-    for layer in text_model.encoder.layers:
+    for index, layer in enumerate(text_model.encoder.layers):
+        if 1 <= index <= len(deep):
+            x = x.clone()
+            for row, start in enumerate(starts):
+                x[row, start : start + N_CTX] = deep[index - 1]
         if "causal_attention_mask" in inspect.signature(layer.forward).parameters:  # transformers 4, CLIP-like
             x = layer(x, None, mask)[0]
         else:
@@ -119,6 +126,25 @@ def test_parity_with_a_hand_built_prompt(name, position, class_specific):
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
     with torch.no_grad(), model.disable_adapter():
         assert not torch.allclose(model(input_ids=inputs(name)).pooler_output, ours, atol=1e-3)
+
+
+@pytest.mark.parametrize("position", ["end", "front"])
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_deep_text_prompts_match_a_hand_built_prompt(name, position):
+    """Deep text prompts work with every family and class position (CLIP and SigLIP: tests/test_deep_prompts.py)."""
+    torch.manual_seed(0)
+    config = PromptEmbeddingConfig(n_ctx=N_CTX, prompt_depth=2, class_token_position=position, suffix_token_ids=[DOT])
+    model = get_peft_model(FAMILIES[name]().eval(), config)
+    layer = next(m for m in model.modules() if isinstance(m, PromptEmbeddingLayer))
+    with torch.no_grad():
+        layer.prompt_embedding_ctx["default"].normal_(0, 1)
+        layer.prompt_embedding_deep_ctx["default"].normal_(0, 1)
+        ours = model(input_ids=inputs(name)).pooler_output
+        ctx, deep = layer.prompt_embedding_ctx["default"], tuple(layer.prompt_embedding_deep_ctx["default"])
+        expected = hand_built(model.get_base_model(), ctx, name, position, deep)
+        shallow = hand_built(model.get_base_model(), ctx, name, position)
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
+    assert (ours - shallow).abs().max() > 1e-3  # the deep tokens matter
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))

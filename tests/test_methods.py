@@ -13,9 +13,10 @@ from conftest import write_image_folder
 from peft import get_peft_model
 from test_cli import run
 from test_trainer import CLASSES, teacher_data
-from transformers import AutoProcessor, CLIPModel
+from transformers import AutoProcessor, CLIPConfig, CLIPModel
 
 from peft_prompt_clip import PromptClassifier, PromptEmbeddingConfig, load_prompt_model
+from peft_prompt_clip.hub import model_card
 from peft_prompt_clip.layer import find_prompt_layer
 from peft_prompt_clip.losses import PromptLoss, StepOutputs, l1_to_frozen
 from peft_prompt_clip.methods import METHODS, method_settings
@@ -114,8 +115,12 @@ def test_presets_are_the_papers():
     assert adapter == {**METHODS["promptsrc"].adapter} and adapter["prompt_depth"] == 9
     assert training["kl_weight"] == pytest.approx(0.1) and training["scl_text_weight"] == 25.0
     assert (training["gpa_mean"], training["lr"], training["batch_size"], training["epochs"]) == (15.0, 0.0025, 4, 20)
-    adapter, training = method_settings("maple", num_classes=10, text_layers=12, vision_layers=3)
+    vision = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 3, "num_attention_heads": 4}
+    text = {**vision, "num_hidden_layers": 12}
+    clip = CLIPModel(CLIPConfig(text_config=text, vision_config=vision))
+    adapter, training = method_settings("maple", num_classes=10, model=clip)
     assert adapter["prompt_depth"] == 3 and adapter["coupled"]  # MaPLe's depth is both towers'
+    assert method_settings("ivlp", num_classes=10, model=clip)[0]["prompt_depth"] == 9
     assert (training["lr"], training["batch_size"], training["epochs"]) == (0.0035, 4, 2)
     with pytest.raises(ValueError, match="Unknown method 'vpt'; choose one of coop, cocoop"):
         method_settings("vpt", 3)
@@ -131,5 +136,10 @@ def test_cli_method_preset_with_an_override(clip_dir, tmp_path):
     assert "method: MaPLe (MaPLe adapter)" in result.stdout and "prompt_depth=2" in result.stdout
     config = json.loads((out / "adapter_config.json").read_text())
     assert (config["coupled"], config["prompt_depth"], config["n_ctx"], config["vision_n_ctx"]) == (True, 2, 3, 3)
-    evaluated = run("eval", "--adapter", out, "--data", images)
-    assert "learned" in evaluated.stdout
+    evaluated = run("eval", "--adapter", out, "--data", images, "--base-to-novel")
+    assert "learned" in evaluated.stdout and "novel" in evaluated.stdout
+    interpreted = run("interpret", "--adapter", out)  # the input context's nearest words
+    assert "shared:" in interpreted.stdout and "ctx  3:" in interpreted.stdout
+    card = model_card(out, "user/maple-demo")
+    assert "MaPLe, 3 learned context vectors" in card and "- maple" in card
+    assert "3 vision tokens in the first 2 layers of the image tower (each a map of that layer's text tokens)" in card

@@ -75,7 +75,9 @@ def test_training_learns(clip_dir, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "extra", [{"augment": False}, {"augment": True}, {"augment": False, "gpa_mean": 2.5}], ids=["cached", "augment", "gpa"]
+    "extra",
+    [{"augment": False}, {"augment": True}, {"augment": False, "gpa_mean": 2.5}],
+    ids=["cached", "augment", "gpa"],
 )
 def test_resume_gives_the_uninterrupted_result(clip_dir, tmp_path, extra, monkeypatch):
     """Also with PromptSRC's aggregation over epochs, whose running average travels in the checkpoint."""
