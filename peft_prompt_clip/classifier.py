@@ -161,6 +161,15 @@ class PromptClassifier:
         """Save the classifier as a plain linear head on the image features, for deployment without the text tower.
 
         `adapter-free logits = normalise(image_features) @ weight.T`; the class names are in the file's metadata.
+
+        Raises:
+            `ValueError`: for an adapter with vision prompts, whose class features only fit its prompted image tower.
         """
+        if self.encoder.prompts_images(self.adapter):
+            raise ValueError(
+                f"Adapter {self.adapter!r} has vision prompts: its class features fit the image features of its own "
+                "prompted image tower, not the base model's, so a head on plain image features would be wrong. Deploy "
+                "the adapter (PromptClassifier) instead."
+            )
         weight = (self.encoder.base.logit_scale.exp() * self.class_features()).float().cpu().contiguous()
         save_file({"weight": weight}, str(path), metadata={"class_names": json.dumps(self.class_names)})

@@ -97,20 +97,28 @@ def _data(args: argparse.Namespace, split: str, shots: int | None = None) -> Lab
     return data
 
 
-def train(args: argparse.Namespace) -> dict[str, Any]:
-    """Learn a prompt adapter on `--data` and save it in `--output`."""
-    data = _data(args, "train", args.shots)
-    model, processor = _load_base(args.model)
-    preset, recipe = method_settings(args.method, len(data.class_names), model)
-    flags = {field: getattr(args, field) for field in ADAPTER_OPTIONS}
-    adapter = {**preset, **{k: v for k, v in flags.items() if v is not None and v is not False}}
-    config = PromptEmbeddingConfig(**adapter, class_names=data.class_names, init_seed=args.seed)
-    model = get_prompt_model(model, config)
+def method_fields(args: argparse.Namespace, num_classes: int, model: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The adapter and training fields of `train`: `--method`'s preset, each field given by its own flag instead."""
+    preset, recipe = method_settings(args.method, num_classes, model, args.epochs)
+    flags = {field: getattr(args, field) for field in ADAPTER_OPTIONS if getattr(args, field) is not None}
+    if "n_ctx" in flags and "ctx_init" not in flags:
+        preset.pop("ctx_init", None)  # a preset's initial words fit its own n_ctx, not another
+    if flags.get("vision_n_ctx") == 0:
+        preset.pop("vision_prompt_depth", None)
     given = {field: getattr(args, field) for field, _, _ in TRAINING_OPTIONS.values()}
     if given["hand_template"] == "imagenet":
         given["hand_template"] = list(IMAGENET_TEMPLATES)
     given["share_prefix"] = args.share_prefix
-    settings = {**recipe, **{field: value for field, value in given.items() if value is not None}}
+    return {**preset, **flags}, {**recipe, **{field: value for field, value in given.items() if value is not None}}
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    """Learn a prompt adapter on `--data` and save it in `--output`."""
+    data = _data(args, "train", args.shots)
+    model, processor = _load_base(args.model)
+    adapter, settings = method_fields(args, len(data.class_names), model)
+    config = PromptEmbeddingConfig(**adapter, class_names=data.class_names, init_seed=args.seed)
+    model = get_prompt_model(model, config)
     training = TrainingArguments(
         output_dir=args.output, augment=args.augment, seed=args.seed, resume=args.resume, **settings
     )
@@ -279,8 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["end", "middle", "front"],
         help="class token position (default: end)",
     )
-    p.add_argument("--csc", dest="class_specific", action="store_true", help="one context per class (CoOp's CSC)")
-    p.add_argument("--conditional", action="store_true", help="CoCoOp: image-conditional context (a meta-net)")
+    switch = argparse.BooleanOptionalAction
+    p.add_argument("--csc", dest="class_specific", action=switch, help="one context per class (CoOp's CSC)")
+    p.add_argument("--conditional", action=switch, help="CoCoOp: image-conditional context (a meta-net)")
     p.add_argument(
         "--meta-net-reduction",
         type=int,
@@ -289,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-depth", type=int, help="text layers with learned tokens, input included (default: 1)")
     p.add_argument("--vision-n-ctx", type=int, help="learned tokens in the image tower (default: 0, none)")
     p.add_argument("--vision-prompt-depth", type=int, help="image layers with their own tokens (default: 1)")
-    p.add_argument("--coupled", action="store_true", help="MaPLe: vision tokens mapped from each layer's text tokens")
+    p.add_argument("--coupled", action=switch, help="MaPLe: vision tokens mapped from each layer's text tokens")
     defaults = {f.name: f.default for f in dataclasses.fields(TrainingArguments)}
     for flag, (field, kind, text) in TRAINING_OPTIONS.items():
         text = text if "default" in text else f"{text} (default: {defaults[field]})"

@@ -185,7 +185,7 @@ class PromptEmbeddingLayer(nn.Module, BaseTunerLayer):
         )
         self._hooks = [
             owner.register_forward_pre_hook(self._begin_call, with_kwargs=True),
-            owner.register_forward_hook(self._end_call, always_call=True),
+            owner.register_forward_hook(partial(self._end_call, "text"), always_call=True),
         ]
         self._text_layers = list(text_layers)
         self._vision = vision
@@ -240,7 +240,7 @@ class PromptEmbeddingLayer(nn.Module, BaseTunerLayer):
         tower = self._vision
         self._hooks += [
             tower.owner.register_forward_pre_hook(self._begin_vision_call),
-            tower.owner.register_forward_hook(self._end_call, always_call=True),
+            tower.owner.register_forward_hook(partial(self._end_call, "vision"), always_call=True),
             tower.embeddings.register_forward_hook(self._append_vision),
         ]
         for index, layer in enumerate(tower.layers):
@@ -277,8 +277,10 @@ class PromptEmbeddingLayer(nn.Module, BaseTunerLayer):
     def _begin_call(self, owner: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple | None:
         options = _OPTIONS.get()
         previous = _CALL.get()
-        if previous is not None and previous.layer is self:  # left by a forward interrupted past its end hook
-            previous = previous.previous  # (torch runs always_call hooks on Exception, not on KeyboardInterrupt)
+        if previous is not None and previous.layer is self and previous.tower == "text":
+            # left by a forward interrupted past its end hook (torch runs always_call hooks on Exception, not on
+            # KeyboardInterrupt); a call of the other tower in progress is an enclosing one, and stays
+            previous = previous.previous
         name = self.resolve(options)
         inputs = self._owner_signature.bind_partial(*args, **kwargs).arguments
         inputs.update(inputs.pop(self._owner_var_kwargs, {}))
@@ -303,8 +305,8 @@ class PromptEmbeddingLayer(nn.Module, BaseTunerLayer):
 
     def _begin_vision_call(self, owner: nn.Module, args: tuple) -> None:
         previous = _CALL.get()
-        if previous is not None and previous.layer is self:
-            previous = previous.previous
+        if previous is not None and previous.layer is self and previous.tower == "vision":
+            previous = previous.previous  # left by an interrupted forward, as in _begin_call
         options = _OPTIONS.get()
         name = self.resolve(options)
         if name is not None and not self.prompts_images(name):
@@ -372,9 +374,9 @@ class PromptEmbeddingLayer(nn.Module, BaseTunerLayer):
             return self.prompt_embedding_coupling[adapter_name][index](text)
         return self.prompt_embedding_vision_ctx[adapter_name][index]
 
-    def _end_call(self, owner: nn.Module, args: tuple, output: Any) -> None:
+    def _end_call(self, tower: str, owner: nn.Module, args: tuple, output: Any) -> None:
         call = _CALL.get()
-        if call is not None and call.layer is self:
+        if call is not None and call.layer is self and call.tower == tower:
             _CALL.set(call.previous)
 
     def forward(

@@ -216,7 +216,7 @@ class PromptEmbeddingModel(TunerPrivateHooks):
         meta_net = self._meta_net(peft_config, context) if peft_config.conditional else None
         text_layers = list(parent.encoder.layers)
         vision = find_vision_tower(self.model)
-        deep, vision_ctx, coupling = _deep_prompts(peft_config, context, text_layers, vision)
+        deep, vision_ctx, coupling = _deep_prompts(peft_config, context, text_layers, vision, self.model)
         prompts = {"meta_net": meta_net, "deep": deep, "vision_ctx": vision_ctx, "coupling": coupling}
         if isinstance(target, PromptEmbeddingLayer):
             target.update_layer(adapter_name, context, layout, peft_config.inference_mode, **prompts)
@@ -279,9 +279,16 @@ class PromptEmbeddingModel(TunerPrivateHooks):
         mine = [k for k in own if any(k.endswith(f"{n}.{adapter_name}") or f"{n}.{adapter_name}." in k for n in names)]
         # saved from another layout of the same towers (CLIPModel vs CLIPTextModel, transformers 4 vs 5): the keys
         # differ only before the layer's parameter names; PEFT passes on keys it could not map as saved (no adapter)
+        # PEFT drops the adapter name from saved keys only where it ends the key (the contexts), so a module's keys
+        # (`prompt_embedding_coupling.<saved name>.0.weight`) keep the name they were saved under: drop that too
         by_tail = {_tail(k).replace(f".{adapter_name}", "", 1): k for k in mine}
-        for key in [k for k in remapped if k not in own and _tail(k) in by_tail]:
-            remapped[by_tail[_tail(key)]] = remapped.pop(key)
+        for key in [k for k in remapped if k not in own]:
+            tail = _tail(key)
+            head, _, rest = tail.partition(".")
+            if tail not in by_tail and "." in rest:
+                tail = f"{head}.{rest.partition('.')[2]}"
+            if tail in by_tail:
+                remapped[by_tail[tail]] = remapped.pop(key)
         for key in mine:
             if key not in remapped:
                 raise InvalidAdapterError(
@@ -437,7 +444,11 @@ def _initial_context(
 
 
 def _deep_prompts(
-    config: PromptEmbeddingConfig, context: torch.Tensor, text_layers: list[nn.Module], vision: VisionTower | None
+    config: PromptEmbeddingConfig,
+    context: torch.Tensor,
+    text_layers: list[nn.Module],
+    vision: VisionTower | None,
+    model: nn.Module,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, nn.ModuleList | None]:
     """The initial deep text prompts, vision prompts and MaPLe coupling of a completed config (None where it has
     none): normal with std 0.02 as VPT, MaPLe and PromptSRC, the maps as `nn.Linear`'s own; seeded by `init_seed`."""
@@ -448,6 +459,11 @@ def _deep_prompts(
         )
     if not config.prompts_images:
         vision_ctx = coupling = None
+    elif type(model).__name__ == "OwlViTForObjectDetection":
+        raise ValueError(
+            "Vision prompts add tokens to the image sequence, whose patch tokens OWL-ViT's detection heads read as a "
+            "grid: use them with OwlViTModel (classification), or deep text prompts alone for detection."
+        )
     elif vision is None:
         supported = ", ".join(SUPPORTED_VISION_EMBEDDINGS.values())
         raise ValueError(

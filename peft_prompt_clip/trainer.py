@@ -269,6 +269,8 @@ class PromptTrainer:
             "class_names": list(train_data.class_names),
             "images": len(train_data),
         }
+        if self.gpa_weights:  # the Gaussian's weights are normalised over the epochs: a resumed run needs the same
+            self.run["epochs"] = self.epochs
         self.optimizer = self.accelerator.prepare(self._optimizer())
 
     def _claim_classes(self, config: Any) -> None:
@@ -330,7 +332,12 @@ class PromptTrainer:
         """Features of every training image, unaugmented, from the frozen image tower, computed once in batches of
         64."""
         order = list(range(len(self.data)))
-        return torch.cat([self.image_features(order[i : i + 64])[0] for i in range(0, len(order), 64)])
+        parts = []
+        with torch.no_grad(), self.accelerator.autocast():
+            for i in range(0, len(order), 64):
+                inputs = image_inputs(self.processor, self.data, order[i : i + 64])
+                parts.append(self.encoder.image_features(inputs, enabled=False))
+        return torch.cat(parts)
 
     def step(
         self,
@@ -430,7 +437,9 @@ class PromptTrainer:
             load_checkpoint(checkpoint, self.params, self.optimizer, self.run, self.averages) if args.resume else 0
         )
         if args.report_to:
-            acc.init_trackers("peft-prompt-clip", config=asdict(args))
+            # trackers take scalars: a template ensemble is logged as one string
+            hparams = {k: " | ".join(v) if isinstance(v, list) else v for k, v in asdict(args).items()}
+            acc.init_trackers("peft-prompt-clip", config=hparams)
         cached = None if self.augment or self.prompts_images else self.cached_image_features()
         batches_per_epoch = math.ceil(len(self.data) / args.batch_size)
         progress = tqdm(

@@ -238,6 +238,40 @@ def test_save_load_round_trip(method, tmp_path):
             torch.testing.assert_close(features_of(get(loaded)), features_of(get(model)), atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("method", ["maple", "ivlp"])
+def test_an_adapter_loads_under_another_name(method, tmp_path):
+    """PEFT keeps the saved adapter's name inside module keys (`prompt_embedding_coupling.<name>.0.weight`)."""
+    model, _ = prompted("clip", method)
+    model.save_pretrained(tmp_path)
+    inputs = text_inputs("clip")
+    loaded = PeftModel.from_pretrained(clip_model(), tmp_path, adapter_name="other").eval()
+    loaded.load_adapter(tmp_path, adapter_name="third")
+    with torch.no_grad():
+        for name in ("other", "third"):
+            loaded.set_adapter(name)
+            torch.testing.assert_close(
+                features_of(loaded.get_image_features(pixel_values=pixels())),
+                features_of(model.get_image_features(pixel_values=pixels())),
+            )
+            torch.testing.assert_close(
+                features_of(loaded.get_text_features(**inputs)), features_of(model.get_text_features(**inputs))
+            )
+
+
+def test_an_image_forward_inside_a_text_forward_leaves_the_text_call_alone():
+    model, _ = prompted("clip", "maple")
+    inputs = text_inputs("clip")
+    with torch.no_grad():
+        expected = features_of(model.get_text_features(**inputs))
+        layer = model.base_model.model.text_model.encoder.layers[0]
+        hook = layer.register_forward_hook(lambda *_: model.get_image_features(pixel_values=pixels()) and None)
+        try:
+            nested = features_of(model.get_text_features(**inputs))
+        finally:
+            hook.remove()
+    torch.testing.assert_close(nested, expected, atol=0, rtol=0)
+
+
 def test_two_adapters_each_with_its_own_towers():
     model, reference = prompted("clip", "maple")
     model.add_adapter("coop", PromptEmbeddingConfig(n_ctx=2))

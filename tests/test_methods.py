@@ -15,7 +15,7 @@ from test_cli import run
 from test_trainer import CLASSES, teacher_data
 from transformers import AutoProcessor, CLIPConfig, CLIPModel
 
-from peft_prompt_clip import PromptClassifier, PromptEmbeddingConfig, load_prompt_model
+from peft_prompt_clip import InvalidCheckpointError, PromptClassifier, PromptEmbeddingConfig, load_prompt_model
 from peft_prompt_clip.hub import model_card
 from peft_prompt_clip.layer import find_prompt_layer
 from peft_prompt_clip.losses import PromptLoss, StepOutputs, l1_to_frozen
@@ -56,6 +56,9 @@ def test_vision_prompts_learn_through_the_prompted_image_tower(clip_dir, tmp_pat
     pixels = processor(images=data.images[:4], return_tensors="pt")["pixel_values"]
     with torch.no_grad():
         with_prompts = classifier.logits(pixels)
+    with pytest.raises(ValueError, match="has vision prompts: its class features fit the image features of its own"):
+        classifier.save_head(tmp_path / "head.safetensors")
+    with torch.no_grad():
         find_prompt_layer(loaded).prompt_embedding_vision_ctx.clear()  # the text side alone differs
         find_prompt_layer(loaded).prompt_embedding_coupling.clear()
         assert not torch.allclose(classifier.logits(pixels), with_prompts)
@@ -108,6 +111,11 @@ def test_gaussian_prompt_aggregation_saves_the_weighted_mean(clip_dir, tmp_path,
         assert not torch.allclose(param, epochs_seen[-1][i])  # not the last epoch's
     with pytest.raises(ValueError, match="gives no weight to any of the 4 epochs"):
         TrainingArguments(output_dir=".", gpa_mean=400.0, gpa_std=1.0).gpa_weights(4)
+    # the weights are normalised over the epochs: resuming with another number of them would scale the prompts
+    monkeypatch.setattr(trainer_module, "save_checkpoint", save)
+    args.epochs, args.resume = 6, True
+    with pytest.raises(InvalidCheckpointError, match="epochs: 4 there, 6 here"):
+        PromptTrainer(model, processor, data, args).train()
 
 
 def test_presets_are_the_papers():
@@ -122,8 +130,30 @@ def test_presets_are_the_papers():
     assert adapter["prompt_depth"] == 3 and adapter["coupled"]  # MaPLe's depth is both towers'
     assert method_settings("ivlp", num_classes=10, model=clip)[0]["prompt_depth"] == 9
     assert (training["lr"], training["batch_size"], training["epochs"]) == (0.0035, 4, 2)
+    _, scaled = method_settings("promptsrc", num_classes=10, epochs=40)  # the Gaussian follows the epochs
+    assert (scaled["epochs"], scaled["gpa_mean"], scaled["gpa_std"]) == (40, 30.0, 2.0)
     with pytest.raises(ValueError, match="Unknown method 'vpt'; choose one of coop, cocoop"):
         method_settings("vpt", 3)
+
+
+def test_cli_flags_override_the_preset():
+    from peft_prompt_clip.cli import build_parser, method_fields
+
+    def fields(*flags):
+        args = build_parser().parse_args(["train", "--model", "m", "--data", "d", "--output", "o", *flags])
+        return method_fields(args, 10, None)
+
+    adapter, training = fields("--method", "promptsrc", "--n-ctx", "2", "--epochs", "40", "--lr", "0.01")
+    assert adapter["n_ctx"] == 2 and "ctx_init" not in adapter  # "a photo of a" fits 4 vectors, not 2
+    assert (training["epochs"], training["gpa_mean"], training["lr"], training["kl_weight"]) == (40, 30.0, 0.01, 0.1)
+    adapter, _ = fields("--method", "maple", "--no-coupled", "--vision-n-ctx", "2")
+    assert adapter["coupled"] is False and adapter["vision_n_ctx"] == 2 and adapter["prompt_depth"] == 9
+    adapter, _ = fields("--method", "ivlp", "--vision-n-ctx", "0")
+    assert adapter["vision_n_ctx"] == 0 and "vision_prompt_depth" not in adapter
+    PromptEmbeddingConfig(**adapter)  # valid: deep text prompts alone
+    adapter, training = fields("--method", "promptsrc", "--gpa-mean", "3", "--hand-template", "imagenet")
+    assert training["gpa_mean"] == 3.0 and len(training["hand_template"]) == 7
+    assert fields() == ({}, {})  # CoOp: the library's defaults
 
 
 def test_cli_method_preset_with_an_override(clip_dir, tmp_path):
@@ -140,6 +170,6 @@ def test_cli_method_preset_with_an_override(clip_dir, tmp_path):
     assert "learned" in evaluated.stdout and "novel" in evaluated.stdout
     interpreted = run("interpret", "--adapter", out)  # the input context's nearest words
     assert "shared:" in interpreted.stdout and "ctx  3:" in interpreted.stdout
-    card = model_card(out, "user/maple-demo")
+    card = model_card(out, "user/maple-demo", base_model="openai/clip-vit-base-patch32")
     assert "MaPLe, 3 learned context vectors" in card and "- maple" in card
     assert "3 vision tokens in the first 2 layers of the image tower (each a map of that layer's text tokens)" in card
