@@ -120,7 +120,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     config = PromptEmbeddingConfig(**adapter, class_names=data.class_names, init_seed=args.seed)
     model = get_prompt_model(model, config)
     training = TrainingArguments(
-        output_dir=args.output, augment=args.augment, seed=args.seed, resume=args.resume, **settings
+        output_dir=args.output,
+        augment=args.augment,
+        augment_views=args.augment_views,
+        seed=args.seed,
+        resume=args.resume,
+        **settings,
     )
     if os.environ.get("RANK", "0") == "0":
         shown = {k: v for k, v in {**adapter, **settings}.items() if k != "hand_template"}
@@ -304,6 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
         text = text if "default" in text else f"{text} (default: {defaults[field]})"
         p.add_argument(flag, type=kind, default=None, dest=field, help=text)
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None, help="default: on up to 16 shots")
+    p.add_argument(
+        "--augment-views",
+        type=int,
+        help="encode this many augmented views of each image once and draw one per epoch, instead of a fresh crop "
+        "every step (default: off)",
+    )
     p.add_argument(
         "--share-prefix",
         action=argparse.BooleanOptionalAction,

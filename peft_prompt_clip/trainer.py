@@ -71,6 +71,11 @@ class TrainingArguments:
             launch configuration, e.g. `accelerate launch --mixed_precision bf16`, else `"no"`).
         augment (`bool`, *optional*): CoOp's random resized crop + flip. By default on when the training set has at
             most 16 images per class; off means image features are computed once and cached.
+        augment_views (`int`, *optional*): with augmentation, compute the image features of this many augmented views
+            of each training image once, and let each epoch draw one of them per image, instead of running the image
+            tower on a fresh crop every step: a run then costs what a cached run costs plus one pass over the views.
+            Fewer distinct crops than per-step augmentation's one per epoch. Off by default (per-step augmentation);
+            not used by adapters with vision prompts, whose image features change as they learn.
         class_chunk_size (`int`, *optional*): encode the class prompts this many at a time (exact gradient), to bound
             memory with many classes; all at once by default.
         share_prefix (`bool`, *optional*, defaults to `True`): encode the prefix that all class prompts share (`[SOS]`
@@ -111,6 +116,7 @@ class TrainingArguments:
     gradient_accumulation_steps: int = 1
     mixed_precision: str | None = None
     augment: bool | None = None
+    augment_views: int | None = None
     class_chunk_size: int | None = None
     share_prefix: bool = True
     kg_weight: float = 0.0
@@ -156,6 +162,8 @@ class TrainingArguments:
         templates = [self.hand_template] if isinstance(self.hand_template, str) else self.hand_template
         if not templates or any(not isinstance(t, str) or "{}" not in t for t in templates):
             raise ValueError(f"hand_template needs a '{{}}' for the class name, got {self.hand_template!r}.")
+        if self.augment_views is not None and (isinstance(self.augment_views, bool) or self.augment_views < 1):
+            raise ValueError(f"augment_views must be at least 1, got {self.augment_views!r}.")
         if self.class_chunk_size is not None and self.class_chunk_size < 1:
             raise ValueError(f"class_chunk_size must be at least 1, got {self.class_chunk_size}.")
 
@@ -226,6 +234,7 @@ class PromptTrainer:
         shots = max(train_data.counts())
         self.epochs = args.epochs or coop_epochs(shots)
         self.augment = shots <= 16 if args.augment is None else args.augment
+        self.views = args.augment_views if self.augment else None
         self.accelerator = Accelerator(
             mixed_precision=args.mixed_precision,
             log_with=args.report_to,
@@ -265,6 +274,7 @@ class PromptTrainer:
             **{k: getattr(config, k) for k in adapter_fields},
             **{k: getattr(args, k) for k in recipe},
             "augment": self.augment,
+            "augment_views": self.views,
             "gradient_accumulation_steps": args.gradient_accumulation_steps,
             "class_names": list(train_data.class_names),
             "images": len(train_data),
@@ -328,16 +338,25 @@ class PromptTrainer:
                 return frozen, None
             return self.encoder.image_features(inputs, self.adapter_name), frozen
 
-    def cached_image_features(self) -> torch.Tensor:
-        """Features of every training image, unaugmented, from the frozen image tower, computed once in batches of
-        64."""
+    def cached_image_features(self, views: int | None = None) -> torch.Tensor:
+        """Features of every training image from the frozen image tower, computed once in batches of 64: unaugmented
+        `(images, dim)`, or of `views` augmented views of each `(views, images, dim)` (view `v` drawn with the seed
+        `"{seed}-view{v}"`)."""
         order = list(range(len(self.data)))
+        seeds = [None] if views is None else [f"{self.args.seed}-view{v}" for v in range(views)]
         parts = []
         with torch.no_grad(), self.accelerator.autocast():
-            for i in range(0, len(order), 64):
-                inputs = image_inputs(self.processor, self.data, order[i : i + 64])
-                parts.append(self.encoder.image_features(inputs, enabled=False))
-        return torch.cat(parts)
+            for seed in seeds:
+                for i in range(0, len(order), 64):
+                    inputs = image_inputs(self.processor, self.data, order[i : i + 64], augment_seed=seed)
+                    parts.append(self.encoder.image_features(inputs, enabled=False))
+        features = torch.cat(parts)
+        return features if views is None else features.view(views, len(order), -1)
+
+    def view_of(self, epoch: int, index: int) -> int:
+        """Which cached augmented view of training image `index` epoch `epoch` uses: drawn from a stream of its own
+        per (seed, epoch, image), so that any process or resumed run draws the same."""
+        return random.Random(f"{self.args.seed}-{epoch}-view-{index}").randrange(self.views)
 
     def step(
         self,
@@ -398,7 +417,10 @@ class PromptTrainer:
             if not mine:
                 loss, correct = 0.0, 0
             else:
-                if cached is not None:
+                if cached is not None and cached.dim() == 3:  # cached augmented views: one per image and epoch
+                    views = [self.view_of(epoch, i) for i in mine]
+                    features, frozen = cached[views, mine], None
+                elif cached is not None:
                     features, frozen = cached[mine], None
                 else:
                     features, frozen = self.image_features(mine, f"{args.seed}-{epoch}" if self.augment else None)
@@ -440,7 +462,10 @@ class PromptTrainer:
             # trackers take scalars: a template ensemble is logged as one string
             hparams = {k: " | ".join(v) if isinstance(v, list) else v for k, v in asdict(args).items()}
             acc.init_trackers("peft-prompt-clip", config=hparams)
-        cached = None if self.augment or self.prompts_images else self.cached_image_features()
+        if self.prompts_images or (self.augment and self.views is None):
+            cached = None  # the image tower runs every step
+        else:
+            cached = self.cached_image_features(self.views)
         batches_per_epoch = math.ceil(len(self.data) / args.batch_size)
         progress = tqdm(
             total=self.epochs * batches_per_epoch,

@@ -64,6 +64,24 @@ def test_learning_rate_schedule_is_coops():
     assert a.learning_rate(5, 10) == pytest.approx(0.001)
 
 
+def test_cached_augmented_views(clip_dir, tmp_path, monkeypatch):
+    """The image tower runs once per view before training, never in a step; each view is the augmentation the trainer
+    would draw with its seed, and each epoch draws one view per image."""
+    data = teacher_data(clip_dir, n=20)
+    model, processor = student(clip_dir)
+    trainer = PromptTrainer(model, processor, data, args(tmp_path, epochs=3, augment=True, augment_views=2))
+    views = trainer.cached_image_features(2)
+    assert views.shape[:2] == (2, 20) and not torch.allclose(views[0], views[1])
+    single, _ = trainer.image_features([7], "1-view1")
+    torch.testing.assert_close(views[1, 7], single[0], atol=1e-5, rtol=1e-5)
+    assert {trainer.view_of(e, i) for e in range(3) for i in range(20)} == {0, 1}
+    calls = []
+    encode = trainer.encoder.image_features
+    monkeypatch.setattr(trainer.encoder, "image_features", lambda *a, **k: calls.append(1) or encode(*a, **k))
+    trainer.train()
+    assert len(calls) == 2  # one batch of 20 images per view, none per step
+
+
 def test_training_learns(clip_dir, tmp_path):
     data = teacher_data(clip_dir)
     model, processor = student(clip_dir)
@@ -76,8 +94,13 @@ def test_training_learns(clip_dir, tmp_path):
 
 @pytest.mark.parametrize(
     "extra",
-    [{"augment": False}, {"augment": True}, {"augment": False, "gpa_mean": 2.5}],
-    ids=["cached", "augment", "gpa"],
+    [
+        {"augment": False},
+        {"augment": True},
+        {"augment": True, "augment_views": 3},
+        {"augment": False, "gpa_mean": 2.5},
+    ],
+    ids=["cached", "augment", "views", "gpa"],
 )
 def test_resume_gives_the_uninterrupted_result(clip_dir, tmp_path, extra, monkeypatch):
     """Also with PromptSRC's aggregation over epochs, whose running average travels in the checkpoint."""
