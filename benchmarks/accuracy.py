@@ -87,16 +87,16 @@ def load(domain: str) -> tuple[LabeledImages, LabeledImages]:
     return demo_data(DOMAINS[domain])
 
 
-def learn_prompt(method: str, train: LabeledImages, seed: int) -> torch.nn.Module:
+def learn_prompt(method: str, train: LabeledImages, seed: int, **recipe) -> torch.nn.Module:
+    """A prompt of `method` learned on `train` with the demo's recipe, any of whose fields `recipe` replaces."""
     config_fields, args_fields = PROMPT_METHODS[method]
     config_fields = {"ctx_init": "a photo of a", **config_fields}
     config = PromptEmbeddingConfig(class_names=list(train.class_names), init_seed=seed, **config_fields)
     model = get_prompt_model(CLIPModel.from_pretrained(MODEL_DIR).eval(), config)
     if args_fields.get("kl_weight") == "1/classes":  # PromptSRC's KL, averaged over images and classes
         args_fields = {**args_fields, "kl_weight": 1 / len(train.class_names), "hand_template": PRETRAIN_TEMPLATES}
-    args = TrainingArguments(
-        output_dir=tempfile.mkdtemp(), epochs=50, optimizer="adamw", lr=3e-3, augment=False, seed=seed, **args_fields
-    )
+    demo = dict(output_dir=tempfile.mkdtemp(), epochs=50, optimizer="adamw", lr=3e-3, augment=False, seed=seed)
+    args = TrainingArguments(**{**demo, **args_fields, **recipe})
     PromptTrainer(model, PROCESSOR, train, args).train()
     return model
 

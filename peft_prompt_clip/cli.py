@@ -48,6 +48,7 @@ TRAINING_OPTIONS: dict[str, tuple[str, Any, str]] = {
     "--gradient-accumulation-steps": ("gradient_accumulation_steps", int, "batches per optimizer step"),
     "--mixed-precision": ("mixed_precision", str, "'no', 'fp16' or 'bf16' (default: Accelerate's launch setting)"),
     "--class-chunk-size": ("class_chunk_size", int, "encode at most this many prompts at a time (bounds memory)"),
+    "--num-workers": ("num_workers", int, "processes decoding and augmenting images (default: half the CPUs, <= 4)"),
     "--kg-weight": ("kg_weight", float, "KgCoOp regulariser weight (KgCoOp uses 8.0)"),
     "--kl-weight": ("kl_weight", float, "ProGrad-style KL to the zero-shot predictions"),
     "--scl-text-weight": ("scl_text_weight", float, "PromptSRC's L1 to the hand-written class features (it uses 25)"),

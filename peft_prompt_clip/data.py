@@ -6,9 +6,10 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import random
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -317,3 +318,43 @@ def image_inputs(
             image = random_resized_crop_flip(image, random.Random(f"{augment_seed}-{i}"))
         images.append(image)
     return dict(processor(images=images, return_tensors="pt"))
+
+
+def default_workers() -> int:
+    """Worker processes for image decoding and augmentation by default: half the CPUs, at most 4 (the other half runs
+    the towers)."""
+    return min(4, (os.cpu_count() or 1) // 2)
+
+
+class _BatchInputs(torch.utils.data.Dataset):
+    """Item `k`: the image tower's inputs for batch `k` of indices (see [`image_batches`])."""
+
+    def __init__(self, processor: Any, data: LabeledImages, batches: Sequence[Sequence[int]], seed: str | None):
+        self.processor, self.data, self.batches, self.seed = processor, data, batches, seed
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
+        return image_inputs(self.processor, self.data, self.batches[k], augment_seed=self.seed)
+
+
+def image_batches(
+    processor: Any,
+    data: LabeledImages,
+    batches: Sequence[Sequence[int]],
+    augment_seed: str | None = None,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """The image tower's inputs (see [`image_inputs`]) for each batch of indices in `batches`, in order: decoded,
+    augmented and transformed by `num_workers` worker processes ahead of use (a `DataLoader`, two batches prefetched
+    per worker), or in this process with 0. The inputs are the same whatever the worker count: each image's
+    augmentation draws from a stream of its own per (seed, index)."""
+    if num_workers == 0 or len(batches) < 2:
+        for batch in batches:
+            yield image_inputs(processor, data, batch, augment_seed=augment_seed)
+        return
+    dataset = _BatchInputs(processor, data, batches, augment_seed)
+    workers = min(num_workers, len(batches))
+    yield from torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory)

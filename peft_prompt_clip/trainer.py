@@ -19,7 +19,7 @@ from peft import PeftModel
 from tqdm.auto import tqdm
 
 from .checkpoints import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
-from .data import LabeledImages, image_inputs
+from .data import LabeledImages, default_workers, image_batches, image_inputs
 from .encoder import PromptEncoder
 from .errors import TrainingDivergedError
 from .layer import find_prompt_layer
@@ -76,6 +76,8 @@ class TrainingArguments:
             tower on a fresh crop every step: a run then costs what a cached run costs plus one pass over the views.
             Fewer distinct crops than per-step augmentation's one per epoch. Off by default (per-step augmentation);
             not used by adapters with vision prompts, whose image features change as they learn.
+        num_workers (`int`, *optional*): worker processes that decode, augment and transform the images ahead of the
+            steps (a `DataLoader`); by default half the CPUs, at most 4. The adapter is the same for any count.
         class_chunk_size (`int`, *optional*): encode the class prompts this many at a time (exact gradient), to bound
             memory with many classes; all at once by default.
         share_prefix (`bool`, *optional*, defaults to `True`): encode the prefix that all class prompts share (`[SOS]`
@@ -117,6 +119,7 @@ class TrainingArguments:
     mixed_precision: str | None = None
     augment: bool | None = None
     augment_views: int | None = None
+    num_workers: int | None = None
     class_chunk_size: int | None = None
     share_prefix: bool = True
     kg_weight: float = 0.0
@@ -162,6 +165,10 @@ class TrainingArguments:
         templates = [self.hand_template] if isinstance(self.hand_template, str) else self.hand_template
         if not templates or any(not isinstance(t, str) or "{}" not in t for t in templates):
             raise ValueError(f"hand_template needs a '{{}}' for the class name, got {self.hand_template!r}.")
+        if self.num_workers is None:
+            self.num_workers = default_workers()
+        if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) or self.num_workers < 0:
+            raise ValueError(f"num_workers must be an integer >= 0, got {self.num_workers!r}.")
         if self.augment_views is not None and (isinstance(self.augment_views, bool) or self.augment_views < 1):
             raise ValueError(f"augment_views must be at least 1, got {self.augment_views!r}.")
         if self.class_chunk_size is not None and self.class_chunk_size < 1:
@@ -328,7 +335,10 @@ class PromptTrainer:
         """Normalised features of the training images `indices`, augmented with `augment_seed` when given: the frozen
         image tower's; for an adapter with vision prompts, the prompted tower's (with autograd) and the frozen ones
         when the loss compares with them (else None)."""
-        inputs = image_inputs(self.processor, self.data, indices, augment_seed=augment_seed)
+        return self._features(image_inputs(self.processor, self.data, indices, augment_seed=augment_seed))
+
+    def _features(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[`image_features`] of the image tower's `inputs`."""
         with self.accelerator.autocast():
             frozen = None
             if not self.prompts_images or self.loss.needs_frozen_images:
@@ -344,14 +354,24 @@ class PromptTrainer:
         `"{seed}-view{v}"`)."""
         order = list(range(len(self.data)))
         seeds = [None] if views is None else [f"{self.args.seed}-view{v}" for v in range(views)]
+        chunks = [order[i : i + 64] for i in range(0, len(order), 64)]
         parts = []
         with torch.no_grad(), self.accelerator.autocast():
             for seed in seeds:
-                for i in range(0, len(order), 64):
-                    inputs = image_inputs(self.processor, self.data, order[i : i + 64], augment_seed=seed)
+                for inputs in self._image_batches(chunks, seed):
                     parts.append(self.encoder.image_features(inputs, enabled=False))
         features = torch.cat(parts)
         return features if views is None else features.view(views, len(order), -1)
+
+    def _image_batches(self, batches: list[list[int]], seed: str | None):
+        return image_batches(
+            self.processor,
+            self.data,
+            batches,
+            seed,
+            self.args.num_workers,
+            pin_memory=self.accelerator.device.type == "cuda",
+        )
 
     def view_of(self, epoch: int, index: int) -> int:
         """Which cached augmented view of training image `index` epoch `epoch` uses: drawn from a stream of its own
@@ -411,9 +431,12 @@ class PromptTrainer:
         for group in self.optimizer.param_groups:
             group["lr"] = args.learning_rate(epoch, self.epochs)
         batches = self._batches(epoch)
-        for n, batch in enumerate(batches):
+        shares = [batch[acc.process_index :: acc.num_processes] for batch in batches]  # this process's share of each
+        if cached is None:  # the images of the epoch's steps, decoded and augmented ahead by the workers
+            seed = f"{args.seed}-{epoch}" if self.augment else None
+            inputs = self._image_batches([share for share in shares if share], seed)
+        for n, (batch, mine) in enumerate(zip(batches, shares, strict=True)):
             start = time.perf_counter()
-            mine = batch[acc.process_index :: acc.num_processes]  # this process's share of the global batch
             if not mine:
                 loss, correct = 0.0, 0
             else:
@@ -423,7 +446,7 @@ class PromptTrainer:
                 elif cached is not None:
                     features, frozen = cached[mine], None
                 else:
-                    features, frozen = self.image_features(mine, f"{args.seed}-{epoch}" if self.augment else None)
+                    features, frozen = self._features(next(inputs))
                 loss, correct = self.step(features, self.labels[mine], len(batch), frozen)
             totals = acc.reduce(torch.tensor([loss, correct, len(mine)], device=acc.device), "sum")
             if not math.isfinite(totals[0].item()):  # e.g. fp16 overflow: drop this step's gradient, keep going

@@ -64,6 +64,26 @@ def test_learning_rate_schedule_is_coops():
     assert a.learning_rate(5, 10) == pytest.approx(0.001)
 
 
+def test_worker_processes_give_the_same_adapter(clip_dir, tmp_path):
+    """Decoding and augmentation in 2 worker processes or in the training process: the same crops, bit-identical
+    context (each image's crop is drawn from a stream of its own); evaluation alike."""
+    from peft_prompt_clip import evaluate
+
+    data = teacher_data(clip_dir, n=40)
+    contexts, scores = [], []
+    for workers in (0, 2):
+        model, processor = student(clip_dir)
+        recipe = args(tmp_path / str(workers), epochs=2, augment=True, batch_size=8, num_workers=workers)
+        PromptTrainer(model, processor, data, recipe).train()
+        contexts.append(context(model))
+        classifier = PromptClassifier(model, processor, CLASSES)
+        scores.append(evaluate(classifier, data, batch_size=16, num_workers=workers))
+    assert torch.equal(contexts[0], contexts[1])
+    assert scores[0] == scores[1]
+    with pytest.raises(ValueError, match="num_workers must be an integer >= 0"):
+        TrainingArguments(output_dir=".", num_workers=-1)
+
+
 def test_cached_augmented_views(clip_dir, tmp_path, monkeypatch):
     """The image tower runs once per view before training, never in a step; each view is the augmentation the trainer
     would draw with its seed, and each epoch draws one view per image."""

@@ -1,0 +1,110 @@
+"""The default few-shot run end to end: `PromptTrainer.train()` with augmentation (CoOp's recipe at 16 shots) at
+ViT-B/32 size (random weights), on JPEG files of 224 px written to disk (so decoding is real), 16 shots of 10 and of
+100 classes, in one process:
+
+- before: per-step augmentation with every image decoded and cropped in the training process (`num_workers=0`),
+  the image tower on every step;
+- per-step augmentation with worker processes decoding and cropping ahead of the steps (the default `num_workers`);
+- cached augmented views (`augment_views` 4 and 8): the views encoded once, then cached steps.
+
+Each variant trains `--epochs` epochs (2 by default); the wall time of a whole run of CoOp's 200 epochs is projected
+from them (one-off costs, the views' encoding, counted once). Writes benchmarks/results/default_run.json.
+
+Run: python benchmarks/default_run.py   (about 15 minutes on 2 CPU cores; --classes 10 for a quick look)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import DEVICE, device_name
+from peft import get_peft_model
+from PIL import Image
+from shared_prefix import processor_and_clip
+
+from peft_prompt_clip import PromptEmbeddingConfig
+from peft_prompt_clip.data import LabeledImages, default_workers
+from peft_prompt_clip.trainer import PromptTrainer, TrainingArguments
+
+SHOTS, FULL_EPOCHS = 16, 200  # CoOp's epochs at 16 shots
+
+
+def image_files(classes: int) -> LabeledImages:
+    folder = Path(tempfile.mkdtemp())
+    rng = np.random.default_rng(0)
+    paths, labels = [], []
+    for c in range(classes):
+        for i in range(SHOTS):
+            path = folder / f"{c}-{i}.jpg"
+            Image.fromarray(rng.integers(0, 255, (224, 224, 3), dtype=np.uint8)).save(path, quality=90)
+            paths.append(str(path))
+            labels.append(c)
+    return LabeledImages([f"class {c}" for c in range(classes)], paths, labels)
+
+
+def run(data: LabeledImages, epochs: int, **recipe) -> dict[str, float]:
+    """Seconds of the run, and of its first pass over the views (0 without them)."""
+    processor, clip = processor_and_clip()
+    model = get_peft_model(clip, PromptEmbeddingConfig(n_ctx=16))
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(), epochs=epochs, augment=True, **recipe)
+    trainer = PromptTrainer(model, processor, data, args)
+    views = 0.0
+    if args.augment_views:
+        encode = trainer.cached_image_features
+
+        def timed(*a, **k):
+            nonlocal views
+            start = time.perf_counter()
+            result = encode(*a, **k)
+            views += time.perf_counter() - start
+            return result
+
+        trainer.cached_image_features = timed
+    start = time.perf_counter()
+    trainer.train()
+    return {"seconds": time.perf_counter() - start, "views seconds": views}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--classes", type=int, nargs="+", default=[10, 100])
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "default_run.json"))
+    args = parser.parse_args()
+    variants = {
+        "before: per-step augmentation, no workers": {"num_workers": 0},
+        f"per-step augmentation, {default_workers()} workers (default)": {},
+        "augment_views 4": {"augment_views": 4},
+        "augment_views 8": {"augment_views": 8},
+    }
+    results = {"device": device_name(), "torch": torch.__version__, "python": platform.python_version()}
+    for classes in args.classes:
+        data = image_files(classes)
+        rows = {}
+        for name, recipe in variants.items():
+            measured = run(data, args.epochs, **recipe)
+            per_epoch = (measured["seconds"] - measured["views seconds"]) / args.epochs
+            rows[name] = {
+                **measured,
+                "seconds per epoch": per_epoch,
+                f"projected {FULL_EPOCHS}-epoch run": measured["views seconds"] + FULL_EPOCHS * per_epoch,
+            }
+            print(classes, name, json.dumps(rows[name]), flush=True)
+        before = rows["before: per-step augmentation, no workers"][f"projected {FULL_EPOCHS}-epoch run"]
+        for row in rows.values():
+            row["speed-up of the whole run"] = before / row[f"projected {FULL_EPOCHS}-epoch run"]
+        results[f"{classes} classes x {SHOTS} shots"] = rows
+    results["device type"] = DEVICE.type
+    Path(args.output).write_text(json.dumps(results, indent=1) + "\n")
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
