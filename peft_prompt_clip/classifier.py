@@ -105,7 +105,8 @@ class PromptClassifier:
     @torch.no_grad()
     def class_features(self) -> torch.Tensor:
         """Normalised class text features `(num_classes, dim)`, the mean over templates; computed once."""
-        if self._class_features is None:
+        features = self._class_features  # read once: another thread may refresh() meanwhile
+        if features is None:
             name = self.adapter
             if self.encoder.is_conditional(name):
                 raise ValueError(
@@ -120,8 +121,8 @@ class PromptClassifier:
                 for t in self.templates
             ]
             mean = torch.stack(per_template).mean(dim=0)
-            self._class_features = mean / mean.norm(dim=-1, keepdim=True)
-        return self._class_features
+            features = self._class_features = mean / mean.norm(dim=-1, keepdim=True)
+        return features
 
     def refresh(self) -> None:
         """Forget the cached class features (after training, or after `set_adapter`)."""

@@ -85,7 +85,8 @@ def reference_text(model, family: str, ids: torch.Tensor, ctx: torch.Tensor, dee
     else:  # [SOS] ctx text [EOS] [pad]: causal, so the padding after the end-of-text token is never seen by it
         x = torch.cat([token(ids[:, :1]), ctx.expand(len(ids), -1, -1), token(ids[:, 1:])], dim=1)
         slots = slice(1, 1 + n)
-        mask = torch.full((x.shape[1], x.shape[1]), torch.finfo(x.dtype).min).triu(1)[None, None]
+        mask = torch.full((x.shape[1], x.shape[1]), torch.finfo(x.dtype).min).triu(1)
+        mask = mask.expand(len(ids), 1, -1, -1)  # transformers 4's OWL-ViT wants the batch's size
     x = x + tower.embeddings.position_embedding.weight[: x.shape[1]]
     for i, layer in enumerate(tower.encoder.layers):
         if 1 <= i <= len(deep):
@@ -264,7 +265,11 @@ def test_an_image_forward_inside_a_text_forward_leaves_the_text_call_alone():
     with torch.no_grad():
         expected = features_of(model.get_text_features(**inputs))
         layer = model.base_model.model.text_model.encoder.layers[0]
-        hook = layer.register_forward_hook(lambda *_: model.get_image_features(pixel_values=pixels()) and None)
+
+        def image_forward(*_):
+            model.get_image_features(pixel_values=pixels())
+
+        hook = layer.register_forward_hook(image_forward)
         try:
             nested = features_of(model.get_text_features(**inputs))
         finally:

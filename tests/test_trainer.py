@@ -255,8 +255,8 @@ class PoisonedTrainer(PromptTrainer):
 
     poisoned: set[int] = set()
 
-    def cached_image_features(self):
-        features = super().cached_image_features()
+    def cached_image_features(self, views=None):
+        features = super().cached_image_features(views)
         features[sorted(self.poisoned)] = float("nan")
         return features
 
