@@ -48,6 +48,7 @@ TRAINING_OPTIONS: dict[str, tuple[str, Any, str]] = {
     "--gradient-accumulation-steps": ("gradient_accumulation_steps", int, "batches per optimizer step"),
     "--mixed-precision": ("mixed_precision", str, "'no', 'fp16' or 'bf16' (default: Accelerate's launch setting)"),
     "--class-chunk-size": ("class_chunk_size", int, "encode at most this many prompts at a time (bounds memory)"),
+    "--augment-views": ("augment_views", int, "with --augment: encode V crops of each image once, draw one per epoch"),
     "--num-workers": ("num_workers", int, "processes decoding and augmenting images (default: half the CPUs, <= 4)"),
     "--kg-weight": ("kg_weight", float, "KgCoOp regulariser weight (KgCoOp uses 8.0)"),
     "--kl-weight": ("kl_weight", float, "ProGrad-style KL to the zero-shot predictions"),
@@ -122,8 +123,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     model = get_prompt_model(model, config)
     training = TrainingArguments(
         output_dir=args.output,
-        augment=args.augment,
-        augment_views=args.augment_views,
+        augment=bool(args.augment),
         seed=args.seed,
         resume=args.resume,
         **settings,
@@ -309,13 +309,13 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, (field, kind, text) in TRAINING_OPTIONS.items():
         text = text if "default" in text else f"{text} (default: {defaults[field]})"
         p.add_argument(flag, type=kind, default=None, dest=field, help=text)
-    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None, help="default: on up to 16 shots")
     p.add_argument(
-        "--augment-views",
-        type=int,
-        help="encode this many augmented views of each image once and draw one per epoch, instead of a fresh crop "
-        "every step (default: off)",
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="CoOp's random crops and flips (default: off, by measurement: docs/training.md)",
     )
+
     p.add_argument(
         "--share-prefix",
         action=argparse.BooleanOptionalAction,
