@@ -49,7 +49,7 @@ TRAINING_OPTIONS: dict[str, tuple[str, Any, str]] = {
     "--mixed-precision": ("mixed_precision", str, "'no', 'fp16' or 'bf16' (default: Accelerate's launch setting)"),
     "--class-chunk-size": ("class_chunk_size", int, "encode at most this many prompts at a time (bounds memory)"),
     "--augment-views": ("augment_views", int, "with --augment: encode V crops of each image once, draw one per epoch"),
-    "--num-workers": ("num_workers", int, "processes decoding and augmenting images (default: half the CPUs, <= 4)"),
+    "--num-workers": ("num_workers", int, "processes decoding images (default: CUDA: half the CPUs, <= 4; CPU: 0)"),
     "--kg-weight": ("kg_weight", float, "KgCoOp regulariser weight (KgCoOp uses 8.0)"),
     "--kl-weight": ("kl_weight", float, "ProGrad-style KL to the zero-shot predictions"),
     "--scl-text-weight": ("scl_text_weight", float, "PromptSRC's L1 to the hand-written class features (it uses 25)"),

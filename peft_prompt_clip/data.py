@@ -321,9 +321,10 @@ def image_inputs(
 
 
 def default_workers() -> int:
-    """Worker processes for image decoding and augmentation by default: half the CPUs, at most 4 (the other half runs
-    the towers)."""
-    return min(4, (os.cpu_count() or 1) // 2)
+    """Worker processes for image decoding and augmentation by default: with CUDA, half the CPUs, at most 4, so that
+    the GPU never waits for PIL; on CPU none, since the towers use every core (on 2 cores one worker made an augmented
+    epoch 14% slower: benchmarks/default_run.py)."""
+    return min(4, (os.cpu_count() or 1) // 2) if torch.cuda.is_available() else 0
 
 
 class _BatchInputs(torch.utils.data.Dataset):

@@ -16,8 +16,8 @@ def evaluate(
 ) -> dict[str, Any]:
     """
     Top-1 and top-5 accuracy, and accuracy per class, of `classifier` on `data` (whose classes must be the
-    classifier's, in the same order); the images are decoded by `num_workers` worker processes (default: half the
-    CPUs, at most 4) ahead of the model.
+    classifier's, in the same order); the images are decoded by `num_workers` worker processes ahead of the model
+    (default: with CUDA half the CPUs, at most 4; none on CPU).
     """
     if list(data.class_names) != list(classifier.class_names):
         raise ValueError(

@@ -80,7 +80,8 @@ class TrainingArguments:
             Fewer distinct crops than per-step augmentation's one per epoch. Off by default (per-step augmentation);
             not used by adapters with vision prompts, whose image features change as they learn.
         num_workers (`int`, *optional*): worker processes that decode, augment and transform the images ahead of the
-            steps (a `DataLoader`); by default half the CPUs, at most 4. The adapter is the same for any count.
+            steps (a `DataLoader`); by default, with CUDA, half the CPUs, at most 4, and none on CPU (where the towers
+            use every core). The adapter is the same for any count.
         class_chunk_size (`int`, *optional*): encode the class prompts this many at a time (exact gradient), to bound
             memory with many classes; all at once by default.
         share_prefix (`bool`, *optional*, defaults to `True`): encode the prefix that all class prompts share (`[SOS]`
