@@ -80,6 +80,13 @@ def test_worker_processes_give_the_same_adapter(clip_dir, tmp_path):
         scores.append(evaluate(classifier, data, batch_size=16, num_workers=workers))
     assert torch.equal(contexts[0], contexts[1])
     assert scores[0] == scores[1]
+    # an image that fails to decode in a worker is reported by its file name
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    bad = LabeledImages(CLASSES, [*data.images[:15], str(broken)], [*data.labels[:15], 0])
+    recipe = args(tmp_path / "broken", epochs=1, augment=True, batch_size=4, num_workers=2)
+    with pytest.raises(Exception, match="broken.png"):
+        PromptTrainer(model, processor, bad, recipe).train()
     with pytest.raises(ValueError, match="num_workers must be an integer >= 0"):
         TrainingArguments(output_dir=".", num_workers=-1)
 
