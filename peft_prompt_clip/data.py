@@ -322,8 +322,8 @@ def image_inputs(
 
 def default_workers() -> int:
     """Worker processes for image decoding and augmentation by default: with CUDA, half the CPUs, at most 4, so that
-    the GPU never waits for PIL; on CPU none, since the towers use every core (on 2 cores one worker made an augmented
-    epoch 14% slower: benchmarks/default_run.py)."""
+    the GPU never waits for PIL; on CPU none, since the towers use every core (on 2 cores one worker changed an
+    augmented epoch by -20% to +14% over four measurements of benchmarks/default_run.py: no reliable gain)."""
     return min(4, (os.cpu_count() or 1) // 2) if torch.cuda.is_available() else 0
 
 
