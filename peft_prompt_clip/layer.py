@@ -276,11 +276,7 @@ class PromptEmbeddingLayer(nn.Module, BaseTunerLayer):
 
     def _begin_call(self, owner: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple | None:
         options = _OPTIONS.get()
-        previous = _CALL.get()
-        if previous is not None and previous.layer is self and previous.tower == "text":
-            # left by a forward interrupted past its end hook (torch runs always_call hooks on Exception, not on
-            # KeyboardInterrupt); a call of the other tower in progress is an enclosing one, and stays
-            previous = previous.previous
+        previous = self._enclosing("text")
         name = self.resolve(options)
         inputs = self._owner_signature.bind_partial(*args, **kwargs).arguments
         inputs.update(inputs.pop(self._owner_var_kwargs, {}))
@@ -304,14 +300,21 @@ class PromptEmbeddingLayer(nn.Module, BaseTunerLayer):
         return (), inputs
 
     def _begin_vision_call(self, owner: nn.Module, args: tuple) -> None:
-        previous = _CALL.get()
-        if previous is not None and previous.layer is self and previous.tower == "vision":
-            previous = previous.previous  # left by an interrupted forward, as in _begin_call
+        previous = self._enclosing("vision")
         options = _OPTIONS.get()
         name = self.resolve(options)
         if name is not None and not self.prompts_images(name):
             name = None  # this adapter leaves the image tower as it is
         _CALL.set(_Call(self, name, options, previous, "vision"))
+
+    def _enclosing(self, tower: str) -> _Call | None:
+        """The call a new call of `tower` runs inside: the current one, unless it is this layer's call of the same
+        tower left by a forward interrupted past its end hook (torch runs always_call hooks on Exception, not on
+        KeyboardInterrupt); a call of the other tower in progress encloses this one, and stays."""
+        previous = _CALL.get()
+        if previous is not None and previous.layer is self and previous.tower == tower:
+            return previous.previous
+        return previous
 
     def _current(self, tower: str) -> _Call | None:
         """This layer's call of `tower` in progress, if it uses an adapter."""

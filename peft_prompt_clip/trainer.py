@@ -138,7 +138,8 @@ class TrainingArguments:
     resume: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("lr", "momentum", "weight_decay", "warmup_lr", "kg_weight", "kl_weight", "scl_text_weight"):
+        weights = ("kg_weight", "kl_weight", "scl_text_weight", "scl_image_weight", "gpa_std")
+        for name in ("lr", "momentum", "weight_decay", "warmup_lr", *weights):
             value = getattr(self, name)
             if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
@@ -156,10 +157,6 @@ class TrainingArguments:
             raise ValueError(f"epochs must be at least 1, got {self.epochs}.")
         if self.kg_weight < 0 or self.kl_weight < 0:
             raise ValueError(f"kg_weight and kl_weight must be >= 0, got {self.kg_weight} and {self.kl_weight}.")
-        for name in ("scl_image_weight", "gpa_std"):
-            value = getattr(self, name)
-            if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
         if self.gpa_std <= 0:
             raise ValueError(f"gpa_std must be above 0, got {self.gpa_std}.")
         if self.gpa_mean is not None and (
