@@ -6,7 +6,7 @@ know it. Import it before loading a saved prompt adapter.
 
 from .classifier import CLIP_TEMPLATE, IMAGENET_TEMPLATES, PromptClassifier
 from .config import PEFT_TYPE, ClassTokenPosition, PromptEmbeddingConfig
-from .data import LabeledImages, few_shot, from_hf_dataset, load_data, load_split
+from .data import LabeledImages, few_shot, from_hf_dataset, hold_out, load_data, load_split
 from .encoder import PromptEncoder
 from .errors import InvalidAdapterError, InvalidCheckpointError, TrainingDivergedError
 from .evaluation import evaluate, harmonic_mean
@@ -37,6 +37,7 @@ __all__ = [
     "TrainingDivergedError",
     "evaluate",
     "few_shot",
+    "hold_out",
     "find_text_embeddings",
     "from_hf_dataset",
     "harmonic_mean",

@@ -24,13 +24,16 @@ def save_checkpoint(
     optimizer: Any,
     epoch: int,
     run: dict[str, Any],
-    averages: list[torch.Tensor] | None = None,
+    buffers: dict[str, list[torch.Tensor] | None] | None = None,
+    log: dict[str, Any] | None = None,
 ) -> None:
-    """Write the trainable parameters, the optimizer state, the running average of the parameters if the run keeps one
-    (PromptSRC's GPA) and the run's description (`run`: the recipe and the data's fingerprint) to `path` atomically: a
-    crash leaves the previous checkpoint whole."""
+    """Write the trainable parameters, the optimizer state, the run's other copies of the parameters (`buffers`, by
+    kind: PromptSRC's running average, the best evaluated candidate; None when the run keeps none), its log (`log`,
+    JSON) and its description (`run`: the recipe and the data's fingerprint) to `path` atomically: a crash leaves the
+    previous checkpoint whole."""
     tensors = {f"param.{i}": p.detach().cpu().contiguous() for i, p in enumerate(params)}
-    tensors.update({f"average.{i}": a.detach().cpu().contiguous() for i, a in enumerate(averages or [])})
+    for kind, values in (buffers or {}).items():
+        tensors.update({f"{kind}.{i}": v.detach().cpu().contiguous() for i, v in enumerate(values or [])})
     scalars: dict[str, Any] = {}
     for index, values in optimizer.state_dict()["state"].items():
         for key, value in values.items():
@@ -39,6 +42,7 @@ def save_checkpoint(
             else:
                 scalars[f"{index}.{key}"] = value
     metadata = {"epoch": str(epoch), "scalars": json.dumps(scalars), "run": json.dumps(run, sort_keys=True)}
+    metadata["log"] = json.dumps(log or {})
     with atomic_path(path) as tmp:
         try:
             save_file(tensors, str(tmp), metadata=metadata)
@@ -51,11 +55,11 @@ def load_checkpoint(
     params: list[torch.Tensor],
     optimizer: Any,
     run: dict[str, Any],
-    averages: list[torch.Tensor] | None = None,
-) -> int:
-    """Restore the parameters, optimizer state and running averages (into `averages`, when the run keeps them) saved
-    by [`save_checkpoint`] for the same `run`; returns the epochs already done. The optimizer's hyperparameters are
-    this run's, never read from the file.
+    buffers: dict[str, list[torch.Tensor] | None] | None = None,
+) -> tuple[int, dict[str, Any]]:
+    """Restore the parameters, optimizer state and the other copies of the parameters (into `buffers`, by kind, those
+    the run keeps) saved by [`save_checkpoint`] for the same `run`; returns the epochs already done and the run's log.
+    The optimizer's hyperparameters are this run's, never read from the file.
 
     Raises:
         `InvalidCheckpointError`: naming what is damaged, or how the checkpoint's run differs from this one.
@@ -68,13 +72,14 @@ def load_checkpoint(
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         saved_run = json.loads(metadata["run"])
         scalars = json.loads(metadata["scalars"])
+        log = json.loads(metadata["log"])
         epoch = int(metadata["epoch"])
     except (SafetensorError, OSError, KeyError, ValueError, TypeError) as exc:
         raise InvalidCheckpointError(
             f"{path} is damaged or was made by an older version ({type(exc).__name__}: {exc}); train without --resume "
             "to start anew."
         ) from None
-    if not isinstance(saved_run, dict) or not isinstance(scalars, dict):
+    if not isinstance(saved_run, dict) or not isinstance(scalars, dict) or not _valid_log(log):
         raise InvalidCheckpointError(f"{path} has malformed metadata; train without --resume to start anew.")
     differences = [f"{k}: {saved_run.get(k)!r} there, {v!r} here" for k, v in run.items() if saved_run.get(k) != v]
     if differences:
@@ -89,14 +94,15 @@ def load_checkpoint(
         if key.startswith("optim."):
             _, index, name = key.split(".", 2)
             state.setdefault(int(index), {})[name] = value
-        elif not key.startswith(("param.", "average.")):
+        elif key.partition(".")[0] not in {"param", *(buffers or {})}:
             raise InvalidCheckpointError(f"{path} holds an unknown tensor {key!r}.")
     for key, value in scalars.items():
         index, _, name = key.partition(".")
         if not isinstance(value, int | float) or not math.isfinite(value) or not index.isdigit():
             raise InvalidCheckpointError(f"{path} has a malformed optimizer value {key!r}: {value!r}.")
         state.setdefault(int(index), {})[name] = value
-    for kind, targets in (("param", params), ("average", averages or [])):
+    kept = {kind: values for kind, values in (buffers or {}).items() if values is not None}
+    for kind, targets in (("param", params), *kept.items()):
         for i, p in enumerate(targets):
             saved = tensors.get(f"{kind}.{i}")
             if saved is None or saved.shape != p.shape or not saved.is_floating_point() or not saved.isfinite().all():
@@ -112,10 +118,23 @@ def load_checkpoint(
     with torch.no_grad():
         for i, p in enumerate(params):
             p.copy_(tensors[f"param.{i}"])
-        for i, a in enumerate(averages or []):
-            a.copy_(tensors[f"average.{i}"])
+        for kind, values in kept.items():
+            for i, v in enumerate(values):
+                v.copy_(tensors[f"{kind}.{i}"])
     try:
         optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
     except (KeyError, ValueError, RuntimeError) as exc:
         raise InvalidCheckpointError(f"{path}: the optimizer state does not fit this optimizer ({exc}).") from None
-    return epoch
+    return epoch, log
+
+
+def _valid_log(log: Any) -> bool:
+    """A run's log as the trainer writes it: a history of per-epoch numbers, and evaluations with finite numbers."""
+    if not isinstance(log, dict) or not isinstance(log.get("history", []), list):
+        return False
+    entries = [*log.get("history", []), *(log[k] for k in ("zero_shot", "initial", "best") if k in log)]
+    return all(
+        isinstance(e, dict)
+        and all(isinstance(v, str) or (isinstance(v, int | float) and math.isfinite(v)) for v in e.values())
+        for e in entries
+    )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import warnings
@@ -17,7 +18,18 @@ from safetensors import SafetensorError
 from . import __version__
 from .classifier import CLIP_TEMPLATE, IMAGENET_TEMPLATES, PromptClassifier
 from .config import PromptEmbeddingConfig, printable
-from .data import LabeledImages, base_novel, drop_unreadable, few_shot, load_split, open_image, select_classes
+from .data import (
+    LabeledImages,
+    base_novel,
+    drop_unreadable,
+    few_shot,
+    has_splits,
+    hold_out,
+    load_data,
+    load_split,
+    open_image,
+    select_classes,
+)
 from .errors import TrainingDivergedError
 from .evaluation import evaluate, harmonic_mean
 from .hub import RESULTS_NAME
@@ -25,7 +37,7 @@ from .loading import get_prompt_model, load_prompt_model, read_adapter_config, r
 from .methods import METHODS, method_settings
 from .model import find_text_embeddings
 from .storage import write_json
-from .trainer import PromptTrainer, TrainingArguments
+from .trainer import LOG_NAME, PromptTrainer, TrainingArguments
 
 #: What the CLI reports in one line: the package's own errors and the user mistakes the libraries signal (a bad value,
 #: a missing file or model, a damaged safetensors file). Anything else is a bug, and shows its traceback.
@@ -56,6 +68,7 @@ TRAINING_OPTIONS: dict[str, tuple[str, Any, str]] = {
     "--scl-image-weight": ("scl_image_weight", float, "PromptSRC's L1 to the frozen image features (it uses 10)"),
     "--gpa-mean": ("gpa_mean", float, "PromptSRC's Gaussian aggregation of the prompts over epochs: its mean epoch"),
     "--gpa-std": ("gpa_std", float, "the standard deviation of --gpa-mean's Gaussian, in epochs"),
+    "--eval-every": ("eval_every", int, "epochs between evaluations on the held-out images (default: a tenth)"),
     "--hand-template": ("hand_template", str, "hand-written prompt of the regularisers ('imagenet': that ensemble)"),
     "--report-to": ("report_to", str, "Accelerate tracker, e.g. tensorboard; 'all' or 'none'"),
 }
@@ -82,21 +95,61 @@ def _classes(data: LabeledImages, which: str | None) -> LabeledImages:
     return select_classes(data, names)
 
 
-def _data(args: argparse.Namespace, split: str, shots: int | None = None) -> LabeledImages:
-    data = _classes(load_split(args.data, split, seed=args.seed), args.classes)
-    data = few_shot(data, shots, seed=args.seed) if shots is not None else data
-    data = drop_unreadable(data)  # opens only the images in use: 16 shots of ImageNet, not its 1.28 M images
-    source = Path(args.data)
-    where = (
-        f"{source / split}"
-        if (source / split).is_dir()
-        else f"{source}, the {split} part of a stratified 60/20/20 split drawn with seed {args.seed} (it has no "
-        "train/val/test folders)"
-    )
-    per_class = f", at most {shots} per class" if shots is not None else ""
+def _say(text: str) -> None:
     if os.environ.get("RANK", "0") == "0":  # once under `accelerate launch`
-        print(f"{split}: {len(data)} images of {len(data.class_names)} classes{per_class}, from {where}")
-    return data
+        print(text)
+
+
+def _source(args: argparse.Namespace, split: str | None) -> tuple[LabeledImages, str]:
+    """The images of `--data` for `split`, of `--classes`, and where they came from: the split's folder when the data
+    has split folders, else all of it (never split behind the user's back)."""
+    source = Path(args.data)
+    if has_splits(source):
+        split = split or "test"
+        data, where = load_split(source, split), str(source / split)
+    elif args.command == "eval" and args.split is not None:
+        raise ValueError(
+            f"--split {args.split}: {source} has no train/val/test folders, so eval uses all of its images; drop "
+            "--split, or put the images in split folders."
+        )
+    else:
+        data, where = load_data(source), f"{source} (all of it: it has no train/val/test folders)"
+    return _classes(data, args.classes), where
+
+
+def _training_data(args: argparse.Namespace) -> tuple[LabeledImages, LabeledImages | None]:
+    """`train`'s images (`--shots` per class, all by default) and its held-out images for choosing the epoch kept
+    (`--val-shots` per class, by default min(shots, 4) as CoOp's few-shot validation sets): from the data's `val/`
+    folder, else from the images not among the shots; none when there are none, with a word on why."""
+    pool, where = _source(args, "train")
+    train, rest = hold_out(pool, args.shots, seed=args.seed) if args.shots is not None else (pool, None)
+    val_shots = args.val_shots if args.val_shots is not None else min(args.shots or 4, 4)
+    if val_shots < 0:
+        raise ValueError(f"--val-shots must be 0 (no validation) or more, got {val_shots}.")
+    val, val_where = None, ""
+    if val_shots and has_splits(args.data) and (Path(args.data) / "val").is_dir():
+        val, val_where = _source(args, "val")
+        val, val_where = few_shot(val, val_shots, seed=args.seed), f"from {val_where}"
+    elif val_shots and rest is not None and all(rest.counts()):
+        val, val_where = few_shot(rest, val_shots, seed=args.seed), "held out from the images not among the shots"
+    elif args.val_shots:
+        raise ValueError(
+            f"--val-shots {args.val_shots}: {args.data} has no val/ folder and no images left per class beside the "
+            "training shots; add a val/ folder, or train on fewer --shots."
+        )
+    train = drop_unreadable(train)  # opens only the images in use: 16 shots of ImageNet, not its 1.28 M images
+    per_class = f" ({args.shots} shots per class at most)" if args.shots is not None else ""
+    _say(f"train: {len(train)} images of {len(train.class_names)} classes{per_class} from {where}")
+    if val is not None:
+        val = drop_unreadable(val)
+        _say(
+            f"validation: {len(val)} images ({val_shots} per class at most) {val_where}, to choose the epoch kept "
+            "(--val-shots 0: none)"
+        )
+    else:
+        why = "--val-shots 0" if val_shots == 0 else "every image is a training shot, and there is no val/ folder"
+        _say(f"validation: none ({why}); the adapter is the last epoch's")
+    return train, val
 
 
 def method_fields(args: argparse.Namespace, num_classes: int, model: Any) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -116,7 +169,7 @@ def method_fields(args: argparse.Namespace, num_classes: int, model: Any) -> tup
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
     """Learn a prompt adapter on `--data` and save it in `--output`."""
-    data = _data(args, "train", args.shots)
+    data, val = _training_data(args)
     model, processor = _load_base(args.model)
     adapter, settings = method_fields(args, len(data.class_names), model)
     config = PromptEmbeddingConfig(**adapter, class_names=data.class_names, init_seed=args.seed)
@@ -132,7 +185,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         shown = {k: v for k, v in {**adapter, **settings}.items() if k != "hand_template"}
         settings_text = ", ".join(f"{k}={v}" for k, v in shown.items())
         print(f"method: {METHODS[args.method].name} ({config.method} adapter); {settings_text}")
-    trainer = PromptTrainer(model, processor, data, training)
+    trainer = PromptTrainer(model, processor, data, training, eval_data=val)
     summary = trainer.train()
     if trainer.accelerator.is_main_process:
         result = (
@@ -144,7 +197,41 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             f"trained {summary['epochs']} epochs on {len(data)} images of {len(data.class_names)} classes: "
             f"{result}; adapter saved to {args.output}"
         )
+        if "eval" in summary:
+            print(_validation_report(summary["eval"], args.output))
+        # which images trained and chose the adapter, so that eval on the same folder can leave them out
+        log = json.loads((Path(args.output) / LOG_NAME).read_text(encoding="utf-8"))
+        log["data"] = {"source": str(Path(args.data).resolve()), "train": sorted(_relative(data, args.data))}
+        log["data"]["validation"] = sorted(_relative(val, args.data)) if val is not None else []
+        write_json(Path(args.output) / LOG_NAME, log)
     return summary
+
+
+def _relative(data: LabeledImages, source: str) -> list[str]:
+    """The image files of `data` by their paths relative to the data source (its folder, or a CSV's folder)."""
+    root = Path(source).resolve()
+    root = root.parent if root.is_file() else root
+    return [os.path.relpath(Path(image).resolve(), root) for image in data.images]
+
+
+def _validation_report(scores: dict[str, Any], output: str) -> str:
+    """What the held-out images chose, in words: the kept candidate against the zero-shot prompt and the last epoch."""
+    best, last, zero = scores["best"], scores["last"], scores["zero_shot"]["accuracy"]
+    name = {0: "the initial prompt (epoch 0)", "average": "the epochs' Gaussian average"}.get(
+        best["epoch"], f"epoch {best['epoch']}"
+    )
+    text = (
+        f"validation accuracy ({scores['images']} held-out images): zero-shot {zero:.3f}, initial prompt "
+        f"{scores['initial']['accuracy']:.3f}, end of training {last['accuracy']:.3f}, best {best['accuracy']:.3f}: "
+        f"kept {name} in {output}; the end of training's adapter is in {Path(output) / 'last'}"
+    )
+    if best["accuracy"] < zero:
+        text += (
+            "\nwarning: the kept prompt scores below the zero-shot prompt on the held-out images "
+            f"({best['accuracy']:.3f} < {zero:.3f}): use zero-shot, or try --ctx-init 'a photo of a', more shots or "
+            "another --lr"
+        )
+    return text
 
 
 def _adapter_model(args: argparse.Namespace):
@@ -166,7 +253,12 @@ def eval_(args: argparse.Namespace) -> dict[str, Any]:
     """Accuracy of the learned prompt against the zero-shot prompt on `--data`."""
     model, processor, folder = _adapter_model(args)
     templates = IMAGENET_TEMPLATES if args.templates == "imagenet" else CLIP_TEMPLATE
-    data = _data(args, args.split)  # a class-specific adapter scores any of its classes (PromptClassifier checks)
+    data, where = _source(
+        args, args.split
+    )  # a class-specific adapter scores any of its classes (the classifier checks)
+    data, where = _unseen(data, where, args, Path(folder))
+    data = drop_unreadable(data)
+    _say(f"evaluating {len(data)} images of {len(data.class_names)} classes from {where}")
 
     def both(part: LabeledImages) -> dict[str, dict[str, Any]]:
         return {
@@ -187,10 +279,10 @@ def eval_(args: argparse.Namespace) -> dict[str, Any]:
             }
             for method in ("zero-shot", "learned prompt")
         }
-        results: dict[str, Any] = {"split": args.split, "base_to_novel": rows, "details": parts}
+        results: dict[str, Any] = {"data": where, "base_to_novel": rows, "details": parts}
         _report(rows, ["base", "novel", "HM"])
     else:
-        results = {"split": args.split, **both(data)}
+        results = {"data": where, **both(data)}
         _report({k: results[k] for k in ("zero-shot", "learned prompt")}, ["top1", "top5"])
     local = Path(args.adapter).is_dir()
     out = Path(args.output) if args.output else Path(folder) / RESULTS_NAME if local else None
@@ -200,6 +292,28 @@ def eval_(args: argparse.Namespace) -> dict[str, Any]:
         write_json(out, results)
         print(f"results written to {out}")
     return results
+
+
+def _unseen(data: LabeledImages, where: str, args: argparse.Namespace, folder: Path) -> tuple[LabeledImages, str]:
+    """The images of a folder without split folders that the adapter was not trained or validated on, when its
+    training log says it learned from this folder (a folder with split folders is evaluated as it is split)."""
+    log_path = folder / LOG_NAME
+    if has_splits(args.data) or not log_path.is_file():
+        return data, where
+    try:
+        used = json.loads(log_path.read_text(encoding="utf-8"))["data"]
+        if used["source"] != str(Path(args.data).resolve()):
+            return data, where
+        seen = {*used["train"], *used["validation"]}
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):  # an older or hand-edited log: nothing to leave out
+        return data, where
+    unseen = [i for i, name in enumerate(_relative(data, args.data)) if name not in seen]
+    if not unseen:
+        raise ValueError(
+            f"Every image of {args.data} trained or validated this adapter; evaluate on images it has not seen."
+        )
+    left = len(data) - len(unseen)
+    return data.subset(unseen), f"{where}, less the {left} images it was trained and validated on"
 
 
 def predict(args: argparse.Namespace) -> list[list[tuple[str, float]]]:
@@ -279,6 +393,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="folder for the adapter and checkpoint")
     p.add_argument("--shots", type=int, help="images per class (K-shot); all by default")
     p.add_argument(
+        "--val-shots",
+        type=int,
+        help="held-out images per class to choose the epoch kept, the initial prompt included (default: min(shots, "
+        "4), from the data's val/ folder, else from images not among the shots; 0: none, keep the last epoch)",
+    )
+    p.add_argument(
         "--method",
         default="coop",
         choices=list(METHODS),
@@ -328,7 +448,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("eval", help="accuracy of an adapter vs zero-shot", description=eval_.__doc__)
     adapter_options(p)
     data_options(p)
-    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="the split to evaluate on")
+    p.add_argument(
+        "--split",
+        choices=["train", "val", "test"],
+        help="the split folder to evaluate on, for data with split folders (default: test); data without them is "
+        "evaluated whole",
+    )
     p.add_argument("--templates", default="clip", choices=["clip", "imagenet"], help="zero-shot prompt(s)")
     p.add_argument("--base-to-novel", action="store_true", help="report base, novel and harmonic mean (CoCoOp)")
     p.add_argument("--output", help=f"JSON file for the results (default: {RESULTS_NAME} in a local adapter's folder)")

@@ -165,19 +165,36 @@ def load_data(source: str | Path) -> LabeledImages:
 SPLITS = ("train", "val", "test")
 
 
-def load_split(source: str | Path, split: str, seed: int = 1) -> LabeledImages:
+def has_splits(source: str | Path) -> bool:
+    """Whether `source` is a folder with split folders (`train/`, `val/`, `test/`)."""
+    return Path(source).is_dir() and any((Path(source) / s).is_dir() for s in SPLITS)
+
+
+def load_split(source: str | Path, split: str) -> LabeledImages:
     """
-    One split of a data source: `source/<split>/<class>/...` when the source has split folders, else a stratified
-    60/20/20 train/val/test split of the whole source drawn with `seed`.
+    The split folder `source/<split>/<class>/...` of a data source with split folders. A source without them is never
+    split silently: take all of it with [`load_data`], or split it with [`split_data`] (e.g. `split_data(
+    load_data(source), (0.6, 0.2, 0.2), seed)`).
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
     source = Path(source)
     if (source / split).is_dir():
         return load_image_folder(source / split)
-    if source.is_dir() and any((source / s).is_dir() for s in SPLITS):
+    if has_splits(source):
         raise FileNotFoundError(f"{source} has split folders but no {split!r} folder.")
-    return split_data(load_data(source), (0.6, 0.2, 0.2), seed)[SPLITS.index(split)]
+    raise ValueError(
+        f"{source} has no train/val/test folders, so it has no {split!r} split: use all of it (load_data), or split "
+        "it yourself (split_data(load_data(source), (0.6, 0.2, 0.2), seed))."
+    )
+
+
+def hold_out(data: LabeledImages, shots: int, seed: int = 1) -> tuple[LabeledImages, LabeledImages]:
+    """`few_shot(data, shots, seed)` and the images it left out, in their order: held-out images of the same classes,
+    never among the shots."""
+    chosen = _few_shot_indices(data, shots, seed)
+    taken = set(chosen)
+    return data.subset(chosen), data.subset([i for i in range(len(data)) if i not in taken])
 
 
 def _check_classes(data: LabeledImages, where: str) -> None:
@@ -190,8 +207,12 @@ def _check_classes(data: LabeledImages, where: str) -> None:
 
 def few_shot(data: LabeledImages, shots: int, seed: int = 1) -> LabeledImages:
     """At most `shots` images per class, drawn with `seed` (a class with fewer keeps all of them)."""
-    if shots < 1:
-        raise ValueError(f"shots must be at least 1, got {shots}.")
+    return data.subset(_few_shot_indices(data, shots, seed))
+
+
+def _few_shot_indices(data: LabeledImages, shots: int, seed: int) -> list[int]:
+    if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
+        raise ValueError(f"shots must be at least 1 (an integer), got {shots!r}.")
     rng = random.Random(seed)
     by_class: dict[int, list[int]] = {}
     for i, y in enumerate(data.labels):
@@ -200,7 +221,7 @@ def few_shot(data: LabeledImages, shots: int, seed: int = 1) -> LabeledImages:
     for y in sorted(by_class):
         items = by_class[y]
         chosen += sorted(rng.sample(items, min(shots, len(items))))
-    return data.subset(chosen)
+    return chosen
 
 
 def split_data(

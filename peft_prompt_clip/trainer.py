@@ -24,9 +24,12 @@ from .encoder import PromptEncoder
 from .errors import TrainingDivergedError
 from .layer import find_prompt_layer
 from .losses import PromptLoss, StepOutputs
-from .storage import save_adapter
+from .storage import save_adapter, write_json
 
-__all__ = ["CHECKPOINT_NAME", "PromptTrainer", "TrainingArguments", "coop_epochs"]
+__all__ = ["CHECKPOINT_NAME", "LOG_NAME", "PromptTrainer", "TrainingArguments", "coop_epochs"]
+
+#: The per-epoch log of a run (loss, accuracy, learning rate, evaluations), saved beside the adapter.
+LOG_NAME = "training_log.json"
 
 
 def _tracker(report_to: str | None) -> str | None:
@@ -104,6 +107,11 @@ class TrainingArguments:
             is the mean of its parameters after each epoch `e` (from 1), weighted by a Gaussian of `e` with this mean
             and `gpa_std`; 15 for its 20 epochs. Off by default (the last epoch's parameters).
         gpa_std (`float`, *optional*, defaults to 1.0): the Gaussian's standard deviation, in epochs.
+        eval_every (`int`, *optional*): with `eval_data`, evaluate the adapter on it every this many epochs (and after
+            the last); by default ten times over the run. The adapter saved in `output_dir` is then the evaluated one
+            with the highest accuracy (ties: the lower loss), the initial one (epoch 0) included, so that a run whose
+            learning does not pay keeps its start ("a photo of a" is the zero-shot prompt); the end of training's is
+            saved in `output_dir/last`.
         seed (`int`, *optional*, defaults to 1): seeds batch order and augmentation.
         report_to (`str`, *optional*): an Accelerate tracker, e.g. `"tensorboard"`; `"all"` for every installed one,
             `"none"` (or unset) for none. A named tracker that is not installed is an error before training.
@@ -133,6 +141,7 @@ class TrainingArguments:
     hand_template: str | list[str] = "a photo of a {}."
     gpa_mean: float | None = None
     gpa_std: float = 1.0
+    eval_every: int | None = None
     seed: int = 1
     report_to: str | None = None
     resume: bool = False
@@ -172,6 +181,8 @@ class TrainingArguments:
             raise ValueError(f"num_workers must be an integer >= 0, got {self.num_workers!r}.")
         if self.augment_views is not None and (isinstance(self.augment_views, bool) or self.augment_views < 1):
             raise ValueError(f"augment_views must be at least 1, got {self.augment_views!r}.")
+        if self.eval_every is not None and (isinstance(self.eval_every, bool) or self.eval_every < 1):
+            raise ValueError(f"eval_every must be at least 1 (epochs), got {self.eval_every!r}.")
         if self.class_chunk_size is not None and self.class_chunk_size < 1:
             raise ValueError(f"class_chunk_size must be at least 1, got {self.class_chunk_size}.")
 
@@ -218,9 +229,18 @@ class PromptTrainer:
         processor: the model's processor (tokenizer and image processor).
         train_data ([`LabeledImages`]): the training images.
         args ([`TrainingArguments`]): the recipe.
+        eval_data ([`LabeledImages`], *optional*): held-out images of the same classes, to choose the epoch kept (see
+            `TrainingArguments.eval_every`), e.g. a few shots per class that training does not use ([`hold_out`]).
     """
 
-    def __init__(self, model: PeftModel, processor: Any, train_data: LabeledImages, args: TrainingArguments) -> None:
+    def __init__(
+        self,
+        model: PeftModel,
+        processor: Any,
+        train_data: LabeledImages,
+        args: TrainingArguments,
+        eval_data: LabeledImages | None = None,
+    ) -> None:
         if not isinstance(model, PeftModel) or find_prompt_layer(model) is None:
             raise TypeError("model must be a PeftModel with a prompt adapter (see get_prompt_model).")
         if not len(train_data):
@@ -230,9 +250,17 @@ class PromptTrainer:
                 f"Training needs at least two classes to tell apart, got {train_data.class_names}; a prompt learned "
                 "on one class has nothing to learn (its loss is 0)."
             )
+        if eval_data is not None and (
+            list(eval_data.class_names) != list(train_data.class_names) or not len(eval_data)
+        ):
+            raise ValueError(
+                "eval_data must hold images of the training data's classes, in the same order "
+                f"({train_data.class_names}); it has {len(eval_data)} images of {eval_data.class_names}."
+            )
         self.model = model
         self.processor = processor
         self.data = train_data
+        self.eval_data = eval_data
         self.args = args
         self.adapter_name: str = model.active_adapter
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -241,6 +269,7 @@ class PromptTrainer:
         self._claim_classes(model.peft_config[self.adapter_name])
         shots = max(train_data.counts())
         self.epochs = args.epochs or coop_epochs(shots)
+        self.eval_every = args.eval_every or math.ceil(self.epochs / 10)
         self.augment = args.augment
         self.views = args.augment_views if self.augment else None
         self.accelerator = Accelerator(
@@ -263,11 +292,18 @@ class PromptTrainer:
                 "scl_image_weight."
             )
         self.class_tokens = self.encoder.tokenize([f"{name}." for name in train_data.class_names], self.adapter_name)
+        regularised = args.kg_weight or args.kl_weight or args.scl_text_weight
         self.loss = PromptLoss(
-            args.kg_weight, args.kl_weight, self._hand_features(), args.scl_text_weight, args.scl_image_weight
+            args.kg_weight,
+            args.kl_weight,
+            self.hand_features() if regularised else None,
+            args.scl_text_weight,
+            args.scl_image_weight,
         )
         self.gpa_weights = args.gpa_weights(self.epochs)
         self.averages = [torch.zeros_like(p) for p in self.params] if self.gpa_weights else None
+        self.best = [p.detach().clone() for p in self.params] if eval_data is not None else None
+        self._eval_frozen: torch.Tensor | None = None
         self.labels = torch.tensor(train_data.labels, device=self.accelerator.device)
         # what a checkpoint must share with this run to be resumed by it: the adapter, the base model, the recipe and
         # the loss (more epochs may follow) and the data's fingerprint
@@ -286,6 +322,8 @@ class PromptTrainer:
             "gradient_accumulation_steps": args.gradient_accumulation_steps,
             "class_names": list(train_data.class_names),
             "images": len(train_data),
+            "eval_images": len(eval_data) if eval_data is not None else 0,
+            "eval_every": self.eval_every if eval_data is not None else None,
         }
         if self.gpa_weights:  # the Gaussian's weights are normalised over the epochs: a resumed run needs the same
             self.run["epochs"] = self.epochs
@@ -306,12 +344,10 @@ class PromptTrainer:
             )
         config.class_names = names
 
-    def _hand_features(self) -> torch.Tensor | None:
-        """The hand-written prompts' class features (base model; the normalised mean over several templates), for the
-        regularisers that need them."""
+    def hand_features(self) -> torch.Tensor:
+        """The hand-written prompts' class features (`hand_template` with the base model, the zero-shot prompt; the
+        normalised mean over several templates), for the regularisers and the zero-shot reference."""
         args = self.args
-        if not (args.kg_weight or args.kl_weight or args.scl_text_weight):
-            return None
         templates = [args.hand_template] if isinstance(args.hand_template, str) else args.hand_template
         total = 0
         with torch.no_grad():
@@ -419,6 +455,65 @@ class PromptTrainer:
                     p.grad = torch.zeros_like(p)
                 p.grad = self.accelerator.reduce(p.grad, "sum")
 
+    # -- evaluation -----------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, zero_shot: bool = False) -> dict[str, float]:
+        """Accuracy and mean cross-entropy on `eval_data` of the adapter as it is now, or of the zero-shot prompt
+        (`hand_template` on the base model) with `zero_shot=True`."""
+        if self.eval_data is None:
+            raise ValueError("evaluate() needs eval_data: pass it to PromptTrainer.")
+        labels = torch.tensor(self.eval_data.labels, device=self.accelerator.device)
+        loss, correct = 0.0, 0
+        with self.accelerator.autocast():
+            if self._eval_frozen is None:  # the frozen image tower's features, computed once
+                self._eval_frozen = torch.cat(
+                    [self.encoder.image_features(inputs, enabled=False) for inputs in self._eval_batches()]
+                )
+            if zero_shot or not self.prompts_images:
+                batches = self._eval_frozen.split(64)
+            else:  # the prompted image tower changes as the adapter learns
+                batches = (self.encoder.image_features(inputs, self.adapter_name) for inputs in self._eval_batches())
+            shared = self.hand_features() if zero_shot else None
+            if shared is None and not self.conditional:
+                shared = self.encoder.class_features(
+                    self.class_tokens, self.adapter_name, chunk_size=self.args.class_chunk_size
+                )
+            start = 0
+            for features in batches:
+                text = shared
+                if text is None:  # CoCoOp: each image's own class features
+                    text = self.encoder.class_features(
+                        self.class_tokens,
+                        self.adapter_name,
+                        image_features=features,
+                        chunk_size=self.args.class_chunk_size,
+                    )
+                logits = self.encoder.logits(features, text).float()
+                part = labels[start : start + len(features)]
+                loss += torch.nn.functional.cross_entropy(logits, part, reduction="sum").item()
+                correct += int((logits.argmax(-1) == part).sum())
+                start += len(features)
+        return {"accuracy": correct / len(labels), "loss": loss / len(labels)}
+
+    def _eval_batches(self):
+        order = list(range(len(self.eval_data)))
+        chunks = [order[i : i + 64] for i in range(0, len(order), 64)]
+        pin = self.accelerator.device.type == "cuda"
+        return image_batches(self.processor, self.eval_data, chunks, None, self.args.num_workers, pin_memory=pin)
+
+    def _consider(self, log: dict[str, Any], epoch: int | str) -> dict[str, float]:
+        """Evaluate the adapter as it is now as the candidate `epoch`, and keep it in `self.best` when it beats the
+        best so far (higher accuracy; at equal accuracy, lower loss)."""
+        scores = self.evaluate()
+        best = log.get("best")
+        if best is None or (scores["accuracy"], -scores["loss"]) > (best["accuracy"], -best["loss"]):
+            log["best"] = {"epoch": epoch, **scores}
+            with torch.no_grad():
+                for kept, p in zip(self.best, self.params, strict=True):
+                    kept.copy_(p)
+        return scores
+
     # -- epochs ---------------------------------------------------------------------------------------------------
 
     def _batches(self, epoch: int) -> list[list[int]]:
@@ -473,15 +568,23 @@ class PromptTrainer:
         return stats
 
     def train(self) -> dict[str, Any]:
-        """Run the training; returns a summary (epochs, final loss and accuracy, seconds per step)."""
+        """Run the training; returns a summary: epochs, the last epoch's loss and accuracy, the median seconds per
+        step, and with `eval_data` the evaluations (`"eval"`: the zero-shot prompt's, the best candidate's and the end
+        of training's; see [`TrainingArguments`]). The per-epoch log is saved as `training_log.json` beside the
+        adapter."""
         acc, args = self.accelerator, self.args
         output = Path(args.output_dir)
         if acc.is_main_process:
             output.mkdir(parents=True, exist_ok=True)
         checkpoint = output / CHECKPOINT_NAME
-        start_epoch = (
-            load_checkpoint(checkpoint, self.params, self.optimizer, self.run, self.averages) if args.resume else 0
+        buffers = {"average": self.averages, "best": self.best}
+        start_epoch, log = (
+            load_checkpoint(checkpoint, self.params, self.optimizer, self.run, buffers) if args.resume else (0, {})
         )
+        log.setdefault("history", [])
+        if self.eval_data is not None and start_epoch == 0:
+            log["zero_shot"] = self.evaluate(zero_shot=True)
+            log["initial"] = self._consider(log, 0)
         if args.report_to:
             # trackers take scalars: a template ensemble is logged as one string
             hparams = {k: " | ".join(v) if isinstance(v, list) else v for k, v in asdict(args).items()}
@@ -494,11 +597,9 @@ class PromptTrainer:
         progress = tqdm(
             total=self.epochs * batches_per_epoch,
             initial=start_epoch * batches_per_epoch,
-            disable=not acc.is_local_main_process,
             desc="training",
+            **({} if acc.is_local_main_process else {"disable": True}),  # else tqdm's own default: TQDM_DISABLE
         )
-        # a resumed run whose checkpoint already holds every epoch trains nothing and only saves the adapter
-        summary: dict[str, Any] = {"epochs": self.epochs, "augment": self.augment, "loss": None, "accuracy": None}
         step_seconds: list[float] = []
         for epoch in range(start_epoch, self.epochs):
             stats = self._train_epoch(epoch, cached, progress)
@@ -508,14 +609,21 @@ class PromptTrainer:
                 with torch.no_grad():
                     for average, p in zip(self.averages, self.params, strict=True):
                         average.add_(p, alpha=self.gpa_weights[epoch])
-            summary.update(
-                loss=stats.loss / stats.seen, accuracy=stats.correct / stats.seen, skipped_steps=stats.skipped
-            )
+            entry = {
+                "epoch": epoch + 1,
+                "loss": stats.loss / stats.seen,
+                "accuracy": stats.correct / stats.seen,
+                "lr": self.optimizer.param_groups[0]["lr"],
+                "skipped_steps": stats.skipped,
+            }
+            if self.eval_data is not None and ((epoch + 1) % self.eval_every == 0 or epoch + 1 == self.epochs):
+                scores = self._consider(log, epoch + 1)
+                entry.update(eval_accuracy=scores["accuracy"], eval_loss=scores["loss"])
+            log["history"].append(entry)
             if args.report_to:
-                lr = self.optimizer.param_groups[0]["lr"]
-                acc.log({"loss": summary["loss"], "accuracy": summary["accuracy"], "lr": lr}, step=epoch + 1)
+                acc.log({k: v for k, v in entry.items() if k != "epoch"}, step=epoch + 1)
             if acc.is_main_process:
-                save_checkpoint(checkpoint, self.params, self.optimizer, epoch + 1, self.run, self.averages)
+                save_checkpoint(checkpoint, self.params, self.optimizer, epoch + 1, self.run, buffers, log)
             acc.wait_for_everyone()
         progress.close()
         if args.report_to:
@@ -524,9 +632,29 @@ class PromptTrainer:
             with torch.no_grad():
                 for average, p in zip(self.averages, self.params, strict=True):
                     p.copy_(average)
+        summary: dict[str, Any] = {"epochs": self.epochs, "augment": self.augment, "loss": None, "accuracy": None}
+        if start_epoch < self.epochs:  # a resumed run whose checkpoint holds every epoch only saves the adapter
+            last = log["history"][-1]
+            summary.update(loss=last["loss"], accuracy=last["accuracy"], skipped_steps=last["skipped_steps"])
+        summary["seconds_per_step"] = sorted(step_seconds)[len(step_seconds) // 2] if step_seconds else None
+        if self.eval_data is not None:
+            if self.averages is not None:  # the end of training's adapter, the GPA mean, is a candidate too
+                log["last"] = {"epoch": "average", **self._consider(log, "average")}
+            else:
+                last = log["history"][-1]
+                log["last"] = {"epoch": last["epoch"], "accuracy": last["eval_accuracy"], "loss": last["eval_loss"]}
+            if acc.is_main_process:
+                save_adapter(self.model, output / "last")
+            with torch.no_grad():
+                for kept, p in zip(self.best, self.params, strict=True):
+                    p.copy_(kept)
+            summary["eval"] = {
+                "images": len(self.eval_data),
+                **{k: log[k] for k in ("zero_shot", "initial", "best", "last")},
+            }
         if acc.is_main_process:
             save_adapter(self.model, output)
-        summary["seconds_per_step"] = sorted(step_seconds)[len(step_seconds) // 2] if step_seconds else None
+            write_json(output / LOG_NAME, {"epochs": self.epochs, **log})
         return summary
 
     def _check_finite(self, epoch: int, skipped: int, steps: int, checkpoint: Path) -> None:

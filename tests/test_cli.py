@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -49,12 +50,13 @@ def test_train_saves_an_adapter_with_its_classes(trained, clip_dir):
 
 
 def test_train_opens_only_the_shots_it_uses(clip_dir, tmp_path):
-    from peft_prompt_clip.data import few_shot, load_split
+    from peft_prompt_clip.data import few_shot, hold_out, load_data
 
     folder = write_image_folder(tmp_path / "images", per_class=10)
-    train = load_split(folder, "train")
-    used = set(few_shot(train, 2).images)
-    for path in set(train.images) - used:  # every other training image is unreadable: never opened, never warned of
+    every = load_data(folder)
+    shots, rest = hold_out(every, 2)
+    used = {*shots.images, *few_shot(rest, 2).images}  # the shots, and as many held out to choose the epoch kept
+    for path in set(every.images) - used:  # every other image is unreadable: never opened, never warned of
         path.write_bytes(b"not an image")
     result = run(
         "train", "--model", clip_dir, "--data", folder, "--output", tmp_path / "a", "--shots", "2", "--epochs", "1",
@@ -65,10 +67,10 @@ def test_train_opens_only_the_shots_it_uses(clip_dir, tmp_path):
 
 
 def test_eval_prints_zero_shot_and_learned_and_writes_json(trained, image_folder):
-    result = run("eval", "--adapter", trained, "--data", image_folder, "--split", "test")
+    result = run("eval", "--adapter", trained, "--data", image_folder)
     assert "zero-shot" in result.stdout and "learned prompt" in result.stdout
     results = json.loads((trained / "eval_results.json").read_text())
-    assert results["learned prompt"]["n"] == 6
+    assert results["learned prompt"]["n"] == 30 - 12 - 12  # all the folder's images less those it trained on
     assert set(results["learned prompt"]["per_class"]) == {"cat", "dog", "red car"}
     assert 0 <= results["zero-shot"]["top1"] <= results["zero-shot"]["top5"] <= 1
 
@@ -145,7 +147,7 @@ def test_train_eval_predict_another_family_and_cocoop(kind, clip_dir, image_fold
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["conditional"] is (kind == "cocoop") and config["meta_net_reduction"] == (4 if flags else 16)
     assert config["auto_mapping"]["base_model_class"] == ("SiglipModel" if kind == "siglip" else "CLIPModel")
-    result = run("eval", "--adapter", out, "--data", image_folder, "--split", "test")
+    result = run("eval", "--adapter", out, "--data", image_folder)
     assert "learned prompt" in result.stdout
     assert json.loads((out / "eval_results.json").read_text())["learned prompt"]["n"] == 6
     result = run("predict", "--adapter", out, "--top-k", "3", image_folder / "cat" / "0.png")
@@ -177,3 +179,49 @@ def test_training_defaults_come_from_training_arguments():
     assert TrainingArguments(output_dir="o", optimizer="adamw").lr == 0.002
     fields = set(TrainingArguments.__dataclass_fields__) - {"output_dir", "augment", "seed", "resume", "share_prefix"}
     assert fields == {field for field, _, _ in TRAINING_OPTIONS.values()}  # every option is exposed
+
+
+def test_a_folder_is_used_as_given_and_held_out_images_choose_the_epoch(clip_dir, tmp_path):
+    """A folder of class folders is neither split behind the user's back for training (16 shots are 16 shots) nor for
+    eval (all of it, less the images the adapter learned from); spare images choose the epoch kept."""
+    folder = write_image_folder(tmp_path / "images", per_class=12)
+    common = ("--model", clip_dir, "--data", folder, "--epochs", "2", "--n-ctx", "2", "--batch-size", "6")
+    result = run("train", *common, "--shots", "12", "--output", tmp_path / "all")
+    assert f"train: 36 images of 3 classes (12 shots per class at most) from {folder} (all of it" in result.stdout
+    assert "validation: none (every image is a training shot, and there is no val/ folder)" in result.stdout
+    assert not (tmp_path / "all" / "last").exists()
+    result = run("eval", "--adapter", tmp_path / "all", "--data", folder, check=False)
+    assert result.returncode == 2 and "Every image of" in result.stderr
+
+    result = run("train", *common, "--shots", "6", "--output", tmp_path / "a")
+    assert "validation: 12 images (4 per class at most) held out from the images not among the shots" in result.stdout
+    numbers = r"zero-shot [\d.]+, initial prompt [\d.]+, end of training [\d.]+, best [\d.]+"
+    kept = re.search(
+        rf"validation accuracy \(12 held-out images\): {numbers}: kept (the initial prompt \(epoch 0\)|epoch [12]) in",
+        result.stdout,
+    )
+    assert kept and (tmp_path / "a" / "last" / "adapter_model.safetensors").is_file()
+    used = json.loads((tmp_path / "a" / "training_log.json").read_text())["data"]
+    assert (
+        len(used["train"]) == 18 and len(used["validation"]) == 12 and not set(used["train"]) & set(used["validation"])
+    )
+    result = run("eval", "--adapter", tmp_path / "a", "--data", folder)
+    assert "evaluating 6 images of 3 classes" in result.stdout
+    assert "less the 30 images it was trained and validated on" in result.stdout
+    result = run("eval", "--adapter", tmp_path / "a", "--data", folder, "--split", "test", check=False)
+    assert result.returncode == 2 and "has no train/val/test folders, so eval uses all of its images" in result.stderr
+
+    result = run("train", *common, "--shots", "6", "--val-shots", "0", "--output", tmp_path / "b")
+    assert "validation: none (--val-shots 0)" in result.stdout and not (tmp_path / "b" / "last").exists()
+    result = run("train", *common, "--shots", "12", "--val-shots", "2", "--output", tmp_path / "c", check=False)
+    assert result.returncode == 2 and "no images left per class beside the training shots" in result.stderr
+
+    split = tmp_path / "split"
+    write_image_folder(split / "train", per_class=5)
+    write_image_folder(split / "val", per_class=3)
+    common = ("--model", clip_dir, "--data", split, "--epochs", "1", "--n-ctx", "2")
+    result = run("train", *common, "--output", tmp_path / "d")
+    assert f"train: 15 images of 3 classes from {split / 'train'}" in result.stdout
+    assert f"validation: 9 images (4 per class at most) from {split / 'val'}" in result.stdout
+    result = run("eval", "--adapter", tmp_path / "d", "--data", split, "--split", "val")
+    assert f"evaluating 9 images of 3 classes from {split / 'val'}" in result.stdout

@@ -14,6 +14,7 @@ from peft_prompt_clip.data import (
     drop_unreadable,
     few_shot,
     from_hf_dataset,
+    hold_out,
     load_csv,
     load_image_folder,
     load_split,
@@ -104,10 +105,19 @@ def test_few_shot_split_and_classes():
         select_classes(data, ["z"])
 
 
+def test_hold_out_gives_the_shots_and_the_rest():
+    data = LabeledImages(["a", "b"], list(range(20)), [i % 2 for i in range(20)])
+    shots, rest = hold_out(data, 4, seed=3)
+    assert shots.images == few_shot(data, 4, seed=3).images  # the same shots with or without a held-out part
+    assert sorted(shots.images + rest.images) == list(range(20)) and rest.counts() == [6, 6]
+    assert rest.images == sorted(rest.images)
+
+
 def test_load_split_with_and_without_split_folders(tmp_path):
     write_images(tmp_path / "flat" / "cat", 5)
     write_images(tmp_path / "flat" / "dog", 5)
-    assert len(load_split(tmp_path / "flat", "train")) == 6 and len(load_split(tmp_path / "flat", "test")) == 2
+    with pytest.raises(ValueError, match="no train/val/test folders, so it has no 'test' split: use all of it"):
+        load_split(tmp_path / "flat", "test")  # never split behind the user's back
     write_images(tmp_path / "split" / "train" / "cat", 2)
     write_images(tmp_path / "split" / "test" / "cat", 1)
     assert len(load_split(tmp_path / "split", "test")) == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -32,11 +33,17 @@ def test_two_processes_match_one(clip_dir, tmp_path):
     )
     assert one.returncode == 0, one.stderr
 
-    a, b = (load_file(tmp_path / run / "adapter_model.safetensors") for run in ("one", "two"))
-    (key,) = a
+    # the epoch kept on the held-out images (the same in both) and the end of training's adapter, in last/
+    for name in ("adapter_model.safetensors", "last/adapter_model.safetensors"):
+        a, b = (load_file(tmp_path / run / name) for run in ("one", "two"))
+        (key,) = a
+        assert not torch.equal(a[key], torch.zeros_like(a[key]))
+        torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=0)
     last_checkpoint = load_file(tmp_path / "one" / "checkpoint.safetensors")["param.0"]
-    assert not torch.equal(a[key], torch.zeros_like(a[key])) and torch.equal(last_checkpoint, a[key])
-    torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=0)
+    assert torch.equal(last_checkpoint, a[key])
+    logs = [json.loads((tmp_path / run / "training_log.json").read_text()) for run in ("one", "two")]
+    assert logs[0]["best"]["epoch"] == logs[1]["best"]["epoch"]
     assert sorted(p.name for p in (tmp_path / "two").iterdir() if not p.name.startswith(".")) == [
-        "README.md", "adapter_config.json", "adapter_model.safetensors", "checkpoint.safetensors"
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "checkpoint.safetensors", "last",
+        "training_log.json",
     ]  # fmt: skip

@@ -166,7 +166,8 @@ def test_cli_method_preset_with_an_override(clip_dir, tmp_path):
     assert "method: MaPLe (MaPLe adapter)" in result.stdout and "prompt_depth=2" in result.stdout
     config = json.loads((out / "adapter_config.json").read_text())
     assert (config["coupled"], config["prompt_depth"], config["n_ctx"], config["vision_n_ctx"]) == (True, 2, 3, 3)
-    evaluated = run("eval", "--adapter", out, "--data", images, "--base-to-novel")
+    test = write_image_folder(tmp_path / "test", per_class=2)
+    evaluated = run("eval", "--adapter", out, "--data", test, "--base-to-novel")
     assert "learned" in evaluated.stdout and "novel" in evaluated.stdout
     interpreted = run("interpret", "--adapter", out)  # the input context's nearest words
     assert "shared:" in interpreted.stdout and "ctx  3:" in interpreted.stdout

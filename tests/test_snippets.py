@@ -1,11 +1,11 @@
 """Every code snippet of the README and the docs runs as written.
 
 A page's snippets run in order, in a fresh process (the Python blocks share one namespace, as in a notebook), in a
-folder that holds what the snippets name: `./eurosat` (class folders), `cat.jpg`, `image.jpg`, `img1.jpg`,
-`img2.jpg` and an adapter `./coop-eurosat`. Repo ids resolve through a local server that speaks the Hub's API
-(`hub_server.py`): `openai/clip-vit-base-patch32` is a tiny CLIP there, and pushes land there. Shell lines run with
-the installed `peft-prompt-clip` command, except installs (`pip`), logging in (`hf`; `HF_TOKEN` stands in) and
-`accelerate launch` (several processes: `test_distributed.py`); any other command fails the test.
+folder that holds what the snippets name: `./eurosat` (`train/`, `val/`, `test/` of class folders), `cat.jpg`,
+`image.jpg`, `img1.jpg`, `img2.jpg` and an adapter `./coop-eurosat`. Repo ids resolve through a local server that
+speaks the Hub's API (`hub_server.py`): `openai/clip-vit-base-patch32` is a tiny CLIP there, and pushes land there.
+Shell lines run with the installed `peft-prompt-clip` command, except installs (`pip`), logging in (`hf`; `HF_TOKEN`
+stands in) and `accelerate launch` (several processes: `test_distributed.py`); any other command fails the test.
 """
 
 from __future__ import annotations
@@ -60,7 +60,8 @@ def workspace(clip_dir, tmp_path_factory):
     state.repos[BASE_REPO] = {"branches": {"main": "1" * 40}, "commits": {"1" * 40: files}}
     env = client_env(endpoint, tmp_path_factory.mktemp("hf-home"), token=TOKEN)
     folder = tmp_path_factory.mktemp("workspace")
-    write_image_folder(folder / "eurosat", per_class=20)
+    for split, per_class in (("train", 20), ("val", 4), ("test", 6)):  # CoOp's prepared datasets come split
+        write_image_folder(folder / "eurosat" / split, per_class=per_class)
     rng = np.random.default_rng(1)
     for name in ("cat.jpg", "image.jpg", "img1.jpg", "img2.jpg"):
         Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(folder / name)

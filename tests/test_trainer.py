@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -11,12 +12,13 @@ import pytest
 import torch
 import transformers
 from peft import get_peft_model
+from safetensors.torch import load_file
 from transformers import AutoProcessor, CLIPModel
 
-from peft_prompt_clip import PromptClassifier, PromptEmbeddingConfig, TrainingDivergedError
+from peft_prompt_clip import PromptClassifier, PromptEmbeddingConfig, TrainingDivergedError, evaluate
 from peft_prompt_clip.checkpoints import CHECKPOINT_NAME, load_checkpoint
 from peft_prompt_clip.data import LabeledImages
-from peft_prompt_clip.trainer import PromptTrainer, TrainingArguments, coop_epochs
+from peft_prompt_clip.trainer import LOG_NAME, PromptTrainer, TrainingArguments, coop_epochs
 
 CLASSES = ["cat", "dog", "bird", "car", "ship", "frog"]
 
@@ -37,6 +39,11 @@ def teacher_data(clip_dir, n=96, seed=0, class_specific=True) -> LabeledImages:
         pixels = processor(images=images, return_tensors="pt")["pixel_values"]
         labels = teacher(**texts, pixel_values=pixels).logits_per_image.argmax(-1).tolist()
     return LabeledImages(CLASSES, images, labels)
+
+
+def split_off(data: LabeledImages, n: int) -> tuple[LabeledImages, LabeledImages]:
+    """The first `n` images, and the rest (labelled by the same hidden prompt)."""
+    return data.subset(range(n)), data.subset(range(n, len(data)))
 
 
 def student(clip_dir, **kwargs):
@@ -126,17 +133,21 @@ def test_training_learns(clip_dir, tmp_path):
         {"augment": True},
         {"augment": True, "augment_views": 3},
         {"augment": False, "gpa_mean": 2.5},
+        {"augment": False, "eval_every": 1},
+        {"augment": False, "gpa_mean": 2.5, "eval_every": 3},
     ],
-    ids=["cached", "augment", "views", "gpa"],
+    ids=["cached", "augment", "views", "gpa", "validation", "gpa+validation"],
 )
 def test_resume_gives_the_uninterrupted_result(clip_dir, tmp_path, extra, monkeypatch):
-    """Also with PromptSRC's aggregation over epochs, whose running average travels in the checkpoint."""
+    """Also with PromptSRC's aggregation over epochs, whose running average travels in the checkpoint, and with
+    held-out images, whose best candidate so far and log travel in it."""
     import peft_prompt_clip.trainer as trainer_module
 
-    data = teacher_data(clip_dir, n=48)
+    data, held_out = split_off(teacher_data(clip_dir, n=72), 48)
+    held_out = held_out if "eval_every" in extra else None
     recipe = dict(optimizer="sgd", lr=0.5, **extra)
     model, processor = student(clip_dir)
-    PromptTrainer(model, processor, data, args(tmp_path / "full", **recipe)).train()
+    PromptTrainer(model, processor, data, args(tmp_path / "full", **recipe), eval_data=held_out).train()
     full = context(model)
 
     save = trainer_module.save_checkpoint
@@ -149,12 +160,14 @@ def test_resume_gives_the_uninterrupted_result(clip_dir, tmp_path, extra, monkey
     monkeypatch.setattr(trainer_module, "save_checkpoint", save_then_die)
     model, processor = student(clip_dir)
     with pytest.raises(KeyboardInterrupt):
-        PromptTrainer(model, processor, data, args(tmp_path / "cut", **recipe)).train()
+        PromptTrainer(model, processor, data, args(tmp_path / "cut", **recipe), eval_data=held_out).train()
     monkeypatch.setattr(trainer_module, "save_checkpoint", save)
     model, processor = student(clip_dir)  # a fresh model: only the checkpoint carries over
-    PromptTrainer(model, processor, data, args(tmp_path / "cut", resume=True, **recipe)).train()
+    PromptTrainer(model, processor, data, args(tmp_path / "cut", resume=True, **recipe), eval_data=held_out).train()
     assert torch.equal(context(model), full)
     assert not torch.equal(context(model), context(student(clip_dir)[0]))
+    for name in (LOG_NAME, "last/adapter_model.safetensors") if held_out else (LOG_NAME,):
+        assert (tmp_path / "cut" / name).read_bytes() == (tmp_path / "full" / name).read_bytes(), name
 
 
 # transformers 4 builds CLIP's causal mask with an overflow in float64, so there the check runs in float32, where
@@ -202,7 +215,63 @@ def test_checkpoint_write_is_atomic(clip_dir, tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
     params = [torch.zeros(6, 4, 32, requires_grad=True)]
     optimizer = torch.optim.AdamW(params)
-    assert load_checkpoint(tmp_path / CHECKPOINT_NAME, params, optimizer, trainer.run) == 1
+    assert load_checkpoint(tmp_path / CHECKPOINT_NAME, params, optimizer, trainer.run)[0] == 1
+
+
+def test_held_out_images_choose_the_epoch_kept(clip_dir, tmp_path, monkeypatch):
+    """The adapter saved (and left in the model) is the evaluated candidate with the best held-out accuracy, the
+    initial context (epoch 0) included; the end of training's is saved in last/; the log's numbers are the library's
+    own evaluation's."""
+    import peft_prompt_clip.trainer as trainer_module
+
+    seen = {}
+    save = trainer_module.save_checkpoint
+
+    def record(path, params, optimizer, epoch, *rest):
+        seen[epoch] = context(model)
+        save(path, params, optimizer, epoch, *rest)
+
+    monkeypatch.setattr(trainer_module, "save_checkpoint", record)
+    data, held_out = split_off(teacher_data(clip_dir, n=72), 48)
+    model, processor = student(clip_dir)
+    seen[0] = context(model)
+    trainer = PromptTrainer(model, processor, data, args(tmp_path / "run", epochs=6, eval_every=2), eval_data=held_out)
+    summary = trainer.train()
+    log = json.loads((tmp_path / "run" / LOG_NAME).read_text())
+    evaluated = {0: log["initial"], **{e["epoch"]: e for e in log["history"] if "eval_accuracy" in e}}
+    assert sorted(evaluated) == [0, 2, 4, 6] and len(log["history"]) == 6
+    key = {
+        e: (v.get("eval_accuracy", v.get("accuracy")), -v.get("eval_loss", v.get("loss")))
+        for e, v in evaluated.items()
+    }
+    best = max(sorted(key), key=lambda e: key[e])  # the first of equals
+    assert log["best"]["epoch"] == best == summary["eval"]["best"]["epoch"]
+    assert torch.equal(next(iter(load_file(tmp_path / "run" / "adapter_model.safetensors").values())), seen[best])
+    assert torch.equal(
+        next(iter(load_file(tmp_path / "run" / "last" / "adapter_model.safetensors").values())), seen[6]
+    )
+    assert torch.equal(context(model), seen[best])
+    learned = evaluate(PromptClassifier(model, processor, CLASSES), held_out)["top1"]
+    zero_shot = evaluate(PromptClassifier(model, processor, CLASSES, use_adapter=False), held_out)["top1"]
+    assert log["best"]["accuracy"] == pytest.approx(learned) and log["zero_shot"]["accuracy"] == pytest.approx(
+        zero_shot
+    )
+
+    # held-out labels that the initial prompt gets all right and that training moves away from: epoch 0 is kept
+    with torch.no_grad():
+        labels = (
+            PromptClassifier(student(clip_dir)[0], processor, CLASSES)
+            .logits(**processor(images=held_out.images, return_tensors="pt"))
+            .argmax(-1)
+        )
+    own = LabeledImages(CLASSES, held_out.images, labels.tolist())
+    model, processor = student(clip_dir)
+    summary = PromptTrainer(model, processor, data, args(tmp_path / "initial", epochs=4), eval_data=own).train()
+    assert summary["eval"]["initial"]["accuracy"] == 1.0 and summary["eval"]["best"]["epoch"] == 0
+    assert summary["eval"]["last"]["accuracy"] < 1.0
+    assert torch.equal(context(model), seen[0])
+    with pytest.raises(ValueError, match="eval_data must hold images of the training data's classes"):
+        PromptTrainer(model, processor, data, args(tmp_path / "x"), eval_data=LabeledImages(["a", "b"], [0], [0]))
 
 
 def test_trainer_refuses_a_frozen_adapter(clip_dir, tmp_path):
