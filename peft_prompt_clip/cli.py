@@ -36,6 +36,7 @@ from .hub import RESULTS_NAME
 from .loading import get_prompt_model, load_prompt_model, read_adapter_config, resolve_adapter
 from .methods import METHODS, method_settings
 from .model import find_text_embeddings
+from .progress import disable_progress_bars, enable_progress_bars, progress
 from .storage import write_json
 from .trainer import LOG_NAME, PromptTrainer, TrainingArguments
 
@@ -95,9 +96,14 @@ def _classes(data: LabeledImages, which: str | None) -> LabeledImages:
     return select_classes(data, names)
 
 
+#: Where notes (what a command used, where it wrote) go: "stdout", "stderr" (under --json, whose output is the
+#: results alone), or None (under -q). Set by `main`.
+_notes: str | None = "stdout"
+
+
 def _say(text: str) -> None:
-    if os.environ.get("RANK", "0") == "0":  # once under `accelerate launch`
-        print(text)
+    if _notes and os.environ.get("RANK", "0") == "0":  # once under `accelerate launch`
+        print(text, file=getattr(sys, _notes))
 
 
 def _source(args: argparse.Namespace, split: str | None) -> tuple[LabeledImages, str]:
@@ -181,10 +187,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         resume=args.resume,
         **settings,
     )
-    if os.environ.get("RANK", "0") == "0":
-        shown = {k: v for k, v in {**adapter, **settings}.items() if k != "hand_template"}
-        settings_text = ", ".join(f"{k}={v}" for k, v in shown.items())
-        print(f"method: {METHODS[args.method].name} ({config.method} adapter); {settings_text}")
+    shown = {k: v for k, v in {**adapter, **settings}.items() if k != "hand_template"}
+    settings_text = ", ".join(f"{k}={v}" for k, v in shown.items())
+    _say(f"method: {METHODS[args.method].name} ({config.method} adapter){'; ' if shown else ''}{settings_text}")
     trainer = PromptTrainer(model, processor, data, training, eval_data=val)
     summary = trainer.train()
     if trainer.accelerator.is_main_process:
@@ -280,17 +285,21 @@ def eval_(args: argparse.Namespace) -> dict[str, Any]:
             for method in ("zero-shot", "learned prompt")
         }
         results: dict[str, Any] = {"data": where, "base_to_novel": rows, "details": parts}
-        _report(rows, ["base", "novel", "HM"])
+        table, columns = rows, ["base", "novel", "HM"]
     else:
         results = {"data": where, **both(data)}
-        _report({k: results[k] for k in ("zero-shot", "learned prompt")}, ["top1", "top5"])
+        table, columns = {k: results[k] for k in ("zero-shot", "learned prompt")}, ["top1", "top5"]
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        _report(table, columns)
     local = Path(args.adapter).is_dir()
     out = Path(args.output) if args.output else Path(folder) / RESULTS_NAME if local else None
     if out is None:  # never into the Hub cache, never silently into the current folder
-        print("results not saved: the adapter is a Hub repo; pass --output FILE to save them")
+        _say("results not saved: the adapter is a Hub repo; pass --output FILE to save them")
     else:
         write_json(out, results)
-        print(f"results written to {out}")
+        _say(f"results written to {out}")
     return results
 
 
@@ -323,15 +332,24 @@ def predict(args: argparse.Namespace) -> list[list[tuple[str, float]]]:
     names = args.classes.split(",") if args.classes else config.class_names
     if not names:
         raise ValueError("The adapter has no class names; pass --classes 'name one,name two,...'.")
-    images = []
-    for path in args.images:
-        try:
-            images.append(open_image(path))
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"Cannot read image {path}: {exc}") from None
-    predictions = PromptClassifier(model, processor, names).predict(images, top_k=args.top_k)
-    for path, top in zip(args.images, predictions, strict=True):
-        print(f"{path}: " + ", ".join(f"{printable(name)} {score:.3f}" for name, score in top))
+    classifier = PromptClassifier(model, processor, names)
+    predictions: list[list[tuple[str, float]]] = []
+    batches = [args.images[i : i + 64] for i in range(0, len(args.images), 64)]
+    for batch in progress(batches, desc="predicting", disable=True if len(batches) == 1 else None):
+        images = []
+        for path in batch:
+            try:
+                images.append(open_image(path))
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"Cannot read image {path}: {exc}") from None
+        predictions += classifier.predict(images, top_k=args.top_k)
+    if args.json:  # the pipeline's shape: a score and a label per class, by image
+        rows = [{"image": path, "predictions": [{"score": s, "label": n} for n, s in top]} for path, top in
+                zip(args.images, predictions, strict=True)]  # fmt: skip
+        print(json.dumps(rows, indent=2))
+    else:
+        for path, top in zip(args.images, predictions, strict=True):
+            print(f"{path}: " + ", ".join(f"{printable(name)} {score:.3f}" for name, score in top))
     return predictions
 
 
@@ -374,6 +392,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
+    output = argparse.ArgumentParser(add_help=False)  # every command's
+    output.add_argument("-q", "--quiet", action="store_true", help="results and errors only: no notes, no progress")
+    output.add_argument(
+        "-v", "--verbose", action="store_true", help="also the libraries' own logs (transformers, PEFT, Accelerate)"
+    )
 
     def adapter_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--adapter", required=True, help="adapter folder or Hub repo id")
@@ -385,12 +408,17 @@ def build_parser() -> argparse.ArgumentParser:
             "--data", required=True, help="folder of class folders (optionally under train/val/test) or CSV"
         )
         p.add_argument("--classes", help="'base', 'novel' (CoCoOp's halves), 'all', or comma-separated class names")
-        p.add_argument("--seed", type=int, default=1, help="seed of the split, shots, batch order and augmentation")
 
-    p = commands.add_parser("train", help="learn a prompt adapter", description=train.__doc__)
+    p = commands.add_parser("train", parents=[output], help="learn a prompt adapter", description=train.__doc__)
     p.add_argument("--model", required=True, help="base CLIP model: folder or Hub id")
     data_options(p)
     p.add_argument("--output", required=True, help="folder for the adapter and checkpoint")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=1,
+        help="seed of the shots, held-out images, initial context, batch order and augmentation (default: 1)",
+    )
     p.add_argument("--shots", type=int, help="images per class (K-shot); all by default")
     p.add_argument(
         "--val-shots",
@@ -445,7 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output")
     p.set_defaults(run=train)
 
-    p = commands.add_parser("eval", help="accuracy of an adapter vs zero-shot", description=eval_.__doc__)
+    p = commands.add_parser(
+        "eval", parents=[output], help="accuracy of an adapter vs zero-shot", description=eval_.__doc__
+    )
     adapter_options(p)
     data_options(p)
     p.add_argument(
@@ -457,16 +487,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--templates", default="clip", choices=["clip", "imagenet"], help="zero-shot prompt(s)")
     p.add_argument("--base-to-novel", action="store_true", help="report base, novel and harmonic mean (CoCoOp)")
     p.add_argument("--output", help=f"JSON file for the results (default: {RESULTS_NAME} in a local adapter's folder)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON (notes go to stderr)")
     p.set_defaults(run=eval_)
 
-    p = commands.add_parser("predict", help="top-k classes of images", description=predict.__doc__)
+    p = commands.add_parser("predict", parents=[output], help="top-k classes of images", description=predict.__doc__)
     adapter_options(p)
     p.add_argument("--classes", help="comma-separated class names (default: the adapter's)")
     p.add_argument("--top-k", type=int, default=5, help="classes to print per image")
+    p.add_argument("--json", action="store_true", help="print the predictions as JSON (notes go to stderr)")
     p.add_argument("images", nargs="+", help="image files")
     p.set_defaults(run=predict)
 
-    p = commands.add_parser("interpret", help="nearest words of the learned context", description=interpret.__doc__)
+    p = commands.add_parser(
+        "interpret", parents=[output], help="nearest words of the learned context", description=interpret.__doc__
+    )
     adapter_options(p)
     p.add_argument("--top-k", type=int, default=5, help="nearest vocabulary tokens per context vector")
     p.add_argument(
@@ -474,7 +508,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(run=interpret)
 
-    p = commands.add_parser("push", help="upload an adapter and its model card to the Hub", description=push.__doc__)
+    p = commands.add_parser(
+        "push", parents=[output], help="upload an adapter and its model card to the Hub", description=push.__doc__
+    )
     p.add_argument("--adapter", required=True, help="adapter folder")
     p.add_argument("--repo", required=True, help="Hub repo id, user/name")
     p.add_argument("--private", action="store_true", help="create the repo private")
@@ -483,7 +519,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-model", help="the base model's Hub id for the card (default: the adapter's, if a Hub id)")
     p.set_defaults(run=push)
 
-    p = commands.add_parser("demo", help="the whole flow offline on the embedded default", description=demo.__doc__)
+    p = commands.add_parser(
+        "demo", parents=[output], help="the whole flow offline on the embedded default", description=demo.__doc__
+    )
     p.add_argument("--output", default="demo-adapter", help="folder for the learned adapter")
     p.add_argument("--shots", type=int, default=16, help="faded training images per class")
     p.add_argument("--seed", type=int, default=1, help="seed of the shots, batch order and initialisation")
@@ -491,10 +529,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _set_output(args: argparse.Namespace) -> None:
+    """-q, -v and --json: where notes go, progress bars, the libraries' logs, and warnings as one plain line."""
+    import transformers
+
+    global _notes
+    _notes = None if args.quiet else "stderr" if getattr(args, "json", False) else "stdout"
+    if args.quiet:
+        disable_progress_bars()
+        transformers.logging.disable_progress_bar()  # its weight loading and huggingface_hub's downloads
+    else:
+        enable_progress_bars()
+    transformers.logging.set_verbosity_info() if args.verbose else transformers.logging.set_verbosity_error()
+    warnings.formatwarning = lambda message, category, *_: f"warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     # transformers' own deprecation notice from inside from_pretrained: nothing a user of this command can act on
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
     args = build_parser().parse_args(argv)
+    _set_output(args)
     try:
         args.run(args)
     except KeyboardInterrupt:

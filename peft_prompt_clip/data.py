@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .progress import progress
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -291,7 +293,7 @@ def open_image(source: Any) -> Image.Image:
 def drop_unreadable(data: LabeledImages) -> LabeledImages:
     """The images that open; the others are skipped with one warning that names them."""
     keep, bad = [], []
-    for i, source in enumerate(data.images):
+    for i, source in enumerate(progress(data.images, desc="checking images")):
         try:
             if isinstance(source, (str, Path)):
                 open_image(source)

@@ -8,6 +8,7 @@ import torch
 
 from .classifier import PromptClassifier
 from .data import LabeledImages, default_workers, image_batches
+from .progress import progress
 
 
 @torch.no_grad()
@@ -31,7 +32,7 @@ def evaluate(
     batches = [list(range(start, min(start + batch_size, len(data)))) for start in range(0, len(data), batch_size)]
     workers = default_workers() if num_workers is None else num_workers
     inputs = image_batches(classifier.processor, data, batches, num_workers=workers)
-    for indices, batch in zip(batches, inputs, strict=True):
+    for indices, batch in progress(zip(batches, inputs, strict=True), total=len(batches), desc="evaluating"):
         logits = classifier.logits(**batch).float().cpu()
         best = logits.topk(k, dim=-1).indices
         top1[indices] = best[:, 0] == labels[indices]

@@ -16,7 +16,6 @@ from accelerate import Accelerator
 from accelerate.tracking import get_available_trackers
 from accelerate.utils import LoggerType
 from peft import PeftModel
-from tqdm.auto import tqdm
 
 from .checkpoints import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from .data import LabeledImages, default_workers, image_batches, image_inputs
@@ -24,6 +23,7 @@ from .encoder import PromptEncoder
 from .errors import TrainingDivergedError
 from .layer import find_prompt_layer
 from .losses import PromptLoss, StepOutputs
+from .progress import progress
 from .storage import save_adapter, write_json
 
 __all__ = ["CHECKPOINT_NAME", "LOG_NAME", "PromptTrainer", "TrainingArguments", "coop_epochs"]
@@ -522,7 +522,7 @@ class PromptTrainer:
         size = self.args.batch_size
         return [order[i : i + size] for i in range(0, len(order), size)]
 
-    def _train_epoch(self, epoch: int, cached: torch.Tensor | None, progress: tqdm) -> _EpochStats:
+    def _train_epoch(self, epoch: int, cached: torch.Tensor | None, bar: Any) -> _EpochStats:
         acc, args, stats = self.accelerator, self.args, _EpochStats()
         for group in self.optimizer.param_groups:
             group["lr"] = args.learning_rate(epoch, self.epochs)
@@ -557,9 +557,9 @@ class PromptTrainer:
                 stats.correct += totals[1].item()
                 stats.seen += totals[2].item()
             stats.step_seconds.append(time.perf_counter() - start)
-            progress.update(1)
+            bar.update(1)
             if stats.seen:
-                progress.set_postfix(
+                bar.set_postfix(
                     epoch=epoch + 1,
                     loss=f"{stats.loss / stats.seen:.4f}",
                     acc=f"{stats.correct / stats.seen:.3f}",
@@ -594,15 +594,15 @@ class PromptTrainer:
         else:
             cached = self.cached_image_features(self.views)
         batches_per_epoch = math.ceil(len(self.data) / args.batch_size)
-        progress = tqdm(
+        bar = progress(
             total=self.epochs * batches_per_epoch,
             initial=start_epoch * batches_per_epoch,
             desc="training",
-            **({} if acc.is_local_main_process else {"disable": True}),  # else tqdm's own default: TQDM_DISABLE
+            **({} if acc.is_local_main_process else {"disable": True}),
         )
         step_seconds: list[float] = []
         for epoch in range(start_epoch, self.epochs):
-            stats = self._train_epoch(epoch, cached, progress)
+            stats = self._train_epoch(epoch, cached, bar)
             step_seconds += stats.step_seconds
             self._check_finite(epoch, stats.skipped, batches_per_epoch, checkpoint)
             if self.averages is not None:
@@ -625,7 +625,7 @@ class PromptTrainer:
             if acc.is_main_process:
                 save_checkpoint(checkpoint, self.params, self.optimizer, epoch + 1, self.run, buffers, log)
             acc.wait_for_everyone()
-        progress.close()
+        bar.close()
         if args.report_to:
             acc.end_training()
         if self.averages is not None:  # PromptSRC's GPA: the adapter is the weighted mean over epochs

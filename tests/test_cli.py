@@ -225,3 +225,30 @@ def test_a_folder_is_used_as_given_and_held_out_images_choose_the_epoch(clip_dir
     assert f"validation: 9 images (4 per class at most) from {split / 'val'}" in result.stdout
     result = run("eval", "--adapter", tmp_path / "d", "--data", split, "--split", "val")
     assert f"evaluating 9 images of 3 classes from {split / 'val'}" in result.stdout
+
+
+def test_json_quiet_and_plain_warnings(trained, image_folder, clip_dir, tmp_path):
+    """--json prints the results alone on stdout (notes on stderr); -q drops notes and progress bars, not results;
+    a warning is one plain line, not Python's `file:line: UserWarning:` form."""
+    result = run("eval", "--adapter", trained, "--data", image_folder, "--json", "--output", tmp_path / "r.json")
+    results = json.loads(result.stdout)
+    assert results["learned prompt"]["n"] == 6 and 0 <= results["zero-shot"]["top1"] <= 1
+    assert "evaluating 6 images" in result.stderr and "results written to" in result.stderr
+    result = run("predict", "--adapter", trained, "--json", "--top-k", "2", image_folder / "cat" / "0.png")
+    (row,) = json.loads(result.stdout)
+    assert row["image"] == str(image_folder / "cat" / "0.png") and len(row["predictions"]) == 2
+    assert {p["label"] for p in row["predictions"]} <= {"cat", "dog", "red car"}
+    assert row["predictions"][0]["score"] >= row["predictions"][1]["score"]
+
+    bars = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+    folder = write_image_folder(tmp_path / "images", per_class=3)
+    (folder / "cat" / "bad.png").write_bytes(b"not an image")
+    command = [sys.executable, "-m", "peft_prompt_clip", "train", "--model", str(clip_dir), "--data", str(folder)]
+    command += ["--epochs", "1", "--n-ctx", "2", "--shots", "2", "--output", str(tmp_path / "out")]
+    loud = subprocess.run(command, capture_output=True, text=True, env=bars, timeout=300)
+    quiet = subprocess.run([*command, "-q"], capture_output=True, text=True, env=bars, timeout=300)
+    assert loud.returncode == quiet.returncode == 0, quiet.stderr
+    assert "training: 100%" in loud.stderr and "train: " in loud.stdout
+    assert "training" not in quiet.stderr and "train: " not in quiet.stdout and "trained 1 epochs" in quiet.stdout
+    for result in (loud, quiet):  # a skipped image is still said, in one plain line
+        assert "warning: Skipped 1 unreadable image(s)" in result.stderr and "UserWarning" not in result.stderr

@@ -1,0 +1,32 @@
+"""Progress bars of long work (training, evaluation, checking and reading images): `tqdm` bars, on by default; off
+with `TQDM_DISABLE=1` (tqdm's own switch) or [`disable_progress_bars`] (the command line's `-q`), as transformers'
+and huggingface_hub's own bars are switched off."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from tqdm.auto import tqdm
+
+_enabled = True
+
+
+def disable_progress_bars() -> None:
+    """Show no progress bars from this package."""
+    global _enabled
+    _enabled = False
+
+
+def enable_progress_bars() -> None:
+    """Show progress bars (the default), unless `TQDM_DISABLE` is set."""
+    global _enabled
+    _enabled = True
+
+
+def progress(iterable: Iterable | None = None, **kwargs: Any) -> tqdm:
+    """A `tqdm` bar over `iterable` (or one updated by hand, with `total`); `kwargs` are tqdm's. Left out, `disable`
+    is tqdm's default (which `TQDM_DISABLE` sets)."""
+    if not _enabled:
+        kwargs["disable"] = True
+    return tqdm(iterable, **kwargs)
