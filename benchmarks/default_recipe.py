@@ -12,7 +12,7 @@ context's initialisation and the choice of the epoch kept as the variables:
 On the accuracy benchmark's model and data (`fashion-clip`, Fashion-MNIST's original and faded images; a pool of 32
 training images per class, 100 test images per class), 1, 4 and 16 shots, 3 seeds, mean and std of the test top-1.
 
-Run: python benchmarks/default_recipe.py   (about 25 minutes on 2 CPU cores; --shots 16 --seeds 1 for a quick look)
+Run: python benchmarks/default_recipe.py   (about 8 minutes on 2 CPU cores; --shots 16 --seeds 1 for a quick look)
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ know it. Import it before loading a saved prompt adapter.
 
 from .classifier import CLIP_TEMPLATE, IMAGENET_TEMPLATES, PromptClassifier
 from .config import PEFT_TYPE, ClassTokenPosition, PromptEmbeddingConfig
-from .data import LabeledImages, few_shot, from_hf_dataset, hold_out, load_data, load_split
+from .data import LabeledImages, few_shot, from_hf_dataset, hold_out, load_data, load_split, split_data
 from .encoder import PromptEncoder
 from .errors import InvalidAdapterError, InvalidCheckpointError, TrainingDivergedError
 from .evaluation import evaluate, harmonic_mean
@@ -43,6 +43,7 @@ __all__ = [
     "harmonic_mean",
     "load_data",
     "load_split",
+    "split_data",
     "get_prompt_model",
     "load_prompt_model",
     "prompt_options",

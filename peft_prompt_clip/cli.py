@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
+import re
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +22,13 @@ from . import __version__
 from .classifier import CLIP_TEMPLATE, IMAGENET_TEMPLATES, PromptClassifier
 from .config import PromptEmbeddingConfig, printable
 from .data import (
+    SPLITS,
+    DatasetImage,
     LabeledImages,
     base_novel,
     drop_unreadable,
     few_shot,
+    from_hf_dataset,
     has_splits,
     hold_out,
     load_data,
@@ -106,54 +112,123 @@ def _say(text: str) -> None:
         print(text, file=getattr(sys, _notes))
 
 
-def _source(args: argparse.Namespace, split: str | None) -> tuple[LabeledImages, str]:
-    """The images of `--data` for `split`, of `--classes`, and where they came from: the split's folder when the data
-    has split folders, else all of it (never split behind the user's back)."""
+#: A Hugging Face dataset's split names, by the split they serve here.
+HF_SPLITS = {"train": ("train",), "val": ("validation", "val", "valid", "dev"), "test": ("test",)}
+
+
+def _parts(args: argparse.Namespace) -> dict[str, tuple[Callable[[], LabeledImages], str]]:
+    """`--data`'s parts by the split they serve ("train", "val", "test"), each a loader and where it comes from; one
+    part "all" for data that is one set (a folder of class folders, a CSV, a dataset without splits)."""
     source = Path(args.data)
+    if _is_hf_dataset(args.data):
+        found = _hf_dataset(args.data, args.dataset_config)
+        if not hasattr(found, "keys") or hasattr(found, "features"):  # one dataset, no splits
+            return {"all": (lambda: _hf_data(found, args), f"{args.data} (all of it: it has no splits)")}
+        names = {part: next((n for n in HF_SPLITS[part] if n in found), None) for part in HF_SPLITS}
+        return {
+            part: (lambda n=name: _hf_data(found[n], args), f"{args.data}, its {name!r} split")
+            for part, name in names.items()
+            if name is not None
+        }
     if has_splits(source):
-        split = split or "test"
-        data, where = load_split(source, split), str(source / split)
-    elif args.command == "eval" and args.split is not None:
-        raise ValueError(
-            f"--split {args.split}: {source} has no train/val/test folders, so eval uses all of its images; drop "
-            "--split, or put the images in split folders."
-        )
+        return {
+            split: (lambda s=split: load_split(source, s), str(source / split))
+            for split in SPLITS
+            if (source / split).is_dir()
+        }
+    return {"all": (lambda: load_data(source), f"{source} (all of it: it has no train/val/test folders)")}
+
+
+def _is_hf_dataset(data: str) -> bool:
+    """A folder written by `save_to_disk` or holding a dataset's data files, or a Hub dataset id that is no path."""
+    path = Path(data)
+    if path.is_dir():
+        saved = (path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file()
+        return saved or any(path.glob("*.parquet")) or any(path.glob("data/*.parquet"))
+    is_id = re.fullmatch(r"[\w.-]+(/[\w.-]+)?", data) is not None
+    return not path.exists() and path.suffix.lower() != ".csv" and is_id
+
+
+@functools.cache
+def _hf_dataset(data: str, config: str | None) -> Any:
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(f"--data {data} is a Hugging Face dataset: pip install datasets") from None
+    if (Path(data) / "dataset_dict.json").is_file() or (Path(data) / "dataset_info.json").is_file():
+        return datasets.load_from_disk(data)
+    try:
+        return datasets.load_dataset(data, config)
+    except OSError as exc:  # not found (DatasetNotFoundError), offline (ConnectionError): maybe a mistyped path
+        raise type(exc)(
+            f"--data {data}: no such folder or CSV here, and not loadable as a Hugging Face dataset: {exc}"
+        ) from None
+
+
+def _hf_data(dataset: Any, args: argparse.Namespace) -> LabeledImages:
+    return from_hf_dataset(dataset, args.image_column, args.label_column)
+
+
+def _source(args: argparse.Namespace, split: str | None) -> tuple[LabeledImages, str, str]:
+    """The images of `--data` for `split` (default: test), of `--classes`, where they came from, and the part used:
+    the split's when the data has splits, else all of it ("all"; never split behind the user's back)."""
+    parts = _parts(args)
+    if "all" in parts:
+        if args.command == "eval" and args.split is not None:
+            raise ValueError(
+                f"--split {args.split}: {args.data} has no splits, so eval uses all of its images; drop --split, or "
+                "put the images in train/val/test folders."
+            )
+        part = "all"
+    elif (split or "test") in parts:
+        part = split or "test"
     else:
-        data, where = load_data(source), f"{source} (all of it: it has no train/val/test folders)"
-    return _classes(data, args.classes), where
+        raise FileNotFoundError(f"{args.data} has no {split or 'test'!r} split; it has {sorted(parts)}.")
+    load, where = parts[part]
+    return _classes(load(), args.classes), where, part
 
 
 def _training_data(args: argparse.Namespace) -> tuple[LabeledImages, LabeledImages | None]:
     """`train`'s images (`--shots` per class, all by default) and its held-out images for choosing the epoch kept
-    (`--val-shots` per class, by default min(shots, 4) as CoOp's few-shot validation sets): from the data's `val/`
-    folder, else from the images not among the shots; none when there are none, with a word on why."""
-    pool, where = _source(args, "train")
+    (`--val-shots` per class, by default min(shots, 4) as CoOp's few-shot validation sets): from the data's validation
+    split, else from the images not among the shots; none when there are none, with a word on why."""
+    pool, where, _ = _source(args, "train")
     train, rest = hold_out(pool, args.shots, seed=args.seed) if args.shots is not None else (pool, None)
     val_shots = args.val_shots if args.val_shots is not None else min(args.shots or 4, 4)
     if val_shots < 0:
         raise ValueError(f"--val-shots must be 0 (no validation) or more, got {val_shots}.")
-    val, val_where = None, ""
-    if val_shots and has_splits(args.data) and (Path(args.data) / "val").is_dir():
-        val, val_where = _source(args, "val")
-        val, val_where = few_shot(val, val_shots, seed=args.seed), f"from {val_where}"
-    elif val_shots and rest is not None and all(rest.counts()):
+    val, val_where, spent = None, "", []
+    if val_shots and "val" in _parts(args):
+        load, val_where = _parts(args)["val"]
+        found = load()
+        missing = [name for name in train.class_names if name not in found.class_names]
+        if missing:
+            raise ValueError(f"The validation split {val_where} has no images of the classes {missing}.")
+        val, val_where = (
+            few_shot(select_classes(found, train.class_names), val_shots, seed=args.seed),
+            f"from {val_where}",
+        )
+    elif val_shots and rest is not None and any(rest.counts()):
+        spent = [name for name, n in zip(rest.class_names, rest.counts(), strict=True) if not n]
         val, val_where = few_shot(rest, val_shots, seed=args.seed), "held out from the images not among the shots"
     elif args.val_shots:
+        hint = "train on fewer --shots" if args.shots is not None else "give --shots (all images train by default)"
         raise ValueError(
-            f"--val-shots {args.val_shots}: {args.data} has no val/ folder and no images left per class beside the "
-            "training shots; add a val/ folder, or train on fewer --shots."
+            f"--val-shots {args.val_shots}: {args.data} has no validation split and no images left beside the "
+            f"training shots; add a val/ folder, or {hint}."
         )
     train = drop_unreadable(train)  # opens only the images in use: 16 shots of ImageNet, not its 1.28 M images
     per_class = f" ({args.shots} shots per class at most)" if args.shots is not None else ""
     _say(f"train: {len(train)} images of {len(train.class_names)} classes{per_class} from {where}")
     if val is not None:
         val = drop_unreadable(val)
+        none_left = f"; none of {spent}, all of whose images are training shots" if spent else ""
         _say(
-            f"validation: {len(val)} images ({val_shots} per class at most) {val_where}, to choose the epoch kept "
-            "(--val-shots 0: none)"
+            f"validation: {len(val)} images ({val_shots} per class at most) {val_where}{none_left}, to choose the "
+            "epoch kept (--val-shots 0: none)"
         )
     else:
-        why = "--val-shots 0" if val_shots == 0 else "every image is a training shot, and there is no val/ folder"
+        why = "--val-shots 0" if val_shots == 0 else "every image is a training shot, and there is no validation split"
         _say(f"validation: none ({why}); the adapter is the last epoch's")
     return train, val
 
@@ -203,38 +278,49 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             f"{result}; adapter saved to {args.output}"
         )
         if "eval" in summary:
-            print(_validation_report(summary["eval"], args.output))
-        # which images trained and chose the adapter, so that eval on the same folder can leave them out
+            print(_validation_report(summary["eval"], args.output, training.hand_template, config.ctx_init))
+        # which images trained and chose the adapter, so that eval on them can leave them out (also of last/)
         log = json.loads((Path(args.output) / LOG_NAME).read_text(encoding="utf-8"))
-        log["data"] = {"source": str(Path(args.data).resolve()), "train": sorted(_relative(data, args.data))}
-        log["data"]["validation"] = sorted(_relative(val, args.data)) if val is not None else []
-        write_json(Path(args.output) / LOG_NAME, log)
+        log["data"] = {"source": _source_key(args.data), "train": sorted(_image_names(data, args.data))}
+        log["data"]["validation"] = sorted(_image_names(val, args.data)) if val is not None else []
+        for folder in (Path(args.output), Path(args.output) / "last"):
+            if folder.is_dir():
+                write_json(folder / LOG_NAME, log)
     return summary
 
 
-def _relative(data: LabeledImages, source: str) -> list[str]:
-    """The image files of `data` by their paths relative to the data source (its folder, or a CSV's folder)."""
-    root = Path(source).resolve()
-    root = root.parent if root.is_file() else root
-    return [os.path.relpath(Path(image).resolve(), root) for image in data.images]
+def _source_key(data: str) -> str:
+    """`--data` as the training log records it: a local source by its absolute path, a Hub dataset by its id."""
+    return str(Path(data).resolve()) if Path(data).exists() else data
 
 
-def _validation_report(scores: dict[str, Any], output: str) -> str:
-    """What the held-out images chose, in words: the kept candidate against the zero-shot prompt and the last epoch."""
+def _image_names(data: LabeledImages, source: str) -> list[str]:
+    """The images of `data` by their absolute paths (whichever folder or CSV named them), or their rows in the
+    dataset `source`."""
+    return [
+        f"{_source_key(source)} row {image.index}" if isinstance(image, DatasetImage) else str(Path(image).resolve())
+        for image in data.images
+    ]
+
+
+def _validation_report(scores: dict[str, Any], output: str, template: str | list[str], ctx_init: str | None) -> str:
+    """What the held-out images chose, in words: the kept candidate against the zero-shot prompt (`template`, the
+    regularisers' hand-written prompt) and the end of training."""
     best, last, zero = scores["best"], scores["last"], scores["zero_shot"]["accuracy"]
     name = {0: "the initial prompt (epoch 0)", "average": "the epochs' Gaussian average"}.get(
         best["epoch"], f"epoch {best['epoch']}"
     )
+    prompt = repr(template) if isinstance(template, str) else f"an ensemble of {len(template)} templates"
     text = (
-        f"validation accuracy ({scores['images']} held-out images): zero-shot {zero:.3f}, initial prompt "
+        f"validation accuracy ({scores['images']} held-out images): zero-shot ({prompt}) {zero:.3f}, initial prompt "
         f"{scores['initial']['accuracy']:.3f}, end of training {last['accuracy']:.3f}, best {best['accuracy']:.3f}: "
         f"kept {name} in {output}; the end of training's adapter is in {Path(output) / 'last'}"
     )
     if best["accuracy"] < zero:
+        advice = "more shots or another --lr" if ctx_init else "--ctx-init 'a photo of a', more shots or another --lr"
         text += (
             "\nwarning: the kept prompt scores below the zero-shot prompt on the held-out images "
-            f"({best['accuracy']:.3f} < {zero:.3f}): use zero-shot, or try --ctx-init 'a photo of a', more shots or "
-            "another --lr"
+            f"({best['accuracy']:.3f} < {zero:.3f}): use zero-shot, or try {advice}"
         )
     return text
 
@@ -258,9 +344,8 @@ def eval_(args: argparse.Namespace) -> dict[str, Any]:
     """Accuracy of the learned prompt against the zero-shot prompt on `--data`."""
     model, processor, folder = _adapter_model(args)
     templates = IMAGENET_TEMPLATES if args.templates == "imagenet" else CLIP_TEMPLATE
-    data, where = _source(
-        args, args.split
-    )  # a class-specific adapter scores any of its classes (the classifier checks)
+    # a class-specific adapter scores any of its classes (the classifier checks)
+    data, where, split = _source(args, args.split)
     data, where = _unseen(data, where, args, Path(folder))
     data = drop_unreadable(data)
     _say(f"evaluating {len(data)} images of {len(data.class_names)} classes from {where}")
@@ -284,10 +369,10 @@ def eval_(args: argparse.Namespace) -> dict[str, Any]:
             }
             for method in ("zero-shot", "learned prompt")
         }
-        results: dict[str, Any] = {"data": where, "base_to_novel": rows, "details": parts}
+        results: dict[str, Any] = {"split": split, "data": where, "base_to_novel": rows, "details": parts}
         table, columns = rows, ["base", "novel", "HM"]
     else:
-        results = {"data": where, **both(data)}
+        results = {"split": split, "data": where, **both(data)}
         table, columns = {k: results[k] for k in ("zero-shot", "learned prompt")}, ["top1", "top5"]
     if args.json:
         print(json.dumps(results, indent=2))
@@ -304,25 +389,27 @@ def eval_(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _unseen(data: LabeledImages, where: str, args: argparse.Namespace, folder: Path) -> tuple[LabeledImages, str]:
-    """The images of a folder without split folders that the adapter was not trained or validated on, when its
-    training log says it learned from this folder (a folder with split folders is evaluated as it is split)."""
+    """The images of data without splits that the adapter was not trained or validated on, by its training log (data
+    with splits is evaluated as it is split)."""
     log_path = folder / LOG_NAME
-    if has_splits(args.data) or not log_path.is_file():
+    if "all" not in _parts(args) or not log_path.is_file():
         return data, where
     try:
         used = json.loads(log_path.read_text(encoding="utf-8"))["data"]
-        if used["source"] != str(Path(args.data).resolve()):
-            return data, where
         seen = {*used["train"], *used["validation"]}
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):  # an older or hand-edited log: nothing to leave out
         return data, where
-    unseen = [i for i, name in enumerate(_relative(data, args.data)) if name not in seen]
-    if not unseen:
+    unseen = [i for i, name in enumerate(_image_names(data, args.data)) if name not in seen]
+    if len(unseen) == len(data):
+        return data, where
+    left = data.subset(unseen)
+    spent = [name for name, n in zip(left.class_names, left.counts(), strict=True) if not n]
+    if spent:
         raise ValueError(
-            f"Every image of {args.data} trained or validated this adapter; evaluate on images it has not seen."
+            f"Every image of the classes {spent} in {args.data} trained or validated this adapter; evaluate on images "
+            "it has not seen (another folder, or a test/ folder)."
         )
-    left = len(data) - len(unseen)
-    return data.subset(unseen), f"{where}, less the {left} images it was trained and validated on"
+    return left, f"{where}, less the {len(data) - len(unseen)} images the adapter was trained and validated on"
 
 
 def predict(args: argparse.Namespace) -> list[list[tuple[str, float]]]:
@@ -405,8 +492,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     def data_options(p: argparse.ArgumentParser) -> None:
         p.add_argument(
-            "--data", required=True, help="folder of class folders (optionally under train/val/test) or CSV"
+            "--data",
+            required=True,
+            help="folder of class folders (used as given, or under train/val/test), CSV (path,label), or a Hugging "
+            "Face dataset: a Hub id or a local dataset folder",
         )
+        p.add_argument("--dataset-config", help="the Hugging Face dataset's configuration (its name)")
+        p.add_argument("--image-column", help="the dataset's image column (default: its first Image column)")
+        p.add_argument("--label-column", help="the dataset's label column (default: its first ClassLabel column)")
         p.add_argument("--classes", help="'base', 'novel' (CoCoOp's halves), 'all', or comma-separated class names")
 
     p = commands.add_parser("train", parents=[output], help="learn a prompt adapter", description=train.__doc__)

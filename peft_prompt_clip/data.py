@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import operator
 import os
 import random
 import warnings
@@ -129,30 +130,95 @@ def load_csv(path: str | Path) -> LabeledImages:
     return LabeledImages(names, images, [index[r["label"]] for r in rows])
 
 
-def from_hf_dataset(dataset: Any, image_column: str = "image", label_column: str = "label") -> LabeledImages:
+@dataclass(frozen=True)
+class DatasetImage:
+    """An image of a Hugging Face dataset, decoded only when opened (see [`open_image`]): row `index` of `dataset`,
+    a dataset of the image column alone."""
+
+    dataset: Any = field(repr=False)
+    index: int
+    column: str
+
+    def load(self) -> Any:
+        return self.dataset[self.index][self.column]
+
+    def __str__(self) -> str:
+        return f"row {self.index} of the dataset's {self.column!r} column"
+
+
+def from_hf_dataset(
+    dataset: Any,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    shots: int | None = None,
+    seed: int = 1,
+) -> LabeledImages:
     """
-    A Hugging Face `datasets.Dataset` (any with an image column and a label column, `imagefolder` included).
-    Class names come from the label column's `ClassLabel` names, else from the sorted label values.
+    A Hugging Face `datasets.Dataset` (any with an image column and a label column, `imagefolder` included), or a
+    streaming `IterableDataset`. Class names come from the label column's `ClassLabel` names, else from the sorted
+    label values. No image is decoded here: the labels are read from their column alone, and each image is decoded
+    when it is used, so `few_shot(from_hf_dataset(ds), 16)` of ImageNet decodes 16 images per class, not 1.28 M.
+
+    Args:
+        dataset: the dataset (one split: `dataset["train"]` of a `DatasetDict`).
+        image_column (`str`, *optional*): by default the first column of the `Image` type, else `"image"`.
+        label_column (`str`, *optional*): by default the first `ClassLabel` column, else `"label"`.
+        shots (`int`, *optional*): at most this many images per class: drawn with `seed` from a dataset; from a
+            stream, the first of each class in the stream's order, reading no further once every class of its
+            `ClassLabel` has them (shuffle the stream, `ds.shuffle(seed, buffer_size)`, for a random draw). A stream
+            without `shots` is read whole.
+        seed (`int`, *optional*, defaults to 1): the draw of `shots`.
     """
     if hasattr(dataset, "keys") and not hasattr(dataset, "features"):  # a DatasetDict: one dataset per split
         raise ValueError(
             f"This is a DatasetDict with the splits {list(dataset.keys())}; pass one of them, e.g. "
             f"from_hf_dataset(dataset[{next(iter(dataset.keys()), 'train')!r}])."
         )
-    columns = getattr(dataset, "column_names", None) or list(dataset.features)
+    features = dataset.features or {}
+    columns = getattr(dataset, "column_names", None) or list(features)
+    kinds = {name: type(feature).__name__ for name, feature in features.items()}
+    image_column = image_column or next((c for c in columns if kinds.get(c) == "Image"), "image")
+    label_column = label_column or next((c for c in columns if kinds.get(c) == "ClassLabel"), "label")
     missing = [c for c in (image_column, label_column) if c not in columns]
     if missing:
-        raise ValueError(f"The dataset has no column {missing}; its columns are {columns}. Pass image/label columns.")
-    feature = dataset.features[label_column]
-    labels = list(dataset[label_column])
-    if hasattr(feature, "names"):
-        names = list(feature.names)
-    else:
+        raise ValueError(
+            f"The dataset has no column {missing}; its columns are {columns}. Name them (--image-column, "
+            "--label-column; image_column=, label_column=)."
+        )
+    names = list(features[label_column].names) if hasattr(features.get(label_column), "names") else None
+    if not hasattr(dataset, "__len__"):  # a stream: read row by row, only as far as needed
+        return _from_stream(dataset, image_column, label_column, names, shots)
+    labels = list(dataset[label_column])  # the label column alone: no image is decoded
+    if names is None:
         names = sorted({str(y) for y in labels})
-        index = {n: i for i, n in enumerate(names)}
-        labels = [index[str(y)] for y in labels]
-    data = LabeledImages(names, list(dataset[image_column]), labels)
+        labels = [names.index(str(y)) for y in labels]
+    images = dataset.select_columns([image_column])
+    data = LabeledImages(names, [DatasetImage(images, i, image_column) for i in range(len(labels))], labels)
     _check_classes(data, "the dataset")
+    return few_shot(data, shots, seed) if shots is not None else data
+
+
+def _from_stream(
+    stream: Any, image_column: str, label_column: str, names: list[str] | None, shots: int | None
+) -> LabeledImages:
+    if shots is not None and shots < 1:
+        raise ValueError(f"shots must be at least 1 (an integer), got {shots!r}.")
+    kept: dict[Any, list[Any]] = {}
+    for row in stream.select_columns([image_column, label_column]):
+        label = row[label_column]
+        if shots is None or len(kept.setdefault(label, [])) < shots:
+            kept.setdefault(label, []).append(row[image_column])
+        if shots is not None and names is not None and len(kept) == len(names):
+            if all(len(v) >= shots for v in kept.values()):
+                break
+    if names is None:
+        names = sorted(str(y) for y in kept)
+        kept = {names.index(str(y)): images for y, images in kept.items()}
+    data = LabeledImages(names)
+    for label in sorted(kept):
+        data.images += kept[label]
+        data.labels += [label] * len(kept[label])
+    _check_classes(data, "the stream")
     return data
 
 
@@ -213,8 +279,9 @@ def few_shot(data: LabeledImages, shots: int, seed: int = 1) -> LabeledImages:
 
 
 def _few_shot_indices(data: LabeledImages, shots: int, seed: int) -> list[int]:
-    if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
+    if isinstance(shots, bool) or not hasattr(shots, "__index__") or operator.index(shots) < 1:
         raise ValueError(f"shots must be at least 1 (an integer), got {shots!r}.")
+    shots = operator.index(shots)
     rng = random.Random(seed)
     by_class: dict[int, list[int]] = {}
     for i, y in enumerate(data.labels):
@@ -266,6 +333,8 @@ def base_novel(class_names: Sequence[str]) -> tuple[list[str], list[str]]:
 
 def open_image(source: Any) -> Image.Image:
     """An RGB PIL image from a path or an image in memory; EXIF orientation applied, 16-bit/CMYK/palette converted."""
+    if isinstance(source, DatasetImage):
+        source = source.load()
     image = source if isinstance(source, Image.Image) else None
     if image is None and isinstance(source, (str, Path)):
         try:
@@ -295,7 +364,7 @@ def drop_unreadable(data: LabeledImages) -> LabeledImages:
     keep, bad = [], []
     for i, source in enumerate(progress(data.images, desc="checking images")):
         try:
-            if isinstance(source, (str, Path)):
+            if isinstance(source, (str, Path, DatasetImage)):
                 open_image(source)
             keep.append(i)
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
@@ -305,7 +374,9 @@ def drop_unreadable(data: LabeledImages) -> LabeledImages:
     if not keep:
         raise ValueError(f"None of the {len(data)} images could be read (see the warning for each file).")
     kept = data.subset(keep)
-    _check_classes(kept, "the readable images")
+    lost = [name for name, a, b in zip(data.class_names, data.counts(), kept.counts(), strict=True) if a and not b]
+    if lost:
+        raise ValueError(f"Classes without readable images: {lost}. Add images or remove those folders.")
     return kept
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+import shutil
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -323,7 +324,7 @@ class PromptTrainer:
             "class_names": list(train_data.class_names),
             "images": len(train_data),
             "eval_images": len(eval_data) if eval_data is not None else 0,
-            "eval_every": self.eval_every if eval_data is not None else None,
+            "eval_every": args.eval_every,  # None: a tenth of the epochs, so more epochs may follow
         }
         if self.gpa_weights:  # the Gaussian's weights are normalised over the epochs: a resumed run needs the same
             self.run["epochs"] = self.epochs
@@ -395,15 +396,16 @@ class PromptTrainer:
         parts = []
         with torch.no_grad(), self.accelerator.autocast():
             for seed in seeds:
-                for inputs in self._image_batches(chunks, seed):
+                for inputs in self._image_batches(self.data, chunks, seed):
                     parts.append(self.encoder.image_features(inputs, enabled=False))
         features = torch.cat(parts)
         return features if views is None else features.view(views, len(order), -1)
 
-    def _image_batches(self, batches: list[list[int]], seed: str | None):
+    def _image_batches(self, data: LabeledImages, batches: list[list[int]], seed: str | None = None):
+        """The image tower's inputs of `data`'s `batches` of indices (see [`image_batches`])."""
         return image_batches(
             self.processor,
-            self.data,
+            data,
             batches,
             seed,
             self.args.num_workers,
@@ -497,10 +499,8 @@ class PromptTrainer:
         return {"accuracy": correct / len(labels), "loss": loss / len(labels)}
 
     def _eval_batches(self):
-        order = list(range(len(self.eval_data)))
-        chunks = [order[i : i + 64] for i in range(0, len(order), 64)]
-        pin = self.accelerator.device.type == "cuda"
-        return image_batches(self.processor, self.eval_data, chunks, None, self.args.num_workers, pin_memory=pin)
+        chunks = [list(range(i, min(i + 64, len(self.eval_data)))) for i in range(0, len(self.eval_data), 64)]
+        return self._image_batches(self.eval_data, chunks)
 
     def _consider(self, log: dict[str, Any], epoch: int | str) -> dict[str, float]:
         """Evaluate the adapter as it is now as the candidate `epoch`, and keep it in `self.best` when it beats the
@@ -530,7 +530,7 @@ class PromptTrainer:
         shares = [batch[acc.process_index :: acc.num_processes] for batch in batches]  # this process's share of each
         if cached is None:  # the images of the epoch's steps, decoded and augmented ahead by the workers
             seed = f"{args.seed}-{epoch}" if self.augment else None
-            inputs = self._image_batches([share for share in shares if share], seed)
+            inputs = self._image_batches(self.data, [share for share in shares if share], seed)
         for n, (batch, mine) in enumerate(zip(batches, shares, strict=True)):
             start = time.perf_counter()
             if not mine:
@@ -654,6 +654,8 @@ class PromptTrainer:
             }
         if acc.is_main_process:
             save_adapter(self.model, output)
+            if self.eval_data is None:  # the end of training's adapter is the one saved: no other
+                shutil.rmtree(output / "last", ignore_errors=True)
             write_json(output / LOG_NAME, {"epochs": self.epochs, **log})
         return summary
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -188,14 +189,14 @@ def test_a_folder_is_used_as_given_and_held_out_images_choose_the_epoch(clip_dir
     common = ("--model", clip_dir, "--data", folder, "--epochs", "2", "--n-ctx", "2", "--batch-size", "6")
     result = run("train", *common, "--shots", "12", "--output", tmp_path / "all")
     assert f"train: 36 images of 3 classes (12 shots per class at most) from {folder} (all of it" in result.stdout
-    assert "validation: none (every image is a training shot, and there is no val/ folder)" in result.stdout
+    assert "validation: none (every image is a training shot, and there is no validation split)" in result.stdout
     assert not (tmp_path / "all" / "last").exists()
     result = run("eval", "--adapter", tmp_path / "all", "--data", folder, check=False)
-    assert result.returncode == 2 and "Every image of" in result.stderr
+    assert result.returncode == 2 and "Every image of the classes ['cat', 'dog', 'red car'] in" in result.stderr
 
     result = run("train", *common, "--shots", "6", "--output", tmp_path / "a")
     assert "validation: 12 images (4 per class at most) held out from the images not among the shots" in result.stdout
-    numbers = r"zero-shot [\d.]+, initial prompt [\d.]+, end of training [\d.]+, best [\d.]+"
+    numbers = r"zero-shot \('a photo of a \{\}.'\) [\d.]+, initial prompt [\d.]+, end of training [\d.]+, best [\d.]+"
     kept = re.search(
         rf"validation accuracy \(12 held-out images\): {numbers}: kept (the initial prompt \(epoch 0\)|epoch [12]) in",
         result.stdout,
@@ -205,21 +206,36 @@ def test_a_folder_is_used_as_given_and_held_out_images_choose_the_epoch(clip_dir
     assert (
         len(used["train"]) == 18 and len(used["validation"]) == 12 and not set(used["train"]) & set(used["validation"])
     )
-    result = run("eval", "--adapter", tmp_path / "a", "--data", folder)
-    assert "evaluating 6 images of 3 classes" in result.stdout
-    assert "less the 30 images it was trained and validated on" in result.stdout
+    for adapter in (tmp_path / "a", tmp_path / "a" / "last"):  # the best epoch's and the end of training's
+        result = run("eval", "--adapter", adapter, "--data", folder)
+        assert "evaluating 6 images of 3 classes" in result.stdout
+        assert "less the 30 images the adapter was trained and validated on" in result.stdout
+        assert json.loads((adapter / "eval_results.json").read_text())["split"] == "all"
     result = run("eval", "--adapter", tmp_path / "a", "--data", folder, "--split", "test", check=False)
-    assert result.returncode == 2 and "has no train/val/test folders, so eval uses all of its images" in result.stderr
+    assert result.returncode == 2 and "has no splits, so eval uses all of its images" in result.stderr
 
-    result = run("train", *common, "--shots", "6", "--val-shots", "0", "--output", tmp_path / "b")
-    assert "validation: none (--val-shots 0)" in result.stdout and not (tmp_path / "b" / "last").exists()
+    result = run("train", *common, "--shots", "6", "--val-shots", "0", "--output", tmp_path / "a")  # again, no last/
+    assert "validation: none (--val-shots 0)" in result.stdout and not (tmp_path / "a" / "last").exists()
+    (folder / "cat" / "11.png").unlink()  # cat: 11 images, all of them shots: the other classes validate
+    result = run("train", *common, "--shots", "11", "--output", tmp_path / "b")
+    held_out = "validation: 2 images (4 per class at most) held out from the images not among the shots"
+    assert f"{held_out}; none of ['cat'], all of whose images are training shots" in result.stdout
     result = run("train", *common, "--shots", "12", "--val-shots", "2", "--output", tmp_path / "c", check=False)
-    assert result.returncode == 2 and "no images left per class beside the training shots" in result.stderr
+    assert (
+        result.returncode == 2
+        and "no images left beside the training shots; add a val/ folder, or train on fewer --shots" in result.stderr
+    )
 
     split = tmp_path / "split"
     write_image_folder(split / "train", per_class=5)
     write_image_folder(split / "val", per_class=3)
     common = ("--model", clip_dir, "--data", split, "--epochs", "1", "--n-ctx", "2")
+    shutil.move(split / "val" / "dog", tmp_path / "dog")
+    result = run("train", *common, "--output", tmp_path / "d", check=False)
+    assert result.returncode == 2 and f"The validation split {split / 'val'} has no images of the classes ['dog']" in (
+        result.stderr
+    )
+    shutil.move(tmp_path / "dog", split / "val" / "dog")
     result = run("train", *common, "--output", tmp_path / "d")
     assert f"train: 15 images of 3 classes from {split / 'train'}" in result.stdout
     assert f"validation: 9 images (4 per class at most) from {split / 'val'}" in result.stdout
@@ -252,3 +268,42 @@ def test_json_quiet_and_plain_warnings(trained, image_folder, clip_dir, tmp_path
     assert "training" not in quiet.stderr and "train: " not in quiet.stdout and "trained 1 epochs" in quiet.stdout
     for result in (loud, quiet):  # a skipped image is still said, in one plain line
         assert "warning: Skipped 1 unreadable image(s)" in result.stderr and "UserWarning" not in result.stderr
+
+
+def test_a_hugging_face_dataset_as_data(clip_dir, tmp_path, monkeypatch):
+    """--data takes a dataset folder written by `save_to_disk`, or one of data files that `datasets.load_dataset`
+    reads (the call a Hub id goes through); its splits serve as train/val/test, its columns are found by type."""
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    names = ["cat", "dog", "red car"]
+    features = datasets.Features({"img": datasets.Image(), "kind": datasets.ClassLabel(names=names)})
+    rng = np.random.default_rng(0)
+
+    def part(n):
+        images = [Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)) for _ in range(n)]
+        return datasets.Dataset.from_dict({"img": images, "kind": [i % 3 for i in range(n)]}, features=features)
+
+    splits = datasets.DatasetDict({"train": part(12), "validation": part(6), "test": part(9)})
+    splits.save_to_disk(str(tmp_path / "saved"))
+    for name, dataset in splits.items():
+        dataset.to_parquet(str(tmp_path / "files" / "data" / f"{name}-00000-of-00001.parquet"))
+    for source, columns in ((tmp_path / "saved", ()), (tmp_path / "files", ("--image-column", "img"))):
+        out = tmp_path / f"adapter-{source.name}"
+        result = run(
+            "train", "--model", clip_dir, "--data", source, "--shots", "2", "--epochs", "1", "--n-ctx", "2",
+            "--output", out, *columns,
+        )  # fmt: skip
+        assert f"train: 6 images of 3 classes (2 shots per class at most) from {source}, its 'train' split" in (
+            result.stdout
+        )
+        assert f"validation: 6 images (2 per class at most) from {source}, its 'validation' split" in result.stdout
+        assert json.loads((out / "adapter_config.json").read_text())["class_names"] == names
+        result = run("eval", "--adapter", out, "--data", source, *columns)
+        assert f"evaluating 9 images of 3 classes from {source}, its 'test' split" in result.stdout
+    result = run("eval", "--adapter", out, "--data", tmp_path / "files", "--label-column", "label", check=False)
+    assert result.returncode == 2 and "no column ['label']; its columns are ['img', 'kind']" in result.stderr
+    result = run("eval", "--adapter", out, "--data", "nobody/no-such-dataset", check=False)
+    assert result.returncode == 2 and "--data nobody/no-such-dataset: no such folder or CSV here" in result.stderr

@@ -68,26 +68,50 @@ def test_csv_manifest(tmp_path):
         load_csv(tmp_path / "bad.csv")
 
 
-class FakeHFDataset:
-    """The part of `datasets.Dataset` that `from_hf_dataset` uses."""
+def hf_dataset(n: int = 12, names=("airplane", "ship", "truck")):
+    """A `datasets.Dataset` with an `Image` column "img" and a `ClassLabel` column "kind" (labels 0, 1, 2, 0, ...)."""
+    import datasets
 
-    class ClassLabel:
-        names = ["airplane", "ship"]
-
-    def __init__(self):
-        self.features = {"img": object(), "label": self.ClassLabel()}
-        self.column_names = ["img", "label"]
-        self._columns = {"img": [np.zeros((4, 4, 3), np.uint8)] * 3, "label": [1, 0, 1]}
-
-    def __getitem__(self, key):
-        return self._columns[key]
+    features = datasets.Features({"img": datasets.Image(), "kind": datasets.ClassLabel(names=list(names))})
+    images = [Image.fromarray(np.full((6, 8, 3), 20 * i, np.uint8)) for i in range(n)]
+    return datasets.Dataset.from_dict({"img": images, "kind": [i % len(names) for i in range(n)]}, features=features)
 
 
-def test_hf_dataset():
-    data = from_hf_dataset(FakeHFDataset(), image_column="img")
-    assert data.class_names == ["airplane", "ship"] and data.labels == [1, 0, 1]
-    with pytest.raises(ValueError, match=r"no column \['image'\]"):
-        from_hf_dataset(FakeHFDataset())
+def test_hf_dataset_decodes_only_the_images_used(monkeypatch):
+    import datasets
+
+    decoded = []
+    decode = datasets.Image.decode_example
+    monkeypatch.setattr(
+        datasets.Image, "decode_example", lambda self, *a, **k: decoded.append(1) or decode(self, *a, **k)
+    )
+    data = from_hf_dataset(hf_dataset())  # the columns found by their types
+    assert data.class_names == ["airplane", "ship", "truck"] and data.labels == [0, 1, 2] * 4
+    shots = few_shot(data, 2, seed=1)
+    assert decoded == []  # labels come from their column alone; drawing shots decodes nothing
+    assert all(open_image(image).size == (8, 6) for image in shots.images) and len(decoded) == 6
+    assert [open_image(i).getpixel((0, 0))[0] for i in shots.images] == [20 * i.index for i in shots.images]
+    again = from_hf_dataset(hf_dataset(), shots=2, seed=1)
+    assert [i.index for i in shots.images] == [i.index for i in again.images]
+    with pytest.raises(ValueError, match=r"no column \['label'\]; its columns are \['img', 'kind'\]"):
+        from_hf_dataset(hf_dataset(), label_column="label")
+
+
+def test_a_stream_is_read_only_as_far_as_the_shots_need():
+    import datasets
+
+    read = []
+
+    def rows():
+        for i in range(1000):
+            read.append(i)
+            yield {"img": np.full((6, 8, 3), i % 250, np.uint8), "kind": i % 3}
+
+    features = datasets.Features({"img": datasets.Image(), "kind": datasets.ClassLabel(names=["a", "b", "c"])})
+    stream = datasets.IterableDataset.from_generator(rows, features=features)
+    data = from_hf_dataset(stream, shots=2)
+    assert data.counts() == [2, 2, 2] and len(read) <= 10  # six rows wanted, not a thousand read
+    assert [open_image(i).getpixel((0, 0))[0] for i in data.images] == [0, 3, 1, 4, 2, 5]
 
 
 def test_few_shot_split_and_classes():
@@ -153,7 +177,7 @@ def test_only_unreadable_images_is_a_clear_error(tmp_path):
         drop_unreadable(load_image_folder(tmp_path))
     (tmp_path / "dog").mkdir()
     Image.new("RGB", (4, 4)).save(tmp_path / "dog" / "ok.png")
-    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"Classes without images .*\['cat'\]"):
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"Classes without readable images: \['cat'\]"):
         drop_unreadable(load_image_folder(tmp_path))
 
 

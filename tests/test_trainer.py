@@ -272,6 +272,30 @@ def test_held_out_images_choose_the_epoch_kept(clip_dir, tmp_path, monkeypatch):
     assert torch.equal(context(model), seen[0])
     with pytest.raises(ValueError, match="eval_data must hold images of the training data's classes"):
         PromptTrainer(model, processor, data, args(tmp_path / "x"), eval_data=LabeledImages(["a", "b"], [0], [0]))
+    # more epochs may follow on resume (the evaluation schedule follows them)
+    more = PromptTrainer(model, processor, data, args(tmp_path / "initial", epochs=6, resume=True), eval_data=own)
+    assert [e["epoch"] for e in json.loads((tmp_path / "initial" / LOG_NAME).read_text())["history"]] == [1, 2, 3, 4]
+    more.train()
+    assert [e["epoch"] for e in json.loads((tmp_path / "initial" / LOG_NAME).read_text())["history"]] == [*range(1, 7)]
+
+
+@pytest.mark.parametrize(
+    "adapter",
+    [{"conditional": True, "class_specific": False}, {"prompt_depth": 2, "vision_n_ctx": 2, "class_specific": False}],
+    ids=["cocoop", "ivlp"],
+)
+def test_the_trainers_evaluation_is_the_librarys(clip_dir, tmp_path, adapter):
+    """The held-out accuracy that chooses the epoch (per-image class features for CoCoOp, the prompted image tower for
+    vision prompts) is what `evaluate` reports for the same adapter."""
+    data, held_out = split_off(teacher_data(clip_dir, n=72), 48)
+    config = PromptEmbeddingConfig(n_ctx=4, class_names=CLASSES, meta_net_reduction=4, **adapter)
+    model = get_peft_model(CLIPModel.from_pretrained(clip_dir).eval(), config)
+    processor = AutoProcessor.from_pretrained(clip_dir)
+    trainer = PromptTrainer(model, processor, data, args(tmp_path), eval_data=held_out)
+    expected = evaluate(PromptClassifier(model, processor, CLASSES), held_out)["top1"]
+    assert trainer.evaluate()["accuracy"] == pytest.approx(expected)
+    zero_shot = evaluate(PromptClassifier(model, processor, CLASSES, use_adapter=False), held_out)["top1"]
+    assert trainer.evaluate(zero_shot=True)["accuracy"] == pytest.approx(zero_shot)
 
 
 def test_trainer_refuses_a_frozen_adapter(clip_dir, tmp_path):
