@@ -43,6 +43,7 @@ from .loading import get_prompt_model, load_prompt_model, read_adapter_config, r
 from .methods import METHODS, method_settings
 from .model import find_text_embeddings
 from .progress import disable_progress_bars, enable_progress_bars, progress
+from .report import write_report
 from .storage import write_json
 from .trainer import LOG_NAME, PromptTrainer, TrainingArguments
 
@@ -384,7 +385,12 @@ def eval_(args: argparse.Namespace) -> dict[str, Any]:
         _say("results not saved: the adapter is a Hub repo; pass --output FILE to save them")
     else:
         write_json(out, results)
-        _say(f"results written to {out}")
+        try:  # the training curve, when the adapter's log is there and readable
+            log = json.loads((Path(folder) / LOG_NAME).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            log = None
+        write_report(out.with_suffix(".html"), results, log, f"{args.adapter} on {where}")
+        _say(f"results written to {out} and {out.with_suffix('.html')} (a report with charts)")
     return results
 
 

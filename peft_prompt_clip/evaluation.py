@@ -16,7 +16,8 @@ def evaluate(
     classifier: PromptClassifier, data: LabeledImages, batch_size: int = 64, num_workers: int | None = None
 ) -> dict[str, Any]:
     """
-    Top-1 and top-5 accuracy, and accuracy per class, of `classifier` on `data` (whose classes must be the
+    Top-1 and top-5 accuracy (top-k with fewer than 5 classes), accuracy per class and the confusion counts
+    (`[true, predicted, images]` for each pair that occurs) of `classifier` on `data` (whose classes must be the
     classifier's, in the same order); the images are decoded by `num_workers` worker processes ahead of the model
     (default: with CUDA half the CPUs, at most 4; none on CPU).
     """
@@ -28,6 +29,7 @@ def evaluate(
         raise ValueError("evaluate() got no images: the data is empty.")
     labels = torch.tensor(data.labels)
     top1, top5 = torch.zeros(len(data), dtype=torch.bool), torch.zeros(len(data), dtype=torch.bool)
+    predicted = torch.zeros(len(data), dtype=torch.long)
     k = min(5, len(data.class_names))
     batches = [list(range(start, min(start + batch_size, len(data)))) for start in range(0, len(data), batch_size)]
     workers = default_workers() if num_workers is None else num_workers
@@ -35,16 +37,19 @@ def evaluate(
     for indices, batch in progress(zip(batches, inputs, strict=True), total=len(batches), desc="evaluating"):
         logits = classifier.logits(**batch).float().cpu()
         best = logits.topk(k, dim=-1).indices
+        predicted[indices] = best[:, 0]
         top1[indices] = best[:, 0] == labels[indices]
         top5[indices] = (best == labels[indices, None]).any(dim=-1)
     per_class = {
         name: top1[labels == y].float().mean().item() for y, name in enumerate(data.class_names) if (labels == y).any()
     }
+    pairs, counts = torch.stack([labels, predicted], dim=1).unique(dim=0, return_counts=True)
     return {
         "top1": top1.float().mean().item(),
         "top5": top5.float().mean().item(),
         "per_class": per_class,
         "n": len(data),
+        "confusion": [[t, p, c] for (t, p), c in zip(pairs.tolist(), counts.tolist(), strict=True)],
     }
 
 

@@ -123,7 +123,8 @@ def save_adapter(model: Any, folder: str | Path) -> None:
             # own weights the loader checks, so a mixed pair is refused rather than used
             for file in sorted(names, key=lambda n: n == "adapter_config.json"):
                 os.replace(staging / file, folder / file)
-            (folder / "eval_results.json").unlink(missing_ok=True)  # they described the adapter just replaced
+            for stale in ("eval_results.json", "eval_results.html"):  # they described the adapter just replaced
+                (folder / stale).unlink(missing_ok=True)
             _fsync_dir(folder)
         finally:
             shutil.rmtree(root, ignore_errors=True)

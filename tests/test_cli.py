@@ -74,6 +74,13 @@ def test_eval_prints_zero_shot_and_learned_and_writes_json(trained, image_folder
     assert results["learned prompt"]["n"] == 30 - 12 - 12  # all the folder's images less those it trained on
     assert set(results["learned prompt"]["per_class"]) == {"cat", "dog", "red car"}
     assert 0 <= results["zero-shot"]["top1"] <= results["zero-shot"]["top5"] <= 1
+    for method in ("zero-shot", "learned prompt"):  # confusion counts: every image once, the diagonal is top-1
+        confusion = results[method]["confusion"]
+        assert sum(c for _, _, c in confusion) == 6
+        assert sum(c for t, p, c in confusion if t == p) / 6 == pytest.approx(results[method]["top1"])
+    report = (trained / "eval_results.html").read_text()  # its charts: tests/test_report.py
+    assert "<svg" in report and "Training" in report and "<h2>Confusion matrices" in report
+    assert "results written to" in result.stdout and "eval_results.html (a report with charts)" in result.stdout
 
 
 def test_eval_base_to_novel(trained, image_folder):

@@ -1,0 +1,160 @@
+"""A self-contained HTML report of an evaluation: the zero-shot prompt against the learned one, overall and per class
+(bar charts), a confusion matrix of each, and the run's training curve (from `training_log.json`). The charts are
+inline SVG written here: no plotting library, no script, nothing fetched, so the file opens anywhere and can be
+attached or published as it is."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+from .storage import atomic_path
+
+#: The colours of the zero-shot and learned series (colour-blind safe: Okabe-Ito).
+COLORS = {"zero-shot": "#999999", "learned prompt": "#0072B2"}
+#: Confusion matrices are drawn up to this many classes; above, the most frequent confusions are listed.
+MAX_MATRIX_CLASSES = 40
+
+
+def write_report(path: str | Path, results: dict[str, Any], log: dict[str, Any] | None, title: str) -> None:
+    """Write [`report_html`] to `path` atomically."""
+    with atomic_path(Path(path)) as tmp:
+        tmp.write_text(report_html(results, log, title), encoding="utf-8")
+
+
+def report_html(results: dict[str, Any], log: dict[str, Any] | None, title: str) -> str:
+    """The report of `results` (what `peft-prompt-clip eval` writes: each method's `top1`, `top5`, `per_class` and
+    `confusion`, or per part under `details` for base-to-novel) and of the training `log` (None: no curve)."""
+    parts = results["details"] if "details" in results else {"": results}
+    sections = [f"<h1>{_e(title)}</h1>", f"<p>Evaluated on {_e(results.get('data', ''))}.</p>"]
+    for part, methods in parts.items():
+        heading = f" ({part} classes)" if part else ""
+        n = methods["learned prompt"]["n"]
+        overall = [(metric, [methods[m][metric] for m in COLORS]) for metric in ("top1", "top5")]
+        sections.append(f"<h2>Accuracy{_e(heading)}, {n} images</h2>")
+        sections.append(_bars(overall, f"Top-1 and top-5 accuracy{heading}"))
+        names = list(methods["learned prompt"]["per_class"])
+        per_class = [(name, [methods[m]["per_class"][name] for m in COLORS]) for name in names]
+        per_class.sort(key=lambda row: row[1][1] - row[1][0])
+        sections.append(f"<h2>Top-1 accuracy per class{_e(heading)}, by gain over zero-shot</h2>")
+        sections.append(_bars(per_class, f"Top-1 accuracy per class{heading}"))
+        sections.append(f"<h2>Confusion matrices{_e(heading)}: rows true class, columns predicted</h2>")
+        matrices = "".join(_confusion(methods[m], names, m) for m in COLORS if "confusion" in methods[m])
+        sections.append(f'<div class="row">{matrices}</div>')
+    if log and log.get("history"):
+        sections.append("<h2>Training</h2>")
+        sections.append(_training_curve(log))
+    legend = "".join(f'<span class="key" style="background:{c}"></span>{_e(m)} ' for m, c in COLORS.items())
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>
+<style>
+body {{ font: 14px/1.4 system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
+svg {{ display: block; margin: 0.5em 0 1.5em; }} svg text {{ font: 12px system-ui, sans-serif; fill: #222; }}
+.key {{ display: inline-block; width: 12px; height: 12px; margin: 0 4px 0 12px; vertical-align: middle; }}
+.row {{ display: flex; flex-wrap: wrap; gap: 2em; }} table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; }}
+td, th {{ padding: 2px 8px; text-align: left; border-bottom: 1px solid #ddd; }}
+</style></head><body>
+<p>{legend}</p>
+{chr(10).join(sections)}
+</body></html>
+"""
+
+
+def _e(text: Any) -> str:
+    return html.escape(str(text))
+
+
+def _bars(rows: list[tuple[str, list[float]]], title: str) -> str:
+    """Horizontal grouped bars, one group per row (a value in [0, 1] per series of `COLORS`)."""
+    label_width, width, bar, gap = 180, 420, 10, 8
+    height = len(rows) * (bar * len(COLORS) + gap) + 30
+    parts = [f'<svg class="chart" width="{label_width + width + 60}" height="{height}" role="img">']
+    parts.append(f"<title>{_e(title)}</title>")
+    for tick in (0, 0.25, 0.5, 0.75, 1.0):
+        x = label_width + tick * width
+        parts.append(f'<line x1="{x}" y1="0" x2="{x}" y2="{height - 20}" stroke="#eee"/>')
+        parts.append(f'<text x="{x}" y="{height - 5}" text-anchor="middle">{tick:g}</text>')
+    y = 0
+    for label, values in rows:
+        parts.append(f'<text x="{label_width - 6}" y="{y + bar * len(COLORS) / 2 + 4}" text-anchor="end">')
+        parts.append(f"{_e(label[:28])}</text>")
+        for (method, color), value in zip(COLORS.items(), values, strict=True):
+            parts.append(
+                f'<rect x="{label_width}" y="{y}" width="{max(value * width, 1):.1f}" height="{bar - 1}" '
+                f'fill="{color}"><title>{_e(label)}, {_e(method)}: {value:.3f}</title></rect>'
+            )
+            parts.append(f'<text x="{label_width + value * width + 4:.1f}" y="{y + bar - 2}">{value:.3f}</text>')
+            y += bar
+        y += gap
+    return "".join(parts) + "</svg>"
+
+
+def _confusion(scores: dict[str, Any], names: list[str], method: str) -> str:
+    """A heatmap of `scores["confusion"]` (`[true, predicted, count]` triples), or its most frequent confusions."""
+    counts = {(t, p): c for t, p, c in scores["confusion"]}
+    if len(names) > MAX_MATRIX_CLASSES:
+        worst = sorted(((c, t, p) for (t, p), c in counts.items() if t != p), reverse=True)[:20]
+        rows = "".join(f"<tr><td>{_e(names[t])}</td><td>{_e(names[p])}</td><td>{c}</td></tr>" for c, t, p in worst)
+        return (
+            f"<div><h3>{_e(method)}: most frequent confusions</h3>"
+            f"<table><tr><th>true</th><th>predicted</th><th>images</th></tr>{rows}</table></div>"
+        )
+    cell, margin = max(8, min(28, 480 // len(names))), 120
+    size = margin + cell * len(names)
+    totals = [sum(c for (t, _), c in counts.items() if t == row) or 1 for row in range(len(names))]
+    parts = [f'<div><h3>{_e(method)}</h3><svg class="chart" width="{size + 10}" height="{size + 10}" role="img">']
+    parts.append(f"<title>Confusion matrix, {_e(method)}</title>")
+    for i, name in enumerate(names):
+        parts.append(f'<text x="{margin - 4}" y="{margin + i * cell + cell / 2 + 4}" text-anchor="end">')
+        parts.append(f"{_e(name[:16])}</text>")
+        x, y = margin + i * cell + cell / 2, margin - 4
+        parts.append(f'<text transform="translate({x},{y}) rotate(-60)">{_e(name[:16])}</text>')
+    for (true, predicted), count in counts.items():
+        share = count / totals[true]
+        parts.append(
+            f'<rect x="{margin + predicted * cell}" y="{margin + true * cell}" width="{cell - 1}" height="{cell - 1}" '
+            f'fill="{COLORS[method]}" fill-opacity="{0.1 + 0.9 * share:.3f}"><title>true {_e(names[true])}, '
+            f"predicted {_e(names[predicted])}: {count} images ({share:.0%} of the class)</title></rect>"
+        )
+    return "".join(parts) + "</svg></div>"
+
+
+def _training_curve(log: dict[str, Any]) -> str:
+    """Loss, training accuracy, held-out accuracy and learning rate per epoch; the kept epoch marked."""
+    history = log["history"]
+    epochs = [entry["epoch"] for entry in history]
+    series = {
+        "training loss": [entry["loss"] for entry in history],
+        "training accuracy": [entry["accuracy"] for entry in history],
+        "held-out accuracy": [entry.get("eval_accuracy") for entry in history],
+        "learning rate": [entry["lr"] for entry in history],
+    }
+    colors = {"training loss": "#D55E00", "training accuracy": "#0072B2", "held-out accuracy": "#009E73"}
+    colors["learning rate"] = "#CC79A7"
+    best = (log.get("best") or {}).get("epoch")
+    charts = []
+    width, height, margin, last = 480, 160, 50, max(epochs)
+    for name, values in series.items():
+        points = [(e, v) for e, v in zip(epochs, values, strict=True) if v is not None]
+        if not points:
+            continue
+        top = max(v for _, v in points) or 1.0
+        xs = [margin + e / last * (width - margin - 10) for e, _ in points]
+        ys = [height - 25 - v / top * (height - 40) for _, v in points]
+        line = " ".join(f"{x:.1f},{y:.1f}" for x, y in zip(xs, ys, strict=True))
+        chart = [
+            f'<svg class="chart" width="{width}" height="{height}" role="img"><title>{_e(name)} per epoch</title>'
+        ]
+        chart.append(f'<text x="{margin}" y="12">{_e(name)} (max {top:.3g})</text>')
+        chart.append(f'<line x1="{margin}" y1="{height - 25}" x2="{width - 10}" y2="{height - 25}" stroke="#999"/>')
+        chart.append(f'<text x="{width - 10}" y="{height - 8}" text-anchor="end">epoch {last}</text>')
+        chart.append(f'<polyline points="{line}" fill="none" stroke="{colors[name]}" stroke-width="2"/>')
+        if isinstance(best, int) and name == "held-out accuracy":
+            x = margin + best / last * (width - margin - 10)
+            chart.append(
+                f'<line x1="{x:.1f}" y1="20" x2="{x:.1f}" y2="{height - 25}" stroke="#222" stroke-dasharray="4 3"/>'
+            )
+            chart.append(f'<text x="{x:.1f}" y="30">kept: epoch {best}</text>')
+        charts.append("".join(chart) + "</svg>")
+    return '<div class="row">' + "".join(charts) + "</div>"

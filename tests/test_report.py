@@ -1,0 +1,108 @@
+"""The HTML report of `eval`: what it holds (parsed here), and that a real browser draws its charts (headless
+Chromium through Selenium). Without Chromium on the machine the browser test is skipped, unless
+PEFT_PROMPT_CLIP_REQUIRE_BROWSER=1 (CI sets it, and installs Chromium) makes that a failure."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from html.parser import HTMLParser
+
+import pytest
+
+from peft_prompt_clip.report import MAX_MATRIX_CLASSES, report_html, write_report
+
+NAMES = ["cat", "dog", "<b>red</b> car"]
+
+
+def scores(top1: float, per_class: list[float], confusion: list[list[int]]) -> dict:
+    return {
+        "top1": top1,
+        "top5": 1.0,
+        "n": 30,
+        "per_class": dict(zip(NAMES, per_class, strict=True)),
+        "confusion": confusion,
+    }
+
+
+RESULTS = {
+    "split": "test",
+    "data": "./images/test",
+    "zero-shot": scores(0.4, [0.5, 0.2, 0.5], [[0, 0, 5], [0, 1, 5], [1, 1, 2], [1, 0, 8], [2, 2, 5], [2, 0, 5]]),
+    "learned prompt": scores(0.8, [0.9, 0.7, 0.8], [[0, 0, 9], [0, 1, 1], [1, 1, 7], [1, 2, 3], [2, 2, 8], [2, 0, 2]]),
+}
+LOG = {
+    "history": [
+        {"epoch": e, "loss": 1 / e, "accuracy": 0.5 + e / 20, "lr": 0.002, **({"eval_accuracy": 0.6} if e % 2 else {})}
+        for e in range(1, 7)
+    ],
+    "best": {"epoch": 3, "accuracy": 0.6, "loss": 0.9},
+}
+
+
+class Elements(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags: list[tuple[str, dict]] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+
+def elements(page: str) -> list[tuple[str, dict]]:
+    parser = Elements()
+    parser.feed(page)
+    return parser.tags
+
+
+def test_the_report_holds_each_chart_with_the_numbers():
+    page = report_html(RESULTS, LOG, "adapter <x>")
+    tags = elements(page)
+    charts = [a for t, a in tags if t == "svg"]
+    assert len(charts) == 1 + 1 + 2 + 4  # overall, per class, two confusion matrices, four training curves
+    assert len([a for t, a in tags if t == "rect"]) == 2 * 2 + 3 * 2 + 6 + 6  # bars, bars, matrix cells
+    assert "cat, learned prompt: 0.900" in page and "true dog, predicted red" not in page  # names are escaped
+    assert "true dog, predicted &lt;b&gt;red&lt;/b&gt; car: 3 images (30% of the class)" in page
+    assert "<b>red</b>" not in page and "adapter &lt;x&gt;" in page and "<script" not in page
+    assert "kept: epoch 3" in page
+    no_log = elements(report_html(RESULTS, None, "t"))
+    assert len([a for t, a in no_log if t == "svg"]) == 4
+
+
+def test_many_classes_list_their_most_frequent_confusions():
+    names = [f"class {i}" for i in range(MAX_MATRIX_CLASSES + 1)]
+    confusion = [[i, (i + 1) % len(names), i + 1] for i in range(len(names))]
+    method = {"top1": 0.0, "top5": 0.1, "n": 861, "per_class": dict.fromkeys(names, 0.0), "confusion": confusion}
+    page = report_html({"zero-shot": method, "learned prompt": method}, None, "many")
+    assert "most frequent confusions" in page and "<td>class 40</td><td>class 0</td><td>41</td>" in page
+    assert len([a for t, a in elements(page) if t == "svg"]) == 2  # overall and per class: no matrices
+
+
+def test_the_report_renders_in_chromium(tmp_path):
+    browser, driver_path = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
+    if not (browser and driver_path):
+        if os.environ.get("PEFT_PROMPT_CLIP_REQUIRE_BROWSER") == "1":
+            pytest.fail("Chromium and chromedriver are required here (apt-get install chromium chromium-driver).")
+        pytest.skip("no Chromium on this machine (apt-get install chromium chromium-driver)")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.common.by import By
+
+    write_report(tmp_path / "report.html", RESULTS, LOG, "adapter")
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1200,900"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver_path))
+    try:
+        driver.get((tmp_path / "report.html").as_uri())
+        assert driver.title == "adapter"
+        charts = driver.find_elements(By.CSS_SELECTOR, "svg")
+        assert len(charts) == 8 and all(c.size["width"] > 100 and c.size["height"] > 50 for c in charts)
+        bars = charts[1].find_elements(By.CSS_SELECTOR, "rect")  # per class: drawn in proportion to the accuracy
+        widths = [bar.size["width"] for bar in bars]
+        assert len(widths) == 6 and all(w > 0 for w in widths)
+        assert widths[1] / widths[0] == pytest.approx(0.8 / 0.5, rel=0.05)  # "<b>red</b> car" first: least gain
+        lines = driver.find_elements(By.CSS_SELECTOR, "polyline")
+        assert len(lines) == 4 and all(line.size["width"] > 100 for line in lines)
+    finally:
+        driver.quit()
