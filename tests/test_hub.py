@@ -179,6 +179,29 @@ model.push_to_hub("user/peft-push", token={TOKEN!r})
     assert by_revision.stdout != latest.stdout
 
 
+def test_the_documented_python_route_pushes_this_packages_card(hub, clip_dir, adapter, tmp_path):
+    """docs/hub.md: `model.push_to_hub` sends PEFT's generic card; `save_pretrained` + `push_adapter` sends ours."""
+    state, env = hub
+    push = f"""
+import peft_prompt_clip
+from peft import PeftModel
+from transformers import CLIPModel
+from peft_prompt_clip.hub import push_adapter
+model = PeftModel.from_pretrained(CLIPModel.from_pretrained({str(clip_dir)!r}), {str(adapter)!r})
+model.push_to_hub("user/peft-route", token={TOKEN!r})
+model.save_pretrained({str(tmp_path / "saved")!r})
+push_adapter({str(tmp_path / "saved")!r}, "user/our-route", token={TOKEN!r})
+"""
+    python(push, env)
+
+    def card(repo: str) -> str:
+        return state.repos[repo]["commits"][state.repos[repo]["branches"]["main"]]["README.md"].decode()
+
+    ours, peft_card = card("user/our-route"), card("user/peft-route")
+    assert "import peft_prompt_clip" in ours and "prompt-learning" in ours and "pipeline_tag: zero-shot" in ours
+    assert "import peft_prompt_clip" not in peft_card and "prompt-learning" not in peft_card
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
