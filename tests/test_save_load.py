@@ -131,10 +131,14 @@ def test_another_n_ctx_in_the_file_is_a_clear_error(clip_dir, tmp_path):
     ids=["truncated", "garbage", "empty"],
 )
 def test_damaged_weights_are_a_clear_error(clip_dir, tmp_path, damage, message):
+    """The package's loader names the damaged file; PEFT's own (SECURITY.md says which to use) reads it first."""
     get_peft_model(CLIPModel.from_pretrained(clip_dir), PromptEmbeddingConfig(n_ctx=4)).save_pretrained(tmp_path)
     damage(tmp_path / "adapter_model.safetensors")
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=f"{tmp_path / 'adapter_model.safetensors'} is {message}"):
         load_prompt_model(CLIPModel.from_pretrained(clip_dir), str(tmp_path))
+    with pytest.raises(Exception) as peft_error:  # noqa: B017 - whatever PEFT raises, it does not name the file
+        PeftModel.from_pretrained(CLIPModel.from_pretrained(clip_dir), str(tmp_path))
+    assert "adapter_model.safetensors" not in str(peft_error.value)
 
 
 def test_foreign_or_broken_config_is_a_clear_error(clip_dir, tmp_path):

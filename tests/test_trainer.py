@@ -17,6 +17,7 @@ from transformers import AutoProcessor, CLIPModel
 
 from peft_prompt_clip import PromptClassifier, PromptEmbeddingConfig, TrainingDivergedError, evaluate
 from peft_prompt_clip.checkpoints import CHECKPOINT_NAME, load_checkpoint
+from peft_prompt_clip.classifier import CLIP_TEMPLATE
 from peft_prompt_clip.data import LabeledImages
 from peft_prompt_clip.trainer import LOG_NAME, PromptTrainer, TrainingArguments, coop_epochs
 
@@ -252,7 +253,8 @@ def test_held_out_images_choose_the_epoch_kept(clip_dir, tmp_path, monkeypatch):
     )
     assert torch.equal(context(model), seen[best])
     learned = evaluate(PromptClassifier(model, processor, CLASSES), held_out)["top1"]
-    zero_shot = evaluate(PromptClassifier(model, processor, CLASSES, use_adapter=False), held_out)["top1"]
+    hand_written = PromptClassifier(model, processor, CLASSES, CLIP_TEMPLATE, use_adapter=False)
+    zero_shot = evaluate(hand_written, held_out)["top1"]
     assert log["best"]["accuracy"] == pytest.approx(learned) and log["zero_shot"]["accuracy"] == pytest.approx(
         zero_shot
     )
@@ -294,7 +296,8 @@ def test_the_trainers_evaluation_is_the_librarys(clip_dir, tmp_path, adapter):
     trainer = PromptTrainer(model, processor, data, args(tmp_path), eval_data=held_out)
     expected = evaluate(PromptClassifier(model, processor, CLASSES), held_out)["top1"]
     assert trainer.evaluate()["accuracy"] == pytest.approx(expected)
-    zero_shot = evaluate(PromptClassifier(model, processor, CLASSES, use_adapter=False), held_out)["top1"]
+    hand_written = PromptClassifier(model, processor, CLASSES, CLIP_TEMPLATE, use_adapter=False)
+    zero_shot = evaluate(hand_written, held_out)["top1"]
     assert trainer.evaluate(zero_shot=True)["accuracy"] == pytest.approx(zero_shot)
 
 
