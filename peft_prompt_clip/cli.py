@@ -86,6 +86,11 @@ def _load_base(model_name: str) -> tuple[Any, Any]:
     """A CLIP-family model of any supported family (CLIP, SigLIP, SigLIP 2, GroupViT, OWL-ViT) and its processor."""
     from transformers import AutoModel, AutoProcessor
 
+    path = Path(model_name).expanduser()
+    if path.is_dir():  # by its absolute path, which the adapter records as its base model
+        model_name = str(path.resolve())
+    elif model_name.startswith((".", "/", "~")) or model_name.count("/") > 1 or "\\" in model_name:
+        raise FileNotFoundError(f"No model folder at {model_name} (a Hub id is 'owner/name').")
     model = AutoModel.from_pretrained(model_name).eval()
     find_text_embeddings(model)  # says which families are supported when this is none of them
     if not hasattr(model, "get_image_features"):
@@ -251,6 +256,8 @@ def method_fields(args: argparse.Namespace, num_classes: int, model: Any) -> tup
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
     """Learn a prompt adapter on `--data` and save it in `--output`."""
+    if not args.output.strip() or (Path(args.output).exists() and not Path(args.output).is_dir()):
+        raise ValueError(f"--output {args.output!r} must name a folder (new, or one this command wrote).")
     data, val = _training_data(args)
     model, processor = _load_base(args.model)
     adapter, settings = method_fields(args, len(data.class_names), model)

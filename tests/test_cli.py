@@ -13,7 +13,7 @@ import pytest
 from conftest import write_image_folder
 
 
-def run(*args, check=True):
+def run(*args, check=True, cwd=None):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "peft_prompt_clip", *map(str, args)],
@@ -21,6 +21,7 @@ def run(*args, check=True):
         text=True,
         timeout=300,
         env=env,
+        cwd=cwd,
     )
     if check:
         assert result.returncode == 0, result.stderr
@@ -314,3 +315,21 @@ def test_a_hugging_face_dataset_as_data(clip_dir, tmp_path, monkeypatch):
     assert result.returncode == 2 and "no column ['label']; its columns are ['img', 'kind']" in result.stderr
     result = run("eval", "--adapter", out, "--data", "nobody/no-such-dataset", check=False)
     assert result.returncode == 2 and "--data nobody/no-such-dataset: no such folder or CSV here" in result.stderr
+
+
+def test_model_folders_and_outputs_are_checked(clip_dir, image_folder, tmp_path):
+    """A relative --model folder is recorded by its absolute path (so eval works from any folder); a path-like --model
+    that is not there, an empty --output and an --output that is a file are one-line errors."""
+    common = ("--data", image_folder, "--epochs", "1", "--n-ctx", "2", "--shots", "2")
+    shutil.copytree(clip_dir, tmp_path / "clip")
+    run("train", "--model", "clip", *common, "--output", "out", cwd=tmp_path)
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str((tmp_path / "clip").resolve())
+    run("eval", "--adapter", tmp_path / "out", "--data", image_folder, "--output", tmp_path / "r.json")  # from here
+    for model in ("./nope", "models/clip/nope"):
+        result = run("train", "--model", model, *common, "--output", tmp_path / "x", check=False)
+        assert result.returncode == 2 and f"No model folder at {model}" in result.stderr
+    (tmp_path / "file").write_text("")
+    for output in (tmp_path / "file", ""):
+        result = run("train", "--model", clip_dir, *common, "--output", output, check=False)
+        assert result.returncode == 2 and "must name a folder" in result.stderr
