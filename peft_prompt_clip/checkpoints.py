@@ -79,7 +79,7 @@ def load_checkpoint(
             f"{path} is damaged or was made by an older version ({type(exc).__name__}: {exc}); train without --resume "
             "to start anew."
         ) from None
-    if not isinstance(saved_run, dict) or not isinstance(scalars, dict) or not _valid_log(log):
+    if not isinstance(saved_run, dict) or not isinstance(scalars, dict) or not valid_log(log):
         raise InvalidCheckpointError(f"{path} has malformed metadata; train without --resume to start anew.")
     differences = [f"{k}: {saved_run.get(k)!r} there, {v!r} here" for k, v in run.items() if saved_run.get(k) != v]
     if differences:
@@ -128,9 +128,12 @@ def load_checkpoint(
     return epoch, log
 
 
-def _valid_log(log: Any) -> bool:
-    """A run's log as the trainer writes it: a history of per-epoch numbers, and evaluations with finite numbers."""
+def valid_log(log: Any) -> bool:
+    """Whether `log` is a run's log as the trainer writes it: a history of per-epoch numbers (each with its epoch,
+    loss, accuracy and learning rate), and evaluations with finite numbers."""
     if not isinstance(log, dict) or not isinstance(log.get("history", []), list):
+        return False
+    if not all(isinstance(e, dict) and {"epoch", "loss", "accuracy", "lr"} <= set(e) for e in log.get("history", [])):
         return False
     entries = [*log.get("history", []), *(log[k] for k in ("zero_shot", "initial", "best") if k in log)]
     return all(

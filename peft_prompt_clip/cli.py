@@ -5,6 +5,7 @@ shows its traceback."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -19,9 +20,11 @@ from typing import Any
 from safetensors import SafetensorError
 
 from . import __version__
+from .checkpoints import valid_log
 from .classifier import CLIP_TEMPLATE, IMAGENET_TEMPLATES, PromptClassifier
 from .config import PromptEmbeddingConfig, printable
 from .data import (
+    IMAGE_SUFFIXES,
     SPLITS,
     DatasetImage,
     LabeledImages,
@@ -122,53 +125,63 @@ def _say(text: str) -> None:
 HF_SPLITS = {"train": ("train",), "val": ("validation", "val", "valid", "dev"), "test": ("test",)}
 
 
-def _parts(args: argparse.Namespace) -> dict[str, tuple[Callable[[], LabeledImages], str]]:
-    """`--data`'s parts by the split they serve ("train", "val", "test"), each a loader and where it comes from; one
-    part "all" for data that is one set (a folder of class folders, a CSV, a dataset without splits)."""
+def _parts(args: argparse.Namespace) -> dict[str, tuple[Callable[[], LabeledImages], str, str]]:
+    """`--data`'s parts by the split they serve ("train", "val", "test"), each a loader, where it comes from and the
+    split's own name; one part "all" for data that is one set (a folder of class folders, a CSV, a dataset without
+    splits)."""
     source = Path(args.data)
     if _is_hf_dataset(args.data):
-        found = _hf_dataset(args.data, args.dataset_config)
+        found = _hf_dataset(str(source.resolve()) if source.exists() else args.data, args.dataset_config)
         if not hasattr(found, "keys") or hasattr(found, "features"):  # one dataset, no splits
-            return {"all": (lambda: _hf_data(found, args), f"{args.data} (all of it: it has no splits)")}
+            return {"all": (lambda: _hf_data(found, args), f"{args.data} (all of it: it has no splits)", "all")}
         names = {part: next((n for n in HF_SPLITS[part] if n in found), None) for part in HF_SPLITS}
+        if not any(names.values()):
+            raise ValueError(
+                f"{args.data} has the splits {list(found)}, none of which is train, validation or test; save it with "
+                "those split names."
+            )
         return {
-            part: (lambda n=name: _hf_data(found[n], args), f"{args.data}, its {name!r} split")
+            part: (lambda n=name: _hf_data(found[n], args), f"{args.data}, its {name!r} split", name)
             for part, name in names.items()
             if name is not None
         }
     if has_splits(source):
         return {
-            split: (lambda s=split: load_split(source, s), str(source / split))
+            split: (lambda s=split: load_split(source, s), str(source / split), split)
             for split in SPLITS
             if (source / split).is_dir()
         }
-    return {"all": (lambda: load_data(source), f"{source} (all of it: it has no train/val/test folders)")}
+    return {"all": (lambda: load_data(source), f"{source} (all of it: it has no train/val/test folders)", "all")}
 
 
 def _is_hf_dataset(data: str) -> bool:
-    """A folder written by `save_to_disk` or holding a dataset's data files, or a Hub dataset id that is no path."""
+    """A folder written by `save_to_disk` or holding a dataset's parquet files (and no class folders of images), or a
+    Hub dataset id that is no path here."""
     path = Path(data)
     if path.is_dir():
-        saved = (path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file()
-        return saved or any(path.glob("*.parquet")) or any(path.glob("data/*.parquet"))
-    is_id = re.fullmatch(r"[\w.-]+(/[\w.-]+)?", data) is not None
-    return not path.exists() and path.suffix.lower() != ".csv" and is_id
+        if (path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file():
+            return True
+        images = any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.glob("*/*"))
+        return not images and (any(path.glob("*.parquet")) or any(path.glob("data/*.parquet")))
+    is_id = re.fullmatch(r"[\w.-]+/[\w.-]+", data) is not None  # owner/name: a bare word is a mistyped folder
+    return not path.exists() and is_id
 
 
-@functools.cache
+@functools.cache  # one load per command (main() clears it): train reads its train and validation splits from one
 def _hf_dataset(data: str, config: str | None) -> Any:
     try:
         import datasets
     except ImportError:
-        raise ValueError(f"--data {data} is a Hugging Face dataset: pip install datasets") from None
+        raise ValueError(
+            f"--data {data}: no such folder or CSV here; as a Hugging Face dataset it needs `pip install datasets`."
+        ) from None
     if (Path(data) / "dataset_dict.json").is_file() or (Path(data) / "dataset_info.json").is_file():
         return datasets.load_from_disk(data)
     try:
         return datasets.load_dataset(data, config)
     except OSError as exc:  # not found (DatasetNotFoundError), offline (ConnectionError): maybe a mistyped path
-        raise type(exc)(
-            f"--data {data}: no such folder or CSV here, and not loadable as a Hugging Face dataset: {exc}"
-        ) from None
+        message = f"--data {data}: no such folder or CSV here, and not loadable as a Hugging Face dataset: {exc}"
+        raise OSError(message) from None
 
 
 def _hf_data(dataset: Any, args: argparse.Namespace) -> LabeledImages:
@@ -176,36 +189,40 @@ def _hf_data(dataset: Any, args: argparse.Namespace) -> LabeledImages:
 
 
 def _source(args: argparse.Namespace, split: str | None) -> tuple[LabeledImages, str, str]:
-    """The images of `--data` for `split` (default: test), of `--classes`, where they came from, and the part used:
-    the split's when the data has splits, else all of it ("all"; never split behind the user's back)."""
+    """The images of `--data` for `split` (default: test), of `--classes`, where they came from, and the name of the
+    split used ("all" for data without splits: never split behind the user's back)."""
     parts = _parts(args)
     if "all" in parts:
         if args.command == "eval" and args.split is not None:
-            raise ValueError(
-                f"--split {args.split}: {args.data} has no splits, so eval uses all of its images; drop --split, or "
-                "put the images in train/val/test folders."
-            )
+            raise ValueError(f"--split {args.split}: {args.data} has no splits, so eval uses all of its images.")
         part = "all"
     elif (split or "test") in parts:
         part = split or "test"
     else:
         raise FileNotFoundError(f"{args.data} has no {split or 'test'!r} split; it has {sorted(parts)}.")
-    load, where = parts[part]
-    return _classes(load(), args.classes), where, part
+    load, where, name = parts[part]
+    data = _classes(load(), args.classes)
+    empty = [n for n, count in zip(data.class_names, data.counts(), strict=True) if not count]
+    if empty and args.command == "train":
+        raise ValueError(f"{where} has no images of the classes {empty}; leave them out with --classes.")
+    return data, where, name
 
 
-def _training_data(args: argparse.Namespace) -> tuple[LabeledImages, LabeledImages | None]:
+def _training_data(args: argparse.Namespace) -> tuple[LabeledImages, LabeledImages | None, list[str]]:
     """`train`'s images (`--shots` per class, all by default) and its held-out images for choosing the epoch kept
     (`--val-shots` per class, by default min(shots, 4) as CoOp's few-shot validation sets): from the data's validation
-    split, else from the images not among the shots; none when there are none, with a word on why."""
-    pool, where, _ = _source(args, "train")
+    split, else from the images not among the shots; none when there are none, with a word on why. Also the names of
+    all those images (see [`_image_names`])."""
+    pool, where, split = _source(args, "train")
     train, rest = hold_out(pool, args.shots, seed=args.seed) if args.shots is not None else (pool, None)
     val_shots = args.val_shots if args.val_shots is not None else min(args.shots or 4, 4)
     if val_shots < 0:
         raise ValueError(f"--val-shots must be 0 (no validation) or more, got {val_shots}.")
     val, val_where, spent = None, "", []
-    if val_shots and "val" in _parts(args):
-        load, val_where = _parts(args)["val"]
+    parts = _parts(args)
+    val_split = split
+    if val_shots and "val" in parts:
+        load, val_where, val_split = parts["val"]
         found = load()
         missing = [name for name in train.class_names if name not in found.class_names]
         if missing:
@@ -221,7 +238,7 @@ def _training_data(args: argparse.Namespace) -> tuple[LabeledImages, LabeledImag
         hint = "train on fewer --shots" if args.shots is not None else "give --shots (all images train by default)"
         raise ValueError(
             f"--val-shots {args.val_shots}: {args.data} has no validation split and no images left beside the "
-            f"training shots; add a val/ folder, or {hint}."
+            f"training shots; add a validation split (a val/ folder), or {hint}."
         )
     train = drop_unreadable(train)  # opens only the images in use: 16 shots of ImageNet, not its 1.28 M images
     per_class = f" ({args.shots} shots per class at most)" if args.shots is not None else ""
@@ -236,7 +253,8 @@ def _training_data(args: argparse.Namespace) -> tuple[LabeledImages, LabeledImag
     else:
         why = "--val-shots 0" if val_shots == 0 else "every image is a training shot, and there is no validation split"
         _say(f"validation: none ({why}); the adapter is the last epoch's")
-    return train, val
+    names = _image_names(train, args, split) + (_image_names(val, args, val_split) if val is not None else [])
+    return train, val, names
 
 
 def method_fields(args: argparse.Namespace, num_classes: int, model: Any) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -258,7 +276,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     """Learn a prompt adapter on `--data` and save it in `--output`."""
     if not args.output.strip() or (Path(args.output).exists() and not Path(args.output).is_dir()):
         raise ValueError(f"--output {args.output!r} must name a folder (new, or one this command wrote).")
-    data, val = _training_data(args)
+    data, val, used = _training_data(args)
     model, processor = _load_base(args.model)
     adapter, settings = method_fields(args, len(data.class_names), model)
     config = PromptEmbeddingConfig(**adapter, class_names=data.class_names, init_seed=args.seed)
@@ -289,8 +307,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             print(_validation_report(summary["eval"], args.output, training.hand_template, config.ctx_init))
         # which images trained and chose the adapter, so that eval on them can leave them out (also of last/)
         log = json.loads((Path(args.output) / LOG_NAME).read_text(encoding="utf-8"))
-        log["data"] = {"source": _source_key(args.data), "train": sorted(_image_names(data, args.data))}
-        log["data"]["validation"] = sorted(_image_names(val, args.data)) if val is not None else []
+        log["data"] = {"source": _source_key(args.data), "images": sorted(used)}
         for folder in (Path(args.output), Path(args.output) / "last"):
             if folder.is_dir():
                 write_json(folder / LOG_NAME, log)
@@ -302,11 +319,12 @@ def _source_key(data: str) -> str:
     return str(Path(data).resolve()) if Path(data).exists() else data
 
 
-def _image_names(data: LabeledImages, source: str) -> list[str]:
-    """The images of `data` by their absolute paths (whichever folder or CSV named them), or their rows in the
-    dataset `source`."""
+def _image_names(data: LabeledImages, args: argparse.Namespace, split: str) -> list[str]:
+    """The images of `data` by their absolute paths (whichever folder or CSV named them), or as rows of `split` of
+    the dataset `--data` (in its `--dataset-config`)."""
+    dataset = f"{_source_key(args.data)} {args.dataset_config or ''}:{split}"
     return [
-        f"{_source_key(source)} row {image.index}" if isinstance(image, DatasetImage) else str(Path(image).resolve())
+        f"{dataset} row {image.index}" if isinstance(image, DatasetImage) else str(Path(image).resolve())
         for image in data.images
     ]
 
@@ -354,7 +372,7 @@ def eval_(args: argparse.Namespace) -> dict[str, Any]:
     templates = IMAGENET_TEMPLATES if args.templates == "imagenet" else CLIP_TEMPLATE
     # a class-specific adapter scores any of its classes (the classifier checks)
     data, where, split = _source(args, args.split)
-    data, where = _unseen(data, where, args, Path(folder))
+    data, where = _unseen(data, where, args, Path(folder), split)
     data = drop_unreadable(data)
     _say(f"evaluating {len(data)} images of {len(data.class_names)} classes from {where}")
 
@@ -394,25 +412,29 @@ def eval_(args: argparse.Namespace) -> dict[str, Any]:
         write_json(out, results)
         try:  # the training curve, when the adapter's log is there and readable
             log = json.loads((Path(folder) / LOG_NAME).read_text(encoding="utf-8"))
+            log = log if valid_log(log) else None
         except (OSError, ValueError):
             log = None
-        write_report(out.with_suffix(".html"), results, log, f"{args.adapter} on {where}")
-        _say(f"results written to {out} and {out.with_suffix('.html')} (a report with charts)")
+        page = out.with_suffix(".report.html" if out.suffix == ".html" else ".html")
+        write_report(page, results, log, f"{args.adapter} on {where}")
+        _say(f"results written to {out} and {page} (a report with charts)")
     return results
 
 
-def _unseen(data: LabeledImages, where: str, args: argparse.Namespace, folder: Path) -> tuple[LabeledImages, str]:
-    """The images of data without splits that the adapter was not trained or validated on, by its training log (data
-    with splits is evaluated as it is split)."""
+def _unseen(
+    data: LabeledImages, where: str, args: argparse.Namespace, folder: Path, split: str
+) -> tuple[LabeledImages, str]:
+    """The images that the adapter was not trained or validated on, by its training log: all of them for a test split,
+    all but those for data without splits (or a split it learned from)."""
     log_path = folder / LOG_NAME
-    if "all" not in _parts(args) or not log_path.is_file():
+    if not log_path.is_file():
         return data, where
     try:
         used = json.loads(log_path.read_text(encoding="utf-8"))["data"]
-        seen = {*used["train"], *used["validation"]}
+        seen = set(used["images"])
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):  # an older or hand-edited log: nothing to leave out
         return data, where
-    unseen = [i for i, name in enumerate(_image_names(data, args.data)) if name not in seen]
+    unseen = [i for i, name in enumerate(_image_names(data, args, split)) if name not in seen]
     if len(unseen) == len(data):
         return data, where
     left = data.subset(unseen)
@@ -435,7 +457,7 @@ def predict(args: argparse.Namespace) -> list[list[tuple[str, float]]]:
     classifier = PromptClassifier(model, processor, names)
     predictions: list[list[tuple[str, float]]] = []
     batches = [args.images[i : i + 64] for i in range(0, len(args.images), 64)]
-    for batch in progress(batches, desc="predicting", disable=True if len(batches) == 1 else None):
+    for batch in progress(batches, desc="predicting", **({"disable": True} if len(batches) == 1 else {})):
         images = []
         for path in batch:
             try:
@@ -494,9 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     output = argparse.ArgumentParser(add_help=False)  # every command's
     output.add_argument("-q", "--quiet", action="store_true", help="results and errors only: no notes, no progress")
-    output.add_argument(
-        "-v", "--verbose", action="store_true", help="also the libraries' own logs (transformers, PEFT, Accelerate)"
-    )
+    output.add_argument("-v", "--verbose", action="store_true", help="also transformers' informational logs")
 
     def adapter_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--adapter", required=True, help="adapter folder or Hub repo id")
@@ -587,12 +607,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--split",
         choices=["train", "val", "test"],
-        help="the split folder to evaluate on, for data with split folders (default: test); data without them is "
-        "evaluated whole",
+        help="the split to evaluate on, for data with splits (default: test); data without them is evaluated "
+        "whole, less the images the adapter learned from",
     )
     p.add_argument("--templates", default="clip", choices=["clip", "imagenet"], help="zero-shot prompt(s)")
     p.add_argument("--base-to-novel", action="store_true", help="report base, novel and harmonic mean (CoCoOp)")
-    p.add_argument("--output", help=f"JSON file for the results (default: {RESULTS_NAME} in a local adapter's folder)")
+    p.add_argument(
+        "--output",
+        help=f"JSON file for the results, and the report beside it as .html (default: {RESULTS_NAME} in a local "
+        "adapter's folder)",
+    )
     p.add_argument("--json", action="store_true", help="print the results as JSON (notes go to stderr)")
     p.set_defaults(run=eval_)
 
@@ -644,9 +668,14 @@ def _set_output(args: argparse.Namespace) -> None:
     if args.quiet:
         disable_progress_bars()
         transformers.logging.disable_progress_bar()  # its weight loading and huggingface_hub's downloads
+        with contextlib.suppress(ImportError):
+            import datasets
+
+            datasets.disable_progress_bars()
     else:
         enable_progress_bars()
-    transformers.logging.set_verbosity_info() if args.verbose else transformers.logging.set_verbosity_error()
+    if args.verbose:
+        transformers.logging.set_verbosity_info()
     warnings.formatwarning = lambda message, category, *_: f"warning: {message}\n"
 
 
@@ -655,6 +684,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
     args = build_parser().parse_args(argv)
     _set_output(args)
+    _hf_dataset.cache_clear()  # a dataset folder may have changed since an earlier call in this process
     try:
         args.run(args)
     except KeyboardInterrupt:

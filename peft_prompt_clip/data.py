@@ -166,7 +166,7 @@ def from_hf_dataset(
         shots (`int`, *optional*): at most this many images per class: drawn with `seed` from a dataset; from a
             stream, the first of each class in the stream's order, reading no further once every class of its
             `ClassLabel` has them (shuffle the stream, `ds.shuffle(seed, buffer_size)`, for a random draw). A stream
-            without `shots` is read whole.
+            without `shots`, or without a `ClassLabel` column, is read whole.
         seed (`int`, *optional*, defaults to 1): the draw of `shots`.
     """
     if hasattr(dataset, "keys") and not hasattr(dataset, "features"):  # a DatasetDict: one dataset per split
@@ -174,8 +174,8 @@ def from_hf_dataset(
             f"This is a DatasetDict with the splits {list(dataset.keys())}; pass one of them, e.g. "
             f"from_hf_dataset(dataset[{next(iter(dataset.keys()), 'train')!r}])."
         )
-    features = dataset.features or {}
-    columns = getattr(dataset, "column_names", None) or list(features)
+    features = dataset.features or {}  # a stream may not know its features: its first row names the columns
+    columns = getattr(dataset, "column_names", None) or list(features) or list(next(iter(dataset), {}))
     kinds = {name: type(feature).__name__ for name, feature in features.items()}
     image_column = image_column or next((c for c in columns if kinds.get(c) == "Image"), "image")
     label_column = label_column or next((c for c in columns if kinds.get(c) == "ClassLabel"), "label")
@@ -191,23 +191,24 @@ def from_hf_dataset(
     labels = list(dataset[label_column])  # the label column alone: no image is decoded
     if names is None:
         names = sorted({str(y) for y in labels})
-        labels = [names.index(str(y)) for y in labels]
+        index = {name: i for i, name in enumerate(names)}
+        labels = [index[str(y)] for y in labels]
+    if not labels:
+        raise ValueError("The dataset has no rows.")
     images = dataset.select_columns([image_column])
     data = LabeledImages(names, [DatasetImage(images, i, image_column) for i in range(len(labels))], labels)
-    _check_classes(data, "the dataset")
     return few_shot(data, shots, seed) if shots is not None else data
 
 
 def _from_stream(
     stream: Any, image_column: str, label_column: str, names: list[str] | None, shots: int | None
 ) -> LabeledImages:
-    if shots is not None and shots < 1:
-        raise ValueError(f"shots must be at least 1 (an integer), got {shots!r}.")
+    shots = _checked_shots(shots) if shots is not None else None
     kept: dict[Any, list[Any]] = {}
     for row in stream.select_columns([image_column, label_column]):
-        label = row[label_column]
-        if shots is None or len(kept.setdefault(label, [])) < shots:
-            kept.setdefault(label, []).append(row[image_column])
+        images = kept.setdefault(row[label_column], [])
+        if shots is None or len(images) < shots:
+            images.append(row[image_column])
         if shots is not None and names is not None and len(kept) == len(names):
             if all(len(v) >= shots for v in kept.values()):
                 break
@@ -278,10 +279,14 @@ def few_shot(data: LabeledImages, shots: int, seed: int = 1) -> LabeledImages:
     return data.subset(_few_shot_indices(data, shots, seed))
 
 
-def _few_shot_indices(data: LabeledImages, shots: int, seed: int) -> list[int]:
+def _checked_shots(shots: Any) -> int:
     if isinstance(shots, bool) or not hasattr(shots, "__index__") or operator.index(shots) < 1:
         raise ValueError(f"shots must be at least 1 (an integer), got {shots!r}.")
-    shots = operator.index(shots)
+    return operator.index(shots)
+
+
+def _few_shot_indices(data: LabeledImages, shots: int, seed: int) -> list[int]:
+    shots = _checked_shots(shots)
     rng = random.Random(seed)
     by_class: dict[int, list[int]] = {}
     for i, y in enumerate(data.labels):

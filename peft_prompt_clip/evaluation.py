@@ -49,6 +49,7 @@ def evaluate(
         "top5": top5.float().mean().item(),
         "per_class": per_class,
         "n": len(data),
+        "class_names": list(data.class_names),  # what the confusion counts' indices name
         "confusion": [[t, p, c] for (t, p), c in zip(pairs.tolist(), counts.tolist(), strict=True)],
     }
 

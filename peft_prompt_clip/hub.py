@@ -77,6 +77,7 @@ def model_card(
     table, evaluations = "", []
     if results and "zero-shot" in results:
         split = results.get("split", "test")
+        split = None if split == "all" else split  # data without splits: its images, less those trained on
         dataset = datasets[0] if datasets else "local"
         evaluations = [
             EvalResult(
@@ -90,7 +91,8 @@ def model_card(
             f"| {name} | {results[name]['top1']:.4f} | {results[name]['top5']:.4f} |\n"
             for name in ("zero-shot", "learned prompt")
         )
-        table += f"\nOn the `{split}` split, {results['learned prompt']['n']} images.\n"
+        where = f"the `{split}` split" if split else "held-out images"
+        table += f"\nOn {where}, {results['learned prompt']['n']} images.\n"
     data = ModelCardData(
         library_name="peft", base_model=base, pipeline_tag="zero-shot-image-classification", tags=tags,
         datasets=list(datasets) if datasets else None, metrics=["accuracy"] if evaluations else None,

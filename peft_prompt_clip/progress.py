@@ -4,6 +4,7 @@ and huggingface_hub's own bars are switched off."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -26,7 +27,8 @@ def enable_progress_bars() -> None:
 
 def progress(iterable: Iterable | None = None, **kwargs: Any) -> tqdm:
     """A `tqdm` bar over `iterable` (or one updated by hand, with `total`); `kwargs` are tqdm's. Left out, `disable`
-    is tqdm's default (which `TQDM_DISABLE` sets)."""
-    if not _enabled:
+    is tqdm's default (which `TQDM_DISABLE` sets). Only the first process of a machine shows bars under
+    `accelerate launch`."""
+    if not _enabled or os.environ.get("LOCAL_RANK", "0") != "0":
         kwargs["disable"] = True
     return tqdm(iterable, **kwargs)

@@ -34,14 +34,16 @@ def report_html(results: dict[str, Any], log: dict[str, Any] | None, title: str)
         overall = [(metric, [methods[m][metric] for m in COLORS]) for metric in ("top1", "top5")]
         sections.append(f"<h2>Accuracy{_e(heading)}, {n} images</h2>")
         sections.append(_bars(overall, f"Top-1 and top-5 accuracy{heading}"))
-        names = list(methods["learned prompt"]["per_class"])
-        per_class = [(name, [methods[m]["per_class"][name] for m in COLORS]) for name in names]
+        names = methods["learned prompt"].get("class_names") or list(methods["learned prompt"]["per_class"])
+        scored = [name for name in names if name in methods["learned prompt"]["per_class"]]  # classes with images
+        per_class = [(name, [methods[m]["per_class"][name] for m in COLORS]) for name in scored]
         per_class.sort(key=lambda row: row[1][1] - row[1][0])
         sections.append(f"<h2>Top-1 accuracy per class{_e(heading)}, by gain over zero-shot</h2>")
         sections.append(_bars(per_class, f"Top-1 accuracy per class{heading}"))
-        sections.append(f"<h2>Confusion matrices{_e(heading)}: rows true class, columns predicted</h2>")
         matrices = "".join(_confusion(methods[m], names, m) for m in COLORS if "confusion" in methods[m])
-        sections.append(f'<div class="row">{matrices}</div>')
+        if matrices:  # results from before the counts were kept have none
+            sections.append(f"<h2>Confusion matrices{_e(heading)}: rows true class, columns predicted</h2>")
+            sections.append(f'<div class="row">{matrices}</div>')
     if log and log.get("history"):
         sections.append("<h2>Training</h2>")
         sections.append(_training_curve(log))
@@ -150,6 +152,8 @@ def _training_curve(log: dict[str, Any]) -> str:
         chart.append(f'<line x1="{margin}" y1="{height - 25}" x2="{width - 10}" y2="{height - 25}" stroke="#999"/>')
         chart.append(f'<text x="{width - 10}" y="{height - 8}" text-anchor="end">epoch {last}</text>')
         chart.append(f'<polyline points="{line}" fill="none" stroke="{colors[name]}" stroke-width="2"/>')
+        if len(points) == 1:  # one epoch: a line of one point draws nothing
+            chart.append(f'<circle cx="{xs[0]:.1f}" cy="{ys[0]:.1f}" r="3" fill="{colors[name]}"/>')
         if isinstance(best, int) and name == "held-out accuracy":
             x = margin + best / last * (width - margin - 10)
             chart.append(

@@ -211,9 +211,7 @@ def test_a_folder_is_used_as_given_and_held_out_images_choose_the_epoch(clip_dir
     )
     assert kept and (tmp_path / "a" / "last" / "adapter_model.safetensors").is_file()
     used = json.loads((tmp_path / "a" / "training_log.json").read_text())["data"]
-    assert (
-        len(used["train"]) == 18 and len(used["validation"]) == 12 and not set(used["train"]) & set(used["validation"])
-    )
+    assert len(used["images"]) == len(set(used["images"])) == 18 + 12  # the shots and the held-out images
     for adapter in (tmp_path / "a", tmp_path / "a" / "last"):  # the best epoch's and the end of training's
         result = run("eval", "--adapter", adapter, "--data", folder)
         assert "evaluating 6 images of 3 classes" in result.stdout
@@ -231,7 +229,8 @@ def test_a_folder_is_used_as_given_and_held_out_images_choose_the_epoch(clip_dir
     result = run("train", *common, "--shots", "12", "--val-shots", "2", "--output", tmp_path / "c", check=False)
     assert (
         result.returncode == 2
-        and "no images left beside the training shots; add a val/ folder, or train on fewer --shots" in result.stderr
+        and "no images left beside the training shots; add a validation split (a val/ folder), or train on fewer"
+        in result.stderr
     )
 
     split = tmp_path / "split"
@@ -247,8 +246,8 @@ def test_a_folder_is_used_as_given_and_held_out_images_choose_the_epoch(clip_dir
     result = run("train", *common, "--output", tmp_path / "d")
     assert f"train: 15 images of 3 classes from {split / 'train'}" in result.stdout
     assert f"validation: 9 images (4 per class at most) from {split / 'val'}" in result.stdout
-    result = run("eval", "--adapter", tmp_path / "d", "--data", split, "--split", "val")
-    assert f"evaluating 9 images of 3 classes from {split / 'val'}" in result.stdout
+    result = run("eval", "--adapter", tmp_path / "d", "--data", split, "--split", "val", check=False)
+    assert result.returncode == 2 and "Every image of the classes ['cat', 'dog', 'red car']" in result.stderr  # chose
 
 
 def test_json_quiet_and_plain_warnings(trained, image_folder, clip_dir, tmp_path):
@@ -333,3 +332,27 @@ def test_model_folders_and_outputs_are_checked(clip_dir, image_folder, tmp_path)
     for output in (tmp_path / "file", ""):
         result = run("train", "--model", clip_dir, *common, "--output", output, check=False)
         assert result.returncode == 2 and "must name a folder" in result.stderr
+
+
+def test_what_counts_as_a_hugging_face_dataset(tmp_path, monkeypatch):
+    from peft_prompt_clip import cli
+
+    folder = write_image_folder(tmp_path / "images", per_class=1)
+    (folder / "extra.parquet").write_bytes(b"")  # a stray data file beside class folders: still an image folder
+    assert not cli._is_hf_dataset(str(folder))
+    (tmp_path / "files" / "data").mkdir(parents=True)
+    (tmp_path / "files" / "data" / "train-0.parquet").write_bytes(b"")
+    assert cli._is_hf_dataset(str(tmp_path / "files")) and cli._is_hf_dataset("owner/name")
+    assert not cli._is_hf_dataset("my_images") and not cli._is_hf_dataset("./missing/folder")  # mistyped paths
+    import datasets
+
+    class HubError(OSError):  # like huggingface_hub's HTTP errors: no constructor of one message
+        def __init__(self, message, *, response):
+            super().__init__(message)
+
+    def unavailable(*args, **kwargs):
+        raise HubError("503 Service Unavailable", response=None)
+
+    monkeypatch.setattr(datasets, "load_dataset", unavailable)
+    with pytest.raises(OSError, match="--data owner/name: no such folder or CSV here, and not loadable .* 503"):
+        cli._hf_dataset("owner/name", None)

@@ -112,6 +112,8 @@ def test_a_stream_is_read_only_as_far_as_the_shots_need():
     data = from_hf_dataset(stream, shots=2)
     assert data.counts() == [2, 2, 2] and len(read) <= 10  # six rows wanted, not a thousand read
     assert [open_image(i).getpixel((0, 0))[0] for i in data.images] == [0, 3, 1, 4, 2, 5]
+    unknown = datasets.IterableDataset.from_generator(rows)  # no features: the columns come from the first row
+    assert from_hf_dataset(unknown, "img", "kind", shots=1).class_names == ["0", "1", "2"]
 
 
 def test_few_shot_split_and_classes():

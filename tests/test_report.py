@@ -106,3 +106,16 @@ def test_the_report_renders_in_chromium(tmp_path):
         assert len(lines) == 4 and all(line.size["width"] > 100 for line in lines)
     finally:
         driver.quit()
+
+
+def test_older_results_empty_classes_and_one_epoch():
+    """Results without confusion counts (older JSON) draw no matrices; a class without test images gets no bars but
+    keeps the matrices' indices; a one-epoch log draws points."""
+    older = {m: {k: v for k, v in RESULTS[m].items() if k != "confusion"} for m in ("zero-shot", "learned prompt")}
+    page = report_html(older, {"history": LOG["history"][:1]}, "old")
+    assert "Confusion matrices" not in page and page.count("<circle") == 4  # each curve: one point
+    sparse = {m: {**RESULTS[m], "class_names": ["bird", *NAMES]} for m in ("zero-shot", "learned prompt")}
+    for method in sparse.values():  # "bird" (index 0) has no test images; the others shift by one
+        method["confusion"] = [[t + 1, p + 1, c] for t, p, c in method["confusion"]]
+    page = report_html(sparse, None, "sparse")
+    assert "true dog, predicted &lt;b&gt;red&lt;/b&gt; car: 3 images" in page and "bird, learned" not in page
