@@ -159,7 +159,7 @@ def _is_hf_dataset(data: str) -> bool:
     Hub dataset id that is no path here."""
     path = Path(data)
     if path.is_dir():
-        if (path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file():
+        if _saved_dataset(path):
             return True
         images = any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.glob("*/*"))
         return not images and (any(path.glob("*.parquet")) or any(path.glob("data/*.parquet")))
@@ -175,7 +175,7 @@ def _hf_dataset(data: str, config: str | None) -> Any:
         raise ValueError(
             f"--data {data}: no such folder or CSV here; as a Hugging Face dataset it needs `pip install datasets`."
         ) from None
-    if (Path(data) / "dataset_dict.json").is_file() or (Path(data) / "dataset_info.json").is_file():
+    if _saved_dataset(Path(data)):
         return datasets.load_from_disk(data)
     try:
         return datasets.load_dataset(data, config)
@@ -184,14 +184,18 @@ def _hf_dataset(data: str, config: str | None) -> Any:
         raise OSError(message) from None
 
 
+def _saved_dataset(folder: Path) -> bool:
+    """Whether `folder` was written by `datasets`' `save_to_disk` (a `DatasetDict` or one `Dataset`)."""
+    return (folder / "dataset_dict.json").is_file() or (folder / "dataset_info.json").is_file()
+
+
 def _hf_data(dataset: Any, args: argparse.Namespace) -> LabeledImages:
     return from_hf_dataset(dataset, args.image_column, args.label_column)
 
 
-def _source(args: argparse.Namespace, split: str | None) -> tuple[LabeledImages, str, str]:
-    """The images of `--data` for `split` (default: test), of `--classes`, where they came from, and the name of the
-    split used ("all" for data without splits: never split behind the user's back)."""
-    parts = _parts(args)
+def _source(args: argparse.Namespace, parts: dict[str, Any], split: str | None) -> tuple[LabeledImages, str, str]:
+    """The images of `--data` (its `parts`, see [`_parts`]) for `split` (default: test), of `--classes`, where they
+    came from, and the name of the split used ("all" for data without splits: never split behind the user's back)."""
     if "all" in parts:
         if args.command == "eval" and args.split is not None:
             raise ValueError(f"--split {args.split}: {args.data} has no splits, so eval uses all of its images.")
@@ -202,7 +206,7 @@ def _source(args: argparse.Namespace, split: str | None) -> tuple[LabeledImages,
         raise FileNotFoundError(f"{args.data} has no {split or 'test'!r} split; it has {sorted(parts)}.")
     load, where, name = parts[part]
     data = _classes(load(), args.classes)
-    empty = [n for n, count in zip(data.class_names, data.counts(), strict=True) if not count]
+    empty = data.empty_classes()
     if empty and args.command == "train":
         raise ValueError(f"{where} has no images of the classes {empty}; leave them out with --classes.")
     return data, where, name
@@ -213,13 +217,13 @@ def _training_data(args: argparse.Namespace) -> tuple[LabeledImages, LabeledImag
     (`--val-shots` per class, by default min(shots, 4) as CoOp's few-shot validation sets): from the data's validation
     split, else from the images not among the shots; none when there are none, with a word on why. Also the names of
     all those images (see [`_image_names`])."""
-    pool, where, split = _source(args, "train")
+    parts = _parts(args)
+    pool, where, split = _source(args, parts, "train")
     train, rest = hold_out(pool, args.shots, seed=args.seed) if args.shots is not None else (pool, None)
     val_shots = args.val_shots if args.val_shots is not None else min(args.shots or 4, 4)
     if val_shots < 0:
         raise ValueError(f"--val-shots must be 0 (no validation) or more, got {val_shots}.")
     val, val_where, spent = None, "", []
-    parts = _parts(args)
     val_split = split
     if val_shots and "val" in parts:
         load, val_where, val_split = parts["val"]
@@ -232,7 +236,7 @@ def _training_data(args: argparse.Namespace) -> tuple[LabeledImages, LabeledImag
             f"from {val_where}",
         )
     elif val_shots and rest is not None and any(rest.counts()):
-        spent = [name for name, n in zip(rest.class_names, rest.counts(), strict=True) if not n]
+        spent = rest.empty_classes()
         val, val_where = few_shot(rest, val_shots, seed=args.seed), "held out from the images not among the shots"
     elif args.val_shots:
         hint = "train on fewer --shots" if args.shots is not None else "give --shots (all images train by default)"
@@ -371,8 +375,9 @@ def eval_(args: argparse.Namespace) -> dict[str, Any]:
     model, processor, folder = _adapter_model(args)
     templates = IMAGENET_TEMPLATES if args.templates == "imagenet" else CLIP_TEMPLATE
     # a class-specific adapter scores any of its classes (the classifier checks)
-    data, where, split = _source(args, args.split)
-    data, where = _unseen(data, where, args, Path(folder), split)
+    data, where, split = _source(args, _parts(args), args.split)
+    log = _training_log(Path(folder))
+    data, where = _unseen(data, where, args, log, split)
     data = drop_unreadable(data)
     _say(f"evaluating {len(data)} images of {len(data.class_names)} classes from {where}")
 
@@ -410,35 +415,35 @@ def eval_(args: argparse.Namespace) -> dict[str, Any]:
         _say("results not saved: the adapter is a Hub repo; pass --output FILE to save them")
     else:
         write_json(out, results)
-        try:  # the training curve, when the adapter's log is there and readable
-            log = json.loads((Path(folder) / LOG_NAME).read_text(encoding="utf-8"))
-            log = log if valid_log(log) else None
-        except (OSError, ValueError):
-            log = None
         page = out.with_suffix(".report.html" if out.suffix == ".html" else ".html")
-        write_report(page, results, log, f"{args.adapter} on {where}")
+        curve = log if valid_log(log) else None  # the training curve, when the log is readable
+        write_report(page, results, curve, f"{args.adapter} on {where}")
         _say(f"results written to {out} and {page} (a report with charts)")
     return results
 
 
-def _unseen(
-    data: LabeledImages, where: str, args: argparse.Namespace, folder: Path, split: str
-) -> tuple[LabeledImages, str]:
-    """The images that the adapter was not trained or validated on, by its training log: all of them for a test split,
-    all but those for data without splits (or a split it learned from)."""
-    log_path = folder / LOG_NAME
-    if not log_path.is_file():
-        return data, where
+def _training_log(folder: Path) -> Any:
+    """The adapter's `training_log.json` as JSON, or None when it has none or it is not JSON."""
     try:
-        used = json.loads(log_path.read_text(encoding="utf-8"))["data"]
-        seen = set(used["images"])
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):  # an older or hand-edited log: nothing to leave out
+        return json.loads((folder / LOG_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # missing, unreadable, not UTF-8 or not JSON
+        return None
+
+
+def _unseen(
+    data: LabeledImages, where: str, args: argparse.Namespace, log: Any, split: str
+) -> tuple[LabeledImages, str]:
+    """The images that the adapter was not trained or validated on, by its training `log`: all of them for a test
+    split, all but those for data without splits (or a split it learned from)."""
+    try:
+        seen = set(log["data"]["images"])
+    except (KeyError, TypeError):  # no log, or an older or hand-edited one: nothing to leave out
         return data, where
     unseen = [i for i, name in enumerate(_image_names(data, args, split)) if name not in seen]
     if len(unseen) == len(data):
         return data, where
     left = data.subset(unseen)
-    spent = [name for name, n in zip(left.class_names, left.counts(), strict=True) if not n]
+    spent = left.empty_classes()
     if spent:
         raise ValueError(
             f"Every image of the classes {spent} in {args.data} trained or validated this adapter; evaluate on images "

@@ -57,6 +57,10 @@ class LabeledImages:
             counts[y] += 1
         return counts
 
+    def empty_classes(self) -> list[str]:
+        """The classes without images."""
+        return [name for name, n in zip(self.class_names, self.counts(), strict=True) if not n]
+
 
 def class_name_from_folder(name: str) -> str:
     """`"golden_retriever"` -> `"golden retriever"`."""
@@ -269,7 +273,7 @@ def hold_out(data: LabeledImages, shots: int, seed: int = 1) -> tuple[LabeledIma
 def _check_classes(data: LabeledImages, where: str) -> None:
     if not len(data):
         raise ValueError(f"No images found in {where} (looked for {', '.join(sorted(IMAGE_SUFFIXES))}).")
-    empty = [name for name, n in zip(data.class_names, data.counts(), strict=True) if n == 0]
+    empty = data.empty_classes()
     if empty:
         raise ValueError(f"Classes without images in {where}: {empty}. Add images or remove those folders.")
 
@@ -379,7 +383,7 @@ def drop_unreadable(data: LabeledImages) -> LabeledImages:
     if not keep:
         raise ValueError(f"None of the {len(data)} images could be read (see the warning for each file).")
     kept = data.subset(keep)
-    lost = [name for name, a, b in zip(data.class_names, data.counts(), kept.counts(), strict=True) if a and not b]
+    lost = [name for name in kept.empty_classes() if name not in data.empty_classes()]
     if lost:
         raise ValueError(f"Classes without readable images: {lost}. Add images or remove those folders.")
     return kept

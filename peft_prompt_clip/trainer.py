@@ -216,6 +216,13 @@ class _EpochStats:
     step_seconds: list[float] = field(default_factory=list)
 
 
+@torch.no_grad()
+def _copy(sources: list[torch.Tensor], into: list[torch.Tensor]) -> None:
+    """Copy each tensor of `sources` into the tensor of `into` at the same place (parameters, averages, candidates)."""
+    for target, source in zip(into, sources, strict=True):
+        target.copy_(source)
+
+
 class PromptTrainer:
     """
     Learns the active prompt adapter of `model` to classify `train_data`.
@@ -509,9 +516,7 @@ class PromptTrainer:
         best = log.get("best")
         if best is None or (scores["accuracy"], -scores["loss"]) > (best["accuracy"], -best["loss"]):
             log["best"] = {"epoch": epoch, **scores}
-            with torch.no_grad():
-                for kept, p in zip(self.best, self.params, strict=True):
-                    kept.copy_(p)
+            _copy(self.params, into=self.best)
         return scores
 
     # -- epochs ---------------------------------------------------------------------------------------------------
@@ -629,9 +634,7 @@ class PromptTrainer:
         if args.report_to:
             acc.end_training()
         if self.averages is not None:  # PromptSRC's GPA: the adapter is the weighted mean over epochs
-            with torch.no_grad():
-                for average, p in zip(self.averages, self.params, strict=True):
-                    p.copy_(average)
+            _copy(self.averages, into=self.params)
         summary: dict[str, Any] = {"epochs": self.epochs, "augment": self.augment, "loss": None, "accuracy": None}
         if start_epoch < self.epochs:  # a resumed run whose checkpoint holds every epoch only saves the adapter
             last = log["history"][-1]
@@ -645,9 +648,7 @@ class PromptTrainer:
                 log["last"] = {"epoch": last["epoch"], "accuracy": last["eval_accuracy"], "loss": last["eval_loss"]}
             if acc.is_main_process:
                 save_adapter(self.model, output / "last")
-            with torch.no_grad():
-                for kept, p in zip(self.best, self.params, strict=True):
-                    p.copy_(kept)
+            _copy(self.best, into=self.params)
             summary["eval"] = {
                 "images": len(self.eval_data),
                 **{k: log[k] for k in ("zero_shot", "initial", "best", "last")},
