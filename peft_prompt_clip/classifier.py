@@ -81,23 +81,6 @@ class PromptClassifier:
         """The adapter this classifier uses now (None: the base model, zero-shot)."""
         return self.encoder.adapter(self.adapter_name, self.use_adapter)
 
-    def _adapter_classes(self, adapter_name: str | None) -> list[int] | None:
-        """For a class-specific adapter, the adapter's index of each of this classifier's classes (any subset of
-        its classes, in any order); None otherwise."""
-        if adapter_name is None or self.encoder.layer.prompt_embedding_ctx[adapter_name].dim() != 3:
-            return None
-        config = getattr(self.model, "peft_config", {}).get(adapter_name)
-        known = getattr(config, "class_names", None)
-        if known is None:  # no names saved: the classes are the adapter's, in its order (the layer checks the count)
-            return None
-        missing = [n for n in self.class_names if n not in known]
-        if missing:
-            raise ValueError(
-                f"Adapter {adapter_name!r} has one context per class for {known}; it has none for {missing}. Classify "
-                "among its classes, or use a shared-context adapter."
-            )
-        return [known.index(n) for n in self.class_names]
-
     def _tokens(self, template: str, adapter_name: str | None) -> dict[str, torch.Tensor]:
         texts = [template.format(name) for name in self.class_names]
         return self.encoder.tokenize(texts, adapter_name, adapter_name is not None)
@@ -113,10 +96,13 @@ class PromptClassifier:
                     f"Adapter {name!r} is conditional (CoCoOp): its class features depend on the image; use "
                     "logits() or predict()."
                 )
-            rows = self._adapter_classes(name)
             per_template = [
                 self.encoder.class_features(
-                    self._tokens(t, name), name, name is not None, chunk_size=self.chunk_size, classes=rows
+                    self._tokens(t, name),
+                    name,
+                    name is not None,
+                    chunk_size=self.chunk_size,
+                    class_names=self.class_names,
                 )
                 for t in self.templates
             ]

@@ -303,8 +303,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             if summary["loss"] is None
             else f"loss {summary['loss']:.4f}, train accuracy {summary['accuracy']:.3f}"
         )
+        processes = trainer.accelerator.num_processes
+        where = f" in {processes} processes" if processes > 1 else ""
         print(
-            f"trained {summary['epochs']} epochs on {len(data)} images of {len(data.class_names)} classes: "
+            f"trained {summary['epochs']} epochs on {len(data)} images of {len(data.class_names)} classes{where}: "
             f"{result}; adapter saved to {args.output}"
         )
         if "eval" in summary:

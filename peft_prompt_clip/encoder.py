@@ -152,12 +152,13 @@ class PromptEncoder:
         enabled: bool = True,
         image_features: torch.Tensor | None = None,
         chunk_size: int | None = None,
-        classes: Sequence[int] | None = None,
+        class_names: Sequence[str] | None = None,
     ) -> torch.Tensor:
         """
         Normalised features of the class prompts `tokens`, at most `chunk_size` prompts per call of the text tower.
-        `classes` are the adapter's class indices of the prompts, for class-specific context (default: prompt `i` is
-        class `i`).
+        `class_names` are the classes of the prompts, in order: a class-specific adapter gives each prompt the context
+        of its class, found by name (any subset of its classes, in any order), and needs them when it saved its class
+        names.
 
         Returns `(classes, dim)`, or `(images, classes, dim)` for a conditional (CoCoOp) adapter, whose context is
         shifted per image by `image_features` (`(images, dim)`, normalised): its prompts are the classes once per
@@ -166,7 +167,8 @@ class PromptEncoder:
         held at a time.
         """
         name = self.adapter(adapter_name, enabled)  # resolved once: every chunk uses the same adapter
-        indices = list(range(tokens["input_ids"].shape[0])) if classes is None else list(classes)
+        indices = self.adapter_classes(name, class_names)
+        indices = list(range(tokens["input_ids"].shape[0])) if indices is None else indices
         classes = len(indices)
         conditional = self.is_conditional(name)
         if conditional and image_features is None:
@@ -214,6 +216,32 @@ class PromptEncoder:
                 return _normalized(features).view(count, classes, -1)
 
         return _chunked(run_images, images, max(1, (chunk_size or classes * images) // classes))
+
+    def adapter_classes(self, adapter_name: str | None, class_names: Sequence[str] | None) -> list[int] | None:
+        """For a class-specific adapter that saved its class names, the adapter's index of each of `class_names`;
+        None for other adapters, and for one without saved names (its prompts are then its classes, in its order).
+
+        Raises:
+            `ValueError`: when the names are missing, or name a class the adapter has no context for.
+        """
+        if adapter_name is None or self.layer.prompt_embedding_ctx[adapter_name].dim() != 3:
+            return None
+        config = getattr(self.model, "peft_config", {}).get(adapter_name)
+        known = getattr(config, "class_names", None)
+        if known is None:
+            return None
+        if class_names is None:
+            raise ValueError(
+                f"Adapter {adapter_name!r} has one context per class ({known}): pass class_names, the class of each "
+                "prompt, so that every prompt gets its own class's context."
+            )
+        missing = [n for n in class_names if n not in known]
+        if missing:
+            raise ValueError(
+                f"Adapter {adapter_name!r} has one context per class for {known}; it has none for {missing}. Classify "
+                "among its classes, or use a shared-context adapter."
+            )
+        return [known.index(n) for n in class_names]
 
     def _prefix_plan(
         self, tokens: Mapping[str, torch.Tensor], adapter_name: str | None

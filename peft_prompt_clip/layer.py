@@ -105,6 +105,10 @@ class VisionTower:
 
 _CALL: ContextVar[_Call | None] = ContextVar("peft_prompt_clip_call", default=None)
 
+#: The hooks run eagerly under `torch.compile`: which adapter a call uses, and what it writes, is decided per call (by
+#: `prompt_options`, `set_adapter`, adapters added after compiling), which compiled code would not re-check
+_eager = torch.compiler.disable
+
 
 def find_prompt_layer(model: nn.Module) -> PromptEmbeddingLayer | None:
     """The prompt layer of `model` (a `PeftModel` or the model it wraps), or None when it has no prompt adapter."""
@@ -189,7 +193,9 @@ class PromptEmbeddingLayer(nn.Module, BaseTunerLayer):
         ]
         self._text_layers = list(text_layers)
         self._vision = vision
-        self._hooked: set[str] = set()
+        self._hook_text_layers()
+        if vision is not None:
+            self._hook_vision_tower()
         self.update_layer(adapter_name, context, layout, inference_mode, meta_net, deep, vision_ctx, coupling)
 
     def update_layer(
@@ -213,30 +219,21 @@ class PromptEmbeddingLayer(nn.Module, BaseTunerLayer):
             self.prompt_embedding_meta_net[adapter_name] = meta_net
         if deep is not None:
             self.prompt_embedding_deep_ctx[adapter_name] = nn.Parameter(deep)
-            self._hook_text_layers()
         if vision_ctx is not None:
             self.prompt_embedding_vision_ctx[adapter_name] = nn.Parameter(vision_ctx)
         if coupling is not None:
             self.prompt_embedding_coupling[adapter_name] = coupling
-        if vision_ctx is not None or coupling is not None:
-            self._hook_vision_tower()
+        if (vision_ctx is not None or coupling is not None) and self._vision is None:
+            raise ValueError("Vision prompts need a model with an image tower of a supported family.")
         self.prompt_layouts[adapter_name] = layout
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def _hook_text_layers(self) -> None:
-        if "text" in self._hooked:
-            return
-        self._hooked.add("text")
         for index, layer in enumerate(self._text_layers):
             if index:  # the input's tokens are the context, written by this module's forward
                 self._hooks.append(layer.register_forward_pre_hook(partial(self._deep_text, index), with_kwargs=True))
 
     def _hook_vision_tower(self) -> None:
-        if "vision" in self._hooked:
-            return
-        if self._vision is None:
-            raise ValueError("Vision prompts need a model with an image tower of a supported family.")
-        self._hooked.add("vision")
         tower = self._vision
         self._hooks += [
             tower.owner.register_forward_pre_hook(self._begin_vision_call),
@@ -274,6 +271,7 @@ class PromptEmbeddingLayer(nn.Module, BaseTunerLayer):
         """Whether adapter `adapter_name` has a CoCoOp meta-net (its context depends on the image)."""
         return adapter_name in self.prompt_embedding_meta_net
 
+    @_eager
     def _begin_call(self, owner: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple | None:
         options = _OPTIONS.get()
         previous = self._enclosing("text")
@@ -299,6 +297,7 @@ class PromptEmbeddingLayer(nn.Module, BaseTunerLayer):
         _CALL.set(_Call(self, name, options, previous, "text", slots))
         return (), inputs
 
+    @_eager
     def _begin_vision_call(self, owner: nn.Module, args: tuple) -> None:
         previous = self._enclosing("vision")
         options = _OPTIONS.get()
@@ -323,6 +322,7 @@ class PromptEmbeddingLayer(nn.Module, BaseTunerLayer):
             return None
         return call
 
+    @_eager
     def _deep_text(self, index: int, layer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple | None:
         call = self._current("text")
         deep = None if call is None else self.prompt_embedding_deep_ctx.get(call.adapter_name)
@@ -330,6 +330,7 @@ class PromptEmbeddingLayer(nn.Module, BaseTunerLayer):
             return None
         return _with_hidden(args, kwargs, lambda h: write_at(h, call.slots, deep[index - 1]))
 
+    @_eager
     def _append_vision(self, embeddings: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
         call = self._current("vision")
         if call is None:
@@ -337,6 +338,7 @@ class PromptEmbeddingLayer(nn.Module, BaseTunerLayer):
         tokens = self.vision_context(call.adapter_name, 0).to(output.dtype)
         return torch.cat([output, tokens.expand(output.shape[0], -1, -1)], dim=1)
 
+    @_eager
     def _deep_vision(self, index: int, layer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple | None:
         call = self._current("vision")
         if call is None or index >= self.vision_depth(call.adapter_name):
@@ -347,6 +349,7 @@ class PromptEmbeddingLayer(nn.Module, BaseTunerLayer):
             args, kwargs, lambda h: torch.cat([h[:, :-count], tokens.to(h.dtype).expand(h.shape[0], -1, -1)], dim=1)
         )
 
+    @_eager
     def _drop_vision(self, head: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple | None:
         call = self._current("vision")
         if call is None:
@@ -377,6 +380,7 @@ class PromptEmbeddingLayer(nn.Module, BaseTunerLayer):
             return self.prompt_embedding_coupling[adapter_name][index](text)
         return self.prompt_embedding_vision_ctx[adapter_name][index]
 
+    @_eager
     def _end_call(self, tower: str, owner: nn.Module, args: tuple, output: Any) -> None:
         call = _CALL.get()
         if call is not None and call.layer is self and call.tower == tower:

@@ -248,7 +248,7 @@ class PromptEmbeddingModel(TunerPrivateHooks):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.init_seed)
             meta_net = nn.Sequential(nn.Linear(image_dim, hidden), nn.ReLU(), nn.Linear(hidden, context.shape[-1]))
-        return meta_net.to(context.device)
+        return _moved(meta_net, context.device)
 
     def unload_layers(self, merge: bool) -> nn.Module:
         """Put the original text embeddings module back (`unload()`); `merge_and_unload()` is refused."""
@@ -491,8 +491,14 @@ def _deep_prompts(
     return (
         None if deep is None else deep.to(device),
         None if vision_ctx is None else vision_ctx.to(device),
-        None if coupling is None else coupling.to(device),
+        None if coupling is None else _moved(coupling, device),
     )
+
+
+def _moved(module: nn.Module, device: torch.device) -> nn.Module:
+    """`module`, made on the CPU (the same seeded values on any device), on `device`; left on the meta device where
+    `low_cpu_mem_usage` put its parameters (the loaded weights are then assigned in their place)."""
+    return module if any(p.is_meta for p in module.parameters()) else module.to(device)
 
 
 def register() -> None:

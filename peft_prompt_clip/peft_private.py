@@ -29,14 +29,28 @@ def set_active_adapter(layer: BaseTunerLayer, adapter_name: str) -> None:
 
 
 class TunerPrivateHooks(BaseTuner):
-    """The two private `BaseTuner` methods a prompt tuner overrides, forwarded to the tuner's own
-    `check_loaded_state(model, config, adapter_name, state_dict, remapped)` and `unload_layers(merge)`.
+    """The three private `BaseTuner` methods a prompt tuner overrides: a key rule of its own, and two forwarded to the
+    tuner's own `check_loaded_state(model, config, adapter_name, state_dict, remapped)` and `unload_layers(merge)`.
+
+    - `_remove_adapter_name_from_key`: PEFT's rule (the name ends the key, or comes before its last part, as in
+      `lora_A.default.weight`) keeps the name in the keys of a module held per adapter whose tensors lie deeper
+      (`prompt_embedding_coupling.default.0.weight`). transformers' loader inserts the name right after the part that
+      starts with the tuner's prefix, whatever follows; PEFT's saving and loading both derive from this one rule, so
+      removing the name there too makes the three agree.
 
     - `_remap_adapter_state_dict_for_load`: PEFT's only hook between reading an adapter's tensors and copying them
       into the model, where a foreign or damaged file must be refused before PEFT reports shapes in its own words.
     - `_unload_and_optionally_merge`: what `unload()` and `merge_and_unload()` call; a prompt layer is unwrapped,
       not merged.
     """
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        head, prefix, tail = key.partition(cls.prefix)
+        store, _, rest = tail.partition(".")
+        if not prefix or rest.partition(".")[0] != adapter_name:
+            return super()._remove_adapter_name_from_key(key, adapter_name)
+        return f"{head}{prefix}{store}{rest[len(adapter_name) :]}"
 
     @classmethod
     def _remap_adapter_state_dict_for_load(

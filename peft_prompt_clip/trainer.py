@@ -441,6 +441,7 @@ class PromptTrainer:
                 self.adapter_name,
                 image_features=image_features if self.conditional else None,
                 chunk_size=self.args.class_chunk_size,
+                class_names=self.data.class_names,
             )
         logits = self.encoder.logits(image_features, text)
         scale = self.encoder.base.logit_scale.exp()
@@ -486,7 +487,10 @@ class PromptTrainer:
             shared = self.hand_features() if zero_shot else None
             if shared is None and not self.conditional:
                 shared = self.encoder.class_features(
-                    self.class_tokens, self.adapter_name, chunk_size=self.args.class_chunk_size
+                    self.class_tokens,
+                    self.adapter_name,
+                    chunk_size=self.args.class_chunk_size,
+                    class_names=self.data.class_names,
                 )
             start = 0
             for features in batches:

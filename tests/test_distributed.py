@@ -11,6 +11,10 @@ import torch
 from conftest import write_image_folder
 from safetensors.torch import load_file
 
+#: Two real CPU processes over gloo: `accelerate launch --cpu --num_processes 2` starts one process, not two
+LAUNCH_TWO = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+TWO_PROCESSES_ENV = {"ACCELERATE_USE_CPU": "true"}
+
 
 def test_two_processes_match_one(clip_dir, tmp_path):
     write_image_folder(tmp_path / "images", per_class=8)
@@ -18,12 +22,16 @@ def test_two_processes_match_one(clip_dir, tmp_path):
     train += ["--epochs", "3", "--optimizer", "adamw", "--lr", "0.05", "--n-ctx", "4", "--batch-size", "6"]
     train += ["--shots", "4", "--augment", "--warmup-epochs", "0"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu"]
     two = subprocess.run(
-        [*launch, *train, "--output", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=600
+        [*LAUNCH_TWO, *train, "--output", str(tmp_path / "two")],
+        capture_output=True,
+        text=True,
+        env={**env, **TWO_PROCESSES_ENV},
+        timeout=600,
     )
     assert two.returncode == 0, two.stderr
     assert two.stdout.count("trained 3 epochs") == 1  # only the main process reports and writes
+    assert "in 2 processes" in two.stdout  # two ranks ran, not one
     one = subprocess.run(
         [sys.executable, *train, "--output", str(tmp_path / "one")],
         capture_output=True,
