@@ -46,7 +46,9 @@ def test_two_processes_match_one(clip_dir, tmp_path):
         a, b = (load_file(tmp_path / run / name) for run in ("one", "two"))
         (key,) = a
         assert not torch.equal(a[key], torch.zeros_like(a[key]))
-        torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=0)
+        # float32: two processes sum the gradients in another order, and AdamW amplifies that over 12 steps (measured
+        # up to 4e-6 with transformers 4, below 1e-6 with 5); tests/test_routes.py checks 1e-6 in float64
+        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=0)
     last_checkpoint = load_file(tmp_path / "one" / "checkpoint.safetensors")["param.0"]
     assert torch.equal(last_checkpoint, a[key])
     logs = [json.loads((tmp_path / run / "training_log.json").read_text()) for run in ("one", "two")]
