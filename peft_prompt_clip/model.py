@@ -279,8 +279,8 @@ class PromptEmbeddingModel(TunerPrivateHooks):
         mine = [k for k in own if any(k.endswith(f"{n}.{adapter_name}") or f"{n}.{adapter_name}." in k for n in names)]
         # saved from another layout of the same towers (CLIPModel vs CLIPTextModel, transformers 4 vs 5): the keys
         # differ only before the layer's parameter names; PEFT passes on keys it could not map as saved (no adapter)
-        # PEFT drops the adapter name from saved keys only where it ends the key (the contexts), so a module's keys
-        # (`prompt_embedding_coupling.<saved name>.0.weight`) keep the name they were saved under: drop that too
+        # release 0.1.0 saved a module's keys with the adapter name inside (`prompt_embedding_coupling.<saved name>.0.
+        # weight`; now `_remove_adapter_name_from_key` leaves it out): drop that name too
         by_tail = {_tail(k).replace(f".{adapter_name}", "", 1): k for k in mine}
         for key in [k for k in remapped if k not in own]:
             tail = _tail(key)

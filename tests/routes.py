@@ -40,7 +40,8 @@ RECIPE = {"epochs": EPOCHS, "batch_size": 4, "optimizer": "sgd", "lr": 0.05, "wa
 
 #: float64 where transformers allows it (transformers 4 builds CLIP's causal mask with an overflow in float64), so that
 #: runs which sum the same gradients in another order (several processes) agree to far below the tests' 1e-6
-DTYPE = torch.float64 if int(transformers.__version__.split(".")[0]) >= 5 else torch.float32
+TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
+DTYPE = torch.float64 if TRANSFORMERS_5 else torch.float32
 
 
 def settings(method: str, model: torch.nn.Module) -> tuple[PromptEmbeddingConfig, dict[str, Any]]:

@@ -15,11 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import transformers
 from hub_server import client_env, serve
 from peft import PeftModel, get_peft_model
 from PIL import Image
-from routes import CLASSES, DTYPE, METHODS, adapted, settings, train
+from routes import CLASSES, DTYPE, METHODS, TRANSFORMERS_5, adapted, settings, train
 from safetensors.torch import load_file
 from test_distributed import LAUNCH_TWO, TWO_PROCESSES_ENV
 from transformers import AutoProcessor, CLIPModel
@@ -120,7 +119,7 @@ def test_compile_after_switching_adapters(saved, clip_dir, processor, request):
     """Compiled with a CoOp adapter active, then given the method's: compiled and eager forwards agree (the hooks a
     method needs are in place before anything is compiled, and run eagerly)."""
     method, model, folder, _ = saved
-    if model.peft_config["default"].prompt_depth > 1 and int(transformers.__version__.split(".")[0]) < 5:
+    if model.peft_config["default"].prompt_depth > 1 and not TRANSFORMERS_5:
         reason = "known: with transformers 4, the compiled text tower differs from the eager one with deep prompts"
         request.applymarker(pytest.mark.xfail(reason=reason, strict=True))
     peft_model = get_peft_model(base_clip(clip_dir), PromptEmbeddingConfig(n_ctx=2))
@@ -277,7 +276,7 @@ def test_adapters_of_release_0_1_0_still_load(kind, clip_dir, processor):
         ):
             loaded = {tail(k).replace(f".{name}", ""): v for k, v in model.state_dict().items() if "prompt_emb" in k}
             assert {k: v.tolist() for k, v in loaded.items()} == {tail(k): v.tolist() for k, v in saved.items()}
-            if int(transformers.__version__.split(".")[0]) >= 5:
+            if TRANSFORMERS_5:
                 torch.testing.assert_close(logits(model, processor), expected, atol=1e-6, rtol=0)
 
 
