@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from . import __version__
 from .checkpoints import valid_log
 from .classifier import CLIP_TEMPLATE, IMAGENET_TEMPLATES, PromptClassifier
-from .config import PromptEmbeddingConfig, printable
+from .config import ClassTokenPosition, PromptEmbeddingConfig, printable
 from .data import (
     IMAGE_SUFFIXES,
     SPLITS,
@@ -49,14 +49,17 @@ from .progress import disable_progress_bars, enable_progress_bars, progress
 from .report import write_report
 from .storage import write_json
 from .trainer import LOG_NAME, PromptTrainer, TrainingArguments
+from .variants import VARIANTS
 
 #: What the CLI reports in one line: the package's own errors and the user mistakes the libraries signal (a bad value,
 #: a missing file or model, a damaged safetensors file). Anything else is a bug, and shows its traceback.
 USER_ERRORS = (ValueError, OSError, TrainingDivergedError, SafetensorError)
 
-#: The `train` options that set a `PromptEmbeddingConfig` field (by the field's name); unset ones take `--method`'s.
-ADAPTER_OPTIONS = ("n_ctx", "ctx_init", "class_token_position", "class_specific", "conditional", "meta_net_reduction")
-ADAPTER_OPTIONS += ("prompt_depth", "vision_n_ctx", "vision_prompt_depth", "coupled")
+#: The `train` options that set a `PromptEmbeddingConfig` field: the fields of the adapter's parts (their help text is
+#: the field's); unset ones take `--method`'s.
+ADAPTER_OPTIONS = tuple(dict.fromkeys(field for variant in VARIANTS for field in variant.fields))
+#: The flags whose name is not the field's
+ADAPTER_FLAGS = {"class_token_position": "--position", "class_specific": "--csc"}
 
 #: The `train` options that set a `TrainingArguments` field: flag -> (field, type). Their defaults are the fields'.
 TRAINING_OPTIONS: dict[str, tuple[str, Any, str]] = {
@@ -566,26 +569,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="a paper's adapter and recipe, each setting overridable by its own flag (default: %(default)s; see "
         "docs/methods)",
     )
-    p.add_argument("--n-ctx", type=int, default=None, help="context vectors (default 16, or the words of --ctx-init)")
-    p.add_argument("--ctx-init", help="initial words, e.g. 'a photo of a'")
-    p.add_argument(
-        "--position",
-        dest="class_token_position",
-        choices=["end", "middle", "front"],
-        help="class token position (default: end)",
-    )
-    switch = argparse.BooleanOptionalAction
-    p.add_argument("--csc", dest="class_specific", action=switch, help="one context per class (CoOp's CSC)")
-    p.add_argument("--conditional", action=switch, help="CoCoOp: image-conditional context (a meta-net)")
-    p.add_argument(
-        "--meta-net-reduction",
-        type=int,
-        help="CoCoOp's meta-net hidden size is the image feature size divided by this (default: 16)",
-    )
-    p.add_argument("--prompt-depth", type=int, help="text layers with learned tokens, input included (default: 1)")
-    p.add_argument("--vision-n-ctx", type=int, help="learned tokens in the image tower (default: 0, none)")
-    p.add_argument("--vision-prompt-depth", type=int, help="image layers with their own tokens (default: 1)")
-    p.add_argument("--coupled", action=switch, help="MaPLe: vision tokens mapped from each layer's text tokens")
+    fields = {f.name: f for f in dataclasses.fields(PromptEmbeddingConfig)}
+    for name in ADAPTER_OPTIONS:
+        field = fields[name]
+        flag = ADAPTER_FLAGS.get(name, "--" + name.replace("_", "-"))
+        text = field.metadata["help"]
+        default = {True: "on", False: "off"}.get(field.default, getattr(field.default, "value", field.default))
+        if "default" not in text and field.default is not None:
+            text = f"{text.rstrip('.')} (default: {default})"
+        if field.type == "bool":
+            p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, help=text)
+        elif name == "class_token_position":
+            p.add_argument(flag, dest=name, choices=[c.value for c in ClassTokenPosition], help=text)
+        else:
+            p.add_argument(flag, dest=name, type=int if "int" in field.type else str, help=text)
     defaults = {f.name: f.default for f in dataclasses.fields(TrainingArguments)}
     for flag, (field, kind, text) in TRAINING_OPTIONS.items():
         text = text if "default" in text else f"{text} (default: {defaults[field]})"

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 from peft import PeftConfig
 
+from .variants import check_variants
+
 
 class PromptClipType(str, enum.Enum):
     """The PEFT type of this package's adapters. PEFT's own `PeftType` enum is closed, so the package has its own; it
@@ -73,6 +75,10 @@ class PromptEmbeddingConfig(PeftConfig):
         coupled (`bool`, *optional*, defaults to `False`): MaPLe (Khattak et al., CVPR 2023): the vision tokens of
             each layer are a learned linear map of that layer's text tokens (its coupling function), not parameters
             of their own; `vision_n_ctx` and `vision_prompt_depth` are then `n_ctx` and `prompt_depth`.
+        class_prompt_layer (`int`, *optional*, defaults to 0): TCP (Yao et al., CVPR 2024): before this layer of the
+            text tower (TCP: 8 of 12), the hidden states at the context's positions are replaced by `n_ctx` class-aware
+            tokens, a learned map of the frozen text tower's embedding of the prompt's own text, so that they exist
+            for classes never trained on; 0 for none. Combines with a shared context only.
         target_modules (`str`, *optional*):
             Name (or the end of the name) of the text embeddings module to replace; not a pattern. By default the text
             embeddings of a supported model are found by their class, wherever the model keeps them.
@@ -147,6 +153,10 @@ class PromptEmbeddingConfig(PeftConfig):
         default=False,
         metadata={"help": "MaPLe: each layer's vision tokens are a learned linear map of its text tokens."},
     )
+    class_prompt_layer: int = field(
+        default=0,
+        metadata={"help": "TCP: the text layer before which class-aware tokens, made from each class's text, go in."},
+    )
     target_modules: str | None = field(
         default=None,
         metadata={
@@ -205,37 +215,22 @@ class PromptEmbeddingConfig(PeftConfig):
             raise TypeError(f"meta_net_reduction must be an integer, got {self.meta_net_reduction!r}.")
         if self.meta_net_reduction < 1:
             raise ValueError(f"meta_net_reduction must be at least 1, got {self.meta_net_reduction}.")
-        for name, least in (("prompt_depth", 1), ("vision_n_ctx", 0), ("vision_prompt_depth", 1)):
+        for name, least in (
+            ("prompt_depth", 1),
+            ("vision_n_ctx", 0),
+            ("vision_prompt_depth", 1),
+            ("class_prompt_layer", 0),
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name} must be an integer, got {value!r}.")
             if value < least:
                 raise ValueError(f"{name} must be at least {least}, got {value}.")
-        if self.coupled:
-            if self.vision_n_ctx not in (0, self.n_ctx) or self.vision_prompt_depth not in (1, self.prompt_depth):
-                raise ValueError(
-                    f"coupled (MaPLe) maps each text layer's tokens to that layer's vision tokens, so vision_n_ctx "
-                    f"and vision_prompt_depth are n_ctx and prompt_depth; got vision_n_ctx={self.vision_n_ctx}, "
-                    f"vision_prompt_depth={self.vision_prompt_depth}. Leave them unset."
-                )
-            self.vision_prompt_depth = self.prompt_depth
-            if self.n_ctx is not None:
-                self.vision_n_ctx = self.n_ctx
-        elif self.vision_n_ctx == 0 and self.vision_prompt_depth > 1:
+        if not self.coupled and self.vision_n_ctx == 0 and self.vision_prompt_depth > 1:
             raise ValueError(
                 f"vision_prompt_depth={self.vision_prompt_depth} needs vision tokens: set vision_n_ctx (e.g. 4)."
             )
-        if self.deep_or_vision and (self.class_specific or self.conditional):
-            raise ValueError(
-                "Deep and vision prompts are shared by all classes and images: they do not combine with "
-                "class_specific or conditional (CoCoOp) context."
-            )
-        if self.conditional and self.class_specific:
-            raise ValueError(
-                "conditional (CoCoOp) context is shared by all classes: drop class_specific or conditional."
-            )
-        if self.class_specific and self.num_classes is None:
-            raise ValueError("class_specific=True learns one context per class: set num_classes or class_names.")
+        check_variants(self)
         if self.suffix_token_ids is not None and not (
             isinstance(self.suffix_token_ids, list)
             and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**31 for i in self.suffix_token_ids)
@@ -255,11 +250,6 @@ class PromptEmbeddingConfig(PeftConfig):
             )
 
     @property
-    def deep_or_vision(self) -> bool:
-        """Whether the adapter has prompts past the text tower's input: deep text prompts or vision prompts."""
-        return self.prompt_depth > 1 or self.vision_n_ctx > 0 or self.coupled
-
-    @property
     def prompts_images(self) -> bool:
         """Whether the adapter prompts the image tower (its image features depend on the adapter)."""
         return self.vision_n_ctx > 0 or self.coupled
@@ -267,7 +257,9 @@ class PromptEmbeddingConfig(PeftConfig):
     @property
     def method(self) -> str:
         """The method whose adapter this is, by its structure: CoOp, CoOp (CSC), CoCoOp, deep text prompts, vision
-        prompts, IVLP (independent deep text and vision prompts) or MaPLe (coupled)."""
+        prompts, IVLP (independent deep text and vision prompts), MaPLe (coupled) or TCP (class-aware tokens)."""
+        if self.class_prompt_layer:
+            return "TCP"
         if self.coupled:
             return "MaPLe"
         if self.vision_n_ctx:

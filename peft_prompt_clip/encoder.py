@@ -46,7 +46,7 @@ class PromptEncoder:
     Class prompts that begin with the same tokens (a shared context at the end position, the first half at the
     middle position, a template's words) are encoded with that beginning computed once, in causal text towers
     (CLIP, GroupViT, OWL-ViT): the same features and gradients with several times less work (see
-    [`CausalTextTower`]). Class-specific context, the front position and SigLIP take the model's own forward.
+    [`CausalTextTower`]). Per-class tokens (CSC, TCP), the front position and SigLIP take the model's own forward.
 
     Args:
         model (`nn.Module`): a CLIP-family model (`CLIPModel`, `SiglipModel`, ...), or a `PeftModel` wrapping one with
@@ -187,7 +187,8 @@ class PromptEncoder:
             else:
                 ids, eos, shared, slots = plan
                 prefix = self._embedded(ids[:1], name, classes=indices[:1])[:, :shared]
-                states = self.tower.prefix_states(prefix, self._deep_write(name, slots, shared, 0, 1, prefix=True))
+                first = self._deep_write(name, slots, shared, 0, 1, prefix=True)
+                states = self.tower.prefix_states(prefix, first)
 
                 def run(start: int, stop: int) -> torch.Tensor:
                     rows = self._embedded(ids[start:stop], name, classes=indices[start:stop])[:, shared:]
@@ -249,8 +250,8 @@ class PromptEncoder:
         """`(ids, end-of-text index, shared length, context slots)` of the class prompts `tokens` as the text tower
         sees them (the adapter's context slots inserted; slots for deep prompts only), when encoding their shared
         prefix once is exact and saves enough work; None otherwise."""
-        if self.tower is None:
-            return None
+        if self.tower is None or (adapter_name is not None and self.layer.per_class(adapter_name)):
+            return None  # per-class tokens (CSC, TCP) differ from the context's first slot on: little is shared
         ids, slots = tokens["input_ids"], None
         if adapter_name is None:
             eos = end_of_text_index(ids, self.pooling, self.eos_token_id)
@@ -260,9 +261,7 @@ class PromptEncoder:
             ids, _ = layout.expand(ids, tokens.get("attention_mask"))
             eos = layout.end_of_text_index(ids)
             shared = common_prefix_length(ids)
-            if self.layer.prompt_embedding_ctx[adapter_name].dim() == 3:  # class-specific: each prompt's own context
-                shared = min(shared, int(layout.locate(ids).min()))
-            if adapter_name in self.layer.prompt_embedding_deep_ctx:
+            if self.layer.writes_deep(adapter_name):
                 slots = layout.locate(ids)
         shared = min(shared, int(eos.min()))  # every prompt keeps at least its end-of-text token
         if slots is not None and not bool(((slots < shared).sum(1) == (slots[0] < shared).sum()).all()):
@@ -273,13 +272,20 @@ class PromptEncoder:
         return ids, eos, shared, slots
 
     def _deep_write(
-        self, adapter_name: str | None, slots: torch.Tensor | None, shared: int, start: int, stop: int, prefix: bool
+        self,
+        adapter_name: str | None,
+        slots: torch.Tensor | None,
+        shared: int,
+        start: int,
+        stop: int,
+        prefix: bool,
     ) -> DeepWrite | None:
-        """How the shared-prefix path writes the adapter's deep prompts: in the prefix, the context slots before
-        `shared`; in the rows `start:stop` of the suffixes, the others, at their positions past the prefix."""
+        """How the shared-prefix path writes the tokens of the adapter's text layers past the input (the layer's
+        `text_tokens`, as its hooks do): in the prefix, those at the context slots before `shared`; in the rows
+        `start:stop` of the suffixes, the others, at their positions past the prefix (tokens shared by all prompts:
+        per-class ones take the model's own forward)."""
         if slots is None:
             return None
-        deep = self.layer.prompt_embedding_deep_ctx[adapter_name]
         inside = int((slots[0] < shared).sum())  # the context's first `inside` vectors lie in the prefix
         where = slots[:1, :inside] if prefix else slots[start:stop, inside:] - shared
         part = slice(0, inside) if prefix else slice(inside, None)
@@ -287,7 +293,8 @@ class PromptEncoder:
             return None
 
         def write(index: int, hidden: torch.Tensor) -> torch.Tensor:
-            return write_at(hidden, where, deep[index - 1, part]) if 0 < index <= deep.shape[0] else hidden
+            tokens = self.layer.text_tokens(adapter_name, index, {}) if index else None
+            return hidden if tokens is None else write_at(hidden, where, tokens[part])
 
         return write
 

@@ -7,7 +7,7 @@ import inspect
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -15,10 +15,9 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from .config import PromptEmbeddingConfig
-from .errors import InvalidAdapterError
 from .layout import PromptLayout, write_at
 from .peft_private import set_active_adapter
+from .variants import STORES, PromptVariant
 
 
 @dataclass(frozen=True)
@@ -83,6 +82,7 @@ class _Call:
     previous: _Call | None
     tower: str = "text"  # "text" or "vision"
     slots: torch.Tensor | None = None  # text: the context's positions `(batch, n_ctx)` in the expanded prompts
+    prepared: Mapping[type, Any] = field(default_factory=dict)  # text: what the adapter's parts need of the texts
 
 
 @dataclass(frozen=True)
@@ -117,8 +117,11 @@ def find_prompt_layer(model: nn.Module) -> PromptEmbeddingLayer | None:
 
 class PromptEmbeddingLayer(nn.Module, BaseTunerLayer):
     """
-    Wraps a text embeddings module (such as `CLIPTextEmbeddings`) and writes an adapter's context vectors into the
-    prompt.
+    Wraps a text embeddings module (such as `CLIPTextEmbeddings`) and writes each adapter's prompt tokens: the parts of
+    an adapter are [`PromptVariant`]s (shared or class-specific context, CoCoOp's meta-net, deep text tokens, vision
+    tokens, MaPLe's coupling, TCP's class-aware tokens), whose tensors this layer holds, one store per part keyed by
+    adapter name, and whose tokens it writes through [`text_tokens`] and [`vision_context`], the one writer that the
+    encoder's shared-prefix path uses too.
 
     The wrapped module is reused as it is (its token and position tables are neither copied nor trained). A forward
     pre-hook on `owner`, the text model that calls the embeddings, resolves which adapter the call uses (the one named
@@ -127,62 +130,47 @@ class PromptEmbeddingLayer(nn.Module, BaseTunerLayer):
     then replaces the placeholders' embeddings with that adapter's context. The resolved call lives in a `ContextVar`
     for the duration of the text model's forward, so concurrent forwards in other threads never see it.
 
-    Deep and vision prompts (IVLP, MaPLe, PromptSRC) are held here too, with hooks that write them in: a forward
-    pre-hook on each of the text tower's encoder layers replaces the hidden states at the context's positions with
-    that layer's tokens; in the image tower, a forward hook on the embeddings appends the vision tokens, a pre-hook on
-    each encoder layer replaces them with that layer's, and a pre-hook on an attention pooling head (SigLIP) keeps
-    them out of the pooling. The image tower's call is resolved by a pre-hook on the vision transformer, as the
-    text's.
+    Deeper tokens are written by hooks added when the layer is created (so that `torch.compile` after switching
+    adapters sees them): a forward pre-hook on each of the text tower's encoder layers replaces the hidden states at
+    the context's positions with that layer's tokens; in the image tower, a forward hook on the embeddings appends
+    the vision tokens, a pre-hook on each encoder layer replaces them with that layer's, and a pre-hook on an
+    attention pooling head (SigLIP) keeps them out of the pooling. The image tower's call is resolved by a pre-hook on
+    the vision transformer, as the text's.
 
     Args:
         base_layer (`nn.Module`): the text embeddings module, with `token_embedding` and `position_embedding`.
         owner (`nn.Module`): the module whose forward takes `input_ids` and calls `base_layer`.
         adapter_name (`str`): name of the first adapter.
-        context (`torch.Tensor`): its initial context, `(n_ctx, width)` or `(num_classes, n_ctx, width)`.
+        parts (`Mapping[type[PromptVariant], torch.Tensor | nn.Module]`): its parts' initial tensors or modules.
         layout (`PromptLayout`): where its context goes.
-        inference_mode (`bool`, *optional*, defaults to `False`): whether the context is frozen.
+        inference_mode (`bool`, *optional*, defaults to `False`): whether its tensors are frozen.
         text_layers (`Sequence[nn.Module]`, *optional*): the text tower's encoder layers, for deep prompts.
         vision (`VisionTower`, *optional*): the image tower, for vision prompts.
-        meta_net (`nn.Module`, *optional*): CoCoOp's meta-net, image feature -> context bias.
-        deep (`torch.Tensor`, *optional*): deep text prompts `(prompt_depth - 1, n_ctx, width)`.
-        vision_ctx (`torch.Tensor`, *optional*): vision prompts `(vision_prompt_depth, vision_n_ctx, vision width)`.
-        coupling (`nn.ModuleList`, *optional*): MaPLe's per-layer maps, text tokens -> vision tokens.
     """
 
-    adapter_layer_names = (
-        "prompt_embedding_ctx",
-        "prompt_embedding_meta_net",
-        "prompt_embedding_deep_ctx",
-        "prompt_embedding_vision_ctx",
-        "prompt_embedding_coupling",
-    )
-    other_param_names = ("prompt_layouts",)
+    adapter_layer_names = tuple(STORES)
+    other_param_names = ("prompt_layouts", "prompt_variants")
 
     def __init__(
         self,
         base_layer: nn.Module,
         owner: nn.Module,
         adapter_name: str,
-        context: torch.Tensor,
+        parts: Mapping[type[PromptVariant], torch.Tensor | nn.Module],
         layout: PromptLayout,
         inference_mode: bool = False,
         text_layers: Sequence[nn.Module] = (),
         vision: VisionTower | None = None,
-        meta_net: nn.Module | None = None,
-        deep: torch.Tensor | None = None,
-        vision_ctx: torch.Tensor | None = None,
-        coupling: nn.ModuleList | None = None,
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.prompt_embedding_ctx = nn.ParameterDict({})
-        self.prompt_embedding_meta_net = nn.ModuleDict({})
-        self.prompt_embedding_deep_ctx = nn.ParameterDict({})
-        self.prompt_embedding_vision_ctx = nn.ParameterDict({})
-        self.prompt_embedding_coupling = nn.ModuleDict({})
+        for store, is_module in STORES.items():
+            setattr(self, store, nn.ModuleDict({}) if is_module else nn.ParameterDict({}))
         self.prompt_layouts: dict[str, PromptLayout] = {}
+        self.prompt_variants: dict[str, tuple[type[PromptVariant], ...]] = {}
         set_active_adapter(self, adapter_name)
         self.merged_adapters = []
+        self._owner_call = owner.__call__  # a plain reference: the text model is not a submodule of its embeddings
         self._owner_signature = inspect.signature(owner.forward)
         self._owner_var_kwargs = next(
             (p.name for p in self._owner_signature.parameters.values() if p.kind is p.VAR_KEYWORD), None
@@ -196,35 +184,24 @@ class PromptEmbeddingLayer(nn.Module, BaseTunerLayer):
         self._hook_text_layers()
         if vision is not None:
             self._hook_vision_tower()
-        self.update_layer(adapter_name, context, layout, inference_mode, meta_net, deep, vision_ctx, coupling)
+        self.update_layer(adapter_name, parts, layout, inference_mode)
 
     def update_layer(
         self,
         adapter_name: str,
-        context: torch.Tensor,
+        parts: Mapping[type[PromptVariant], torch.Tensor | nn.Module],
         layout: PromptLayout,
         inference_mode: bool = False,
-        meta_net: nn.Module | None = None,
-        deep: torch.Tensor | None = None,
-        vision_ctx: torch.Tensor | None = None,
-        coupling: nn.ModuleList | None = None,
     ) -> None:
-        """Add (or replace) the context of `adapter_name`, and its CoCoOp meta-net, deep text prompts, vision prompts
-        and MaPLe coupling if it has them."""
-        for store in self.adapter_layer_names[1:]:  # a replaced adapter keeps nothing of its predecessor
+        """Add (or replace) adapter `adapter_name`, made of `parts`: each variant's initial tensor or module."""
+        if any(v.prompts_images for v in parts) and self._vision is None:
+            raise ValueError("Vision prompts need a model with an image tower of a supported family.")
+        for store in self.adapter_layer_names:  # a replaced adapter keeps nothing of its predecessor
             if adapter_name in getattr(self, store):
                 del getattr(self, store)[adapter_name]
-        self.prompt_embedding_ctx[adapter_name] = nn.Parameter(context)
-        if meta_net is not None:
-            self.prompt_embedding_meta_net[adapter_name] = meta_net
-        if deep is not None:
-            self.prompt_embedding_deep_ctx[adapter_name] = nn.Parameter(deep)
-        if vision_ctx is not None:
-            self.prompt_embedding_vision_ctx[adapter_name] = nn.Parameter(vision_ctx)
-        if coupling is not None:
-            self.prompt_embedding_coupling[adapter_name] = coupling
-        if (vision_ctx is not None or coupling is not None) and self._vision is None:
-            raise ValueError("Vision prompts need a model with an image tower of a supported family.")
+        for variant, value in parts.items():
+            getattr(self, variant.store)[adapter_name] = value if variant.is_module else nn.Parameter(value)
+        self.prompt_variants[adapter_name] = tuple(parts)
         self.prompt_layouts[adapter_name] = layout
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
@@ -268,8 +245,40 @@ class PromptEmbeddingLayer(nn.Module, BaseTunerLayer):
         return self.active_adapters[0]
 
     def is_conditional(self, adapter_name: str) -> bool:
-        """Whether adapter `adapter_name` has a CoCoOp meta-net (its context depends on the image)."""
-        return adapter_name in self.prompt_embedding_meta_net
+        """Whether adapter `adapter_name`'s context depends on the image (CoCoOp)."""
+        return any(v.conditional for v in self.prompt_variants[adapter_name])
+
+    def prompts_images(self, adapter_name: str) -> bool:
+        """Whether adapter `adapter_name` has vision prompts (its image features depend on it)."""
+        return any(v.prompts_images for v in self.prompt_variants[adapter_name])
+
+    def per_class(self, adapter_name: str) -> bool:
+        """Whether adapter `adapter_name` writes other tokens into each class's prompt (CSC, TCP)."""
+        return any(v.per_class for v in self.prompt_variants[adapter_name])
+
+    def writes_deep(self, adapter_name: str) -> bool:
+        """Whether adapter `adapter_name` writes tokens before text layers past the input."""
+        return any(v.deep for v in self.prompt_variants[adapter_name])
+
+    def prepare(self, adapter_name: str, input_ids: torch.Tensor, mask: torch.Tensor | None) -> dict[type, Any]:
+        """What the adapter's parts need of a call's texts `(batch, length)`, before the context is inserted."""
+        variants = self.prompt_variants[adapter_name]
+        return {v: v.prepare(self, adapter_name, input_ids, mask) for v in variants if v.prepare_texts}
+
+    def base_text_embeddings(self, input_ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The base text tower's pooled output `(batch, width)` of texts `input_ids` (no adapter, no gradient)."""
+        with torch.no_grad(), prompt_options(enabled=False):
+            output = self._owner_call(input_ids=input_ids, attention_mask=mask)
+        return output.pooler_output if hasattr(output, "pooler_output") else output[1]
+
+    def text_tokens(self, adapter_name: str, index: int, prepared: Mapping[type, Any]) -> torch.Tensor | None:
+        """The tokens the adapter writes at the context's positions before text layer `index` (>= 1): `(n_ctx,
+        width)`, or per text `(batch, n_ctx, width)`; None where it writes none. `prepared`: [`prepare`]'s."""
+        for variant in self.prompt_variants[adapter_name]:
+            tokens = variant.text_tokens(self, adapter_name, index, prepared.get(variant))
+            if tokens is not None:
+                return tokens
+        return None
 
     @_eager
     def _begin_call(self, owner: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple | None:
@@ -292,9 +301,10 @@ class PromptEmbeddingLayer(nn.Module, BaseTunerLayer):
         if mask is not None:
             mask = mask.view(-1, mask.shape[-1])
         layout = self.prompt_layouts[name]
+        prepared = self.prepare(name, input_ids, mask)
         inputs["input_ids"], inputs["attention_mask"] = layout.expand(input_ids, mask)
-        slots = layout.locate(inputs["input_ids"]) if name in self.prompt_embedding_deep_ctx else None
-        _CALL.set(_Call(self, name, options, previous, "text", slots))
+        slots = layout.locate(inputs["input_ids"]) if self.writes_deep(name) else None
+        _CALL.set(_Call(self, name, options, previous, "text", slots, prepared))
         return (), inputs
 
     @_eager
@@ -325,10 +335,10 @@ class PromptEmbeddingLayer(nn.Module, BaseTunerLayer):
     @_eager
     def _deep_text(self, index: int, layer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple | None:
         call = self._current("text")
-        deep = None if call is None else self.prompt_embedding_deep_ctx.get(call.adapter_name)
-        if deep is None or index > deep.shape[0]:
+        tokens = None if call is None else self.text_tokens(call.adapter_name, index, call.prepared)
+        if tokens is None:
             return None
-        return _with_hidden(args, kwargs, lambda h: write_at(h, call.slots, deep[index - 1]))
+        return _with_hidden(args, kwargs, lambda h: write_at(h, call.slots, tokens))
 
     @_eager
     def _append_vision(self, embeddings: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
@@ -357,28 +367,18 @@ class PromptEmbeddingLayer(nn.Module, BaseTunerLayer):
         count = self.vision_context(call.adapter_name, 0).shape[0]
         return _with_hidden(args, kwargs, lambda h: h[:, :-count])
 
-    def prompts_images(self, adapter_name: str) -> bool:
-        """Whether adapter `adapter_name` has vision prompts (its image features depend on it)."""
-        return adapter_name in self.prompt_embedding_vision_ctx or adapter_name in self.prompt_embedding_coupling
-
     def vision_depth(self, adapter_name: str) -> int:
         """How many layers of the image tower get the adapter's vision tokens (0 without vision prompts)."""
-        if adapter_name in self.prompt_embedding_coupling:
-            return len(self.prompt_embedding_coupling[adapter_name])
-        if adapter_name in self.prompt_embedding_vision_ctx:
-            return self.prompt_embedding_vision_ctx[adapter_name].shape[0]
-        return 0
+        return max(v.vision_depth(self, adapter_name) for v in self.prompt_variants[adapter_name])
 
     def vision_context(self, adapter_name: str, index: int) -> torch.Tensor:
-        """The vision tokens `(vision_n_ctx, vision width)` of image layer `index`: the adapter's own, or for MaPLe
-        the coupling map of that layer's text tokens (the context for layer 0, the deep prompts after it)."""
-        if adapter_name in self.prompt_embedding_coupling:
-            if index == 0:
-                text = self.prompt_embedding_ctx[adapter_name]
-            else:
-                text = self.prompt_embedding_deep_ctx[adapter_name][index - 1]
-            return self.prompt_embedding_coupling[adapter_name][index](text)
-        return self.prompt_embedding_vision_ctx[adapter_name][index]
+        """The vision tokens `(vision_n_ctx, vision width)` of image layer `index` (0: appended after the
+        embeddings): the adapter's own, or for MaPLe the coupling map of that layer's text tokens."""
+        for variant in self.prompt_variants[adapter_name]:
+            tokens = variant.vision_tokens(self, adapter_name, index)
+            if tokens is not None:
+                return tokens
+        raise ValueError(f"Adapter {adapter_name!r} has no vision tokens for image layer {index}.")
 
     @_eager
     def _end_call(self, tower: str, owner: nn.Module, args: tuple, output: Any) -> None:
@@ -406,35 +406,14 @@ class PromptEmbeddingLayer(nn.Module, BaseTunerLayer):
         return write_at(embeds, positions, self.context(adapter_name, embeds.shape[0], options))
 
     def context(self, adapter_name: str, batch: int, options: PromptOptions) -> torch.Tensor:
-        """The context of each of `batch` texts, `(batch, n_ctx, width)`, for the call's class rows or images."""
-        ctx = self.prompt_embedding_ctx[adapter_name]
-        if self.is_conditional(adapter_name):
-            if options.condition is None:
-                raise ValueError(
-                    f"Adapter {adapter_name!r} is conditional (CoCoOp): its context depends on the image, so text "
-                    "features alone are undefined. Classify with PromptClassifier, encode with "
-                    "PromptEncoder.class_features(tokens, image_features=...), or pass the image features with "
-                    "prompt_options(condition=...)."
-                )
-            # the texts are all classes for image 0, then image 1, ...; each image's bias shifts the context
-            images = options.condition.shape[0]
-            if batch % images:
-                raise ValueError(f"{batch} texts cannot be split evenly among {images} conditioning images.")
-            bias = self.prompt_embedding_meta_net[adapter_name](options.condition.to(ctx.dtype))
-            return ctx[None] + bias.repeat_interleave(batch // images, dim=0)[:, None, :]
-        if options.condition is not None:
+        """The context of each of `batch` texts, `(batch, n_ctx, width)`, for the call's class rows or images: each of
+        the adapter's parts in turn makes it from the one before (CoCoOp's meta-net shifts the shared context)."""
+        if options.condition is not None and not self.is_conditional(adapter_name):
             raise ValueError(f"Adapter {adapter_name!r} is not conditional: drop the conditioning image features.")
-        if ctx.dim() == 2:
-            return ctx.expand(batch, -1, -1)
-        if options.classes is not None:
-            ctx = ctx[options.classes.to(ctx.device)]
-        if ctx.shape[0] != batch:
-            total = self.prompt_embedding_ctx[adapter_name].shape[0]
-            raise ValueError(
-                f"This adapter has class-specific context for {total} classes, so it needs the texts of all {total} "
-                f"classes in class order (or of the classes named by prompt_options(classes=...)), got {batch} texts."
-            )
-        return ctx
+        context = None
+        for variant in self.prompt_variants[adapter_name]:
+            context = variant.input_context(self, adapter_name, context, batch, options)
+        return context.expand(batch, -1, -1) if context.dim() == 2 else context
 
     def __getattr__(self, name: str) -> Any:
         # the text model reaches into its embeddings (get_input_embeddings() returns `embeddings.token_embedding`)
@@ -467,60 +446,3 @@ def _with_hidden(args: tuple, kwargs: dict[str, Any], change: Any) -> tuple:
         return (change(args[0]), *args[1:]), kwargs
     key = "hidden_states" if "hidden_states" in kwargs else "hidden_state"
     return args, {**kwargs, key: change(kwargs[key])}
-
-
-def expected_tensor_counts(config: PromptEmbeddingConfig) -> dict[str, int]:
-    """How many tensors an adapter with `config` saves under each of the layer's parameter names."""
-    return {
-        "prompt_embedding_ctx": 1,
-        "prompt_embedding_meta_net": 4 if config.conditional else 0,  # CoCoOp: two Linear layers, weights and biases
-        "prompt_embedding_deep_ctx": 1 if config.prompt_depth > 1 else 0,
-        "prompt_embedding_vision_ctx": 1 if config.vision_n_ctx and not config.coupled else 0,
-        "prompt_embedding_coupling": 2 * config.prompt_depth if config.coupled else 0,  # a Linear per layer
-    }
-
-
-def check_adapter_tensors(tensors: Mapping[str, torch.Tensor], config: PromptEmbeddingConfig, where: str) -> None:
-    """The one check of a saved adapter's tensors against its config, before any of them reaches a model: the
-    tensors its config implies (context; CoCoOp's meta-net; deep, vision prompts and MaPLe's coupling), all finite
-    floats, the context and the deep prompts of the configured shapes.
-
-    Raises:
-        `InvalidAdapterError`: naming the file (`where`) and what is wrong.
-    """
-    expected = expected_tensor_counts(config)
-    found = {name: [k for k in tensors if k.endswith(name) or f".{name}." in k] for name in expected}
-    if any(len(found[n]) != count for n, count in expected.items()) or len(tensors) != sum(expected.values()):
-        wanted = ", ".join(f"{count} {n}" for n, count in expected.items() if count)
-        raise InvalidAdapterError(
-            f"{where} holds {len(tensors)} tensors ({sorted(tensors)[:6]}); an adapter with this config "
-            f"({config.method}) holds {wanted}: the files do not belong together."
-        )
-    for key, tensor in tensors.items():
-        if not tensor.is_floating_point():
-            raise InvalidAdapterError(f"The tensor {key} in {where} has dtype {tensor.dtype}, not floats.")
-        if not bool(tensor.isfinite().all()):
-            raise InvalidAdapterError(f"The tensor {key} in {where} holds NaN or infinite values; it cannot be used.")
-    context = tensors[found["prompt_embedding_ctx"][0]]
-    shape = (config.num_classes,) if config.class_specific else ()
-    if context.dim() != len(shape) + 2 or tuple(context.shape[:-1]) != (*shape, config.n_ctx):
-        what = f"num_classes={config.num_classes}, " if config.class_specific else ""
-        raise InvalidAdapterError(
-            f"The context in {where} has shape {tuple(context.shape)}, but adapter_config.json says "
-            f"{what}n_ctx={config.n_ctx} (class_specific={config.class_specific}): the files do not belong together."
-        )
-    for key in found["prompt_embedding_deep_ctx"]:
-        deep = tensors[key]
-        if tuple(deep.shape) != (config.prompt_depth - 1, config.n_ctx, context.shape[-1]):
-            raise InvalidAdapterError(
-                f"The deep prompts in {where} have shape {tuple(deep.shape)}, but adapter_config.json says "
-                f"prompt_depth={config.prompt_depth}, n_ctx={config.n_ctx} (expected "
-                f"{(config.prompt_depth - 1, config.n_ctx, context.shape[-1])})."
-            )
-    for key in found["prompt_embedding_vision_ctx"]:
-        vision = tensors[key]
-        if vision.dim() != 3 or tuple(vision.shape[:2]) != (config.vision_prompt_depth, config.vision_n_ctx):
-            raise InvalidAdapterError(
-                f"The vision prompts in {where} have shape {tuple(vision.shape)}, but adapter_config.json says "
-                f"vision_prompt_depth={config.vision_prompt_depth}, vision_n_ctx={config.vision_n_ctx}."
-            )

@@ -21,8 +21,8 @@ from torch import nn
 
 from .config import PEFT_TYPE, PromptEmbeddingConfig
 from .errors import InvalidAdapterError
-from .layer import check_adapter_tensors
 from .storage import file_sha256, locked
+from .variants import check_adapter_tensors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

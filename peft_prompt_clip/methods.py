@@ -74,6 +74,12 @@ METHODS: dict[str, Method] = {
             "gpa_std": 1.0,
         },
     ),
+    "tcp": Method(
+        "TCP",
+        "Yao et al., TCP: Textual-based Class-aware Prompt tuning for Visual-Language Model, CVPR 2024",
+        {"n_ctx": 4, "ctx_init": "a photo of a", "class_prompt_layer": 8},
+        {"kg_weight": 8.0},
+    ),
 }
 
 
@@ -83,7 +89,8 @@ def method_settings(
     """
     The adapter fields and training fields of the preset `name` for `num_classes` classes. PromptSRC's logit term (KL
     averaged over images and classes) is `kl_weight = 1 / num_classes` here; given the `model`, depths are capped at
-    its towers' layer counts (the papers' depth 9 is for 12-layer towers); given `epochs` other than the paper's, the
+    its towers' layer counts (the papers' depth 9 is for 12-layer towers, TCP's layer 8 of 12 at the text tower's
+    last); given `epochs` other than the paper's, the
     Gaussian of PromptSRC's aggregation is scaled with them (mean 15 and std 1 of 20 epochs: 0.75 and 0.05 of them).
 
     Raises:
@@ -117,7 +124,11 @@ def method_settings(
         vision = find_vision_tower(model)
         vision_layers = None if vision is None else len(vision.layers)
     coupled = adapter.get("coupled", False)  # MaPLe's depth is that of both towers
-    caps = {"prompt_depth": [text_layers, vision_layers if coupled else None], "vision_prompt_depth": [vision_layers]}
+    caps = {
+        "prompt_depth": [text_layers, vision_layers if coupled else None],
+        "vision_prompt_depth": [vision_layers],
+        "class_prompt_layer": [None if text_layers is None else text_layers - 1],  # a layer past the input
+    }
     for key, layers in caps.items():
         for count in layers:
             if key in adapter and count is not None:

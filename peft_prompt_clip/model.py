@@ -25,9 +25,10 @@ except ImportError:  # transformers < 4.49
 
 from .config import PEFT_TYPE, ClassTokenPosition, PromptEmbeddingConfig
 from .errors import InvalidAdapterError
-from .layer import PromptEmbeddingLayer, VisionTower, check_adapter_tensors
+from .layer import PromptEmbeddingLayer, VisionTower
 from .layout import Pooling, PromptLayout
 from .peft_private import TunerPrivateHooks, register_tuner
+from .variants import CONTEXT, Build, check_adapter_tensors, variants_of
 
 
 @dataclass(frozen=True)
@@ -90,9 +91,6 @@ def text_family(embeddings: nn.Module) -> TextFamily:
     """The family of a (possibly wrapped) text embeddings module."""
     base = embeddings.get_base_layer() if isinstance(embeddings, PromptEmbeddingLayer) else embeddings
     return next(family for cls, family in SUPPORTED_TEXT_EMBEDDINGS.items() if isinstance(base, cls))
-
-
-INIT_STD = 0.02  # CoOp's random initialisation: normal with std 0.02
 
 
 def _is_text_embeddings(module: nn.Module) -> bool:
@@ -211,44 +209,24 @@ class PromptEmbeddingModel(TunerPrivateHooks):
         current_key: str,
     ) -> None:
         embeddings = target.get_base_layer() if isinstance(target, PromptEmbeddingLayer) else target
-        context = _initial_context(peft_config, embeddings, _tokenizer(peft_config, self.model))
-        layout = layout_of(peft_config, embeddings, parent.config)
-        meta_net = self._meta_net(peft_config, context) if peft_config.conditional else None
         text_layers = list(parent.encoder.layers)
         vision = find_vision_tower(self.model)
-        deep, vision_ctx, coupling = _deep_prompts(peft_config, context, text_layers, vision, self.model)
-        prompts = {"meta_net": meta_net, "deep": deep, "vision_ctx": vision_ctx, "coupling": coupling}
+        variants = variants_of(peft_config)
+        if any(v.prompts_images for v in variants):
+            _check_image_tower(self.model, vision)
+        init_ids = _ctx_init_ids(peft_config, _tokenizer(peft_config, self.model))
+        build = Build(peft_config, self.model, embeddings, text_layers, vision, init_ids)
+        parts = {variant: variant.create(build) for variant in variants}
+        layout = layout_of(peft_config, embeddings, parent.config)
         if isinstance(target, PromptEmbeddingLayer):
-            target.update_layer(adapter_name, context, layout, peft_config.inference_mode, **prompts)
+            target.update_layer(adapter_name, parts, layout, peft_config.inference_mode)
             return
         new_module = PromptEmbeddingLayer(
-            embeddings,
-            parent,
-            adapter_name,
-            context,
-            layout,
-            peft_config.inference_mode,
-            text_layers,
-            vision,
-            **prompts,
+            embeddings, parent, adapter_name, parts, layout, peft_config.inference_mode, text_layers, vision
         )
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
-
-    def _meta_net(self, config: PromptEmbeddingConfig, context: torch.Tensor) -> nn.Module:
-        """CoCoOp's meta-net, image feature -> context bias: Linear(d, d/r), ReLU, Linear(d/r, width); seeded."""
-        image_dim = getattr(getattr(self.model, "config", None), "projection_dim", None)
-        if image_dim is None or not hasattr(self.model, "get_image_features"):
-            raise ValueError(
-                "conditional (CoCoOp) context needs the image features of a model with an image tower, such as "
-                f"CLIPModel; {type(self.model).__name__} has none."
-            )
-        hidden = max(1, image_dim // config.meta_net_reduction)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.init_seed)
-            meta_net = nn.Sequential(nn.Linear(image_dim, hidden), nn.ReLU(), nn.Linear(hidden, context.shape[-1]))
-        return _moved(meta_net, context.device)
 
     def unload_layers(self, merge: bool) -> nn.Module:
         """Put the original text embeddings module back (`unload()`); `merge_and_unload()` is refused."""
@@ -277,6 +255,7 @@ class PromptEmbeddingModel(TunerPrivateHooks):
         own = model.state_dict()
         names = PromptEmbeddingLayer.adapter_layer_names
         mine = [k for k in own if any(k.endswith(f"{n}.{adapter_name}") or f"{n}.{adapter_name}." in k for n in names)]
+        bounded = [v.store for v in variants_of(config) if v.bounded]  # token vectors of the text tower
         # saved from another layout of the same towers (CLIPModel vs CLIPTextModel, transformers 4 vs 5): the keys
         # differ only before the layer's parameter names; PEFT passes on keys it could not map as saved (no adapter)
         # release 0.1.0 saved a module's keys with the adapter name inside (`prompt_embedding_coupling.<saved name>.0.
@@ -299,7 +278,7 @@ class PromptEmbeddingModel(TunerPrivateHooks):
             loaded, param = remapped[key], own[key]
             if loaded.shape == param.shape:
                 continue
-            if names[0] in key:
+            if CONTEXT in key:
                 raise InvalidAdapterError(
                     f"The adapter's context has shape {tuple(loaded.shape)}, but this model expects "
                     f"{tuple(param.shape)} (n_ctx={config.n_ctx}, text width {param.shape[-1]}). The adapter was "
@@ -312,7 +291,7 @@ class PromptEmbeddingModel(TunerPrivateHooks):
                 f"({config.base_model_name_or_path or 'unknown'})."
             )
         for key in mine:
-            if names[0] in key or names[2] in key:  # token vectors of the text tower
+            if any(store in key for store in bounded):
                 _check_magnitude(remapped[key], model)
         return remapped
 
@@ -424,81 +403,19 @@ def complete_config(config: PromptEmbeddingConfig, tokenizer: PreTrainedTokenize
         config.suffix_token_ids = [] if tokenizer is None else tokenizer(".", add_special_tokens=False)["input_ids"]
 
 
-def _initial_context(
-    config: PromptEmbeddingConfig, embeddings: nn.Module, tokenizer: PreTrainedTokenizerBase | None
-) -> torch.Tensor:
-    """CoOp's initialisation of a completed config: normal (std 0.02, seeded), the last vectors set to the token
-    embeddings of `ctx_init`."""
-    weight = embeddings.token_embedding.weight
-    shape = (config.num_classes,) if config.class_specific else ()
-    generator = torch.Generator().manual_seed(config.init_seed)
-    context = torch.randn(*shape, config.n_ctx, weight.shape[1], generator=generator) * INIT_STD
-    ids = _ctx_init_ids(config, tokenizer)
-    if ids:
-        with torch.no_grad():
-            words = embeddings.token_embedding(torch.tensor(ids, device=weight.device)).float().cpu()
-        context[..., config.n_ctx - len(words) :, :] = words
-    # the context stays float32 whatever the base model's dtype: the updates of a few thousand parameters are
-    # small, and bf16/fp16 would round them away; it is cast to the embeddings' dtype in the forward
-    return context.to(weight.device)
-
-
-def _deep_prompts(
-    config: PromptEmbeddingConfig,
-    context: torch.Tensor,
-    text_layers: list[nn.Module],
-    vision: VisionTower | None,
-    model: nn.Module,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, nn.ModuleList | None]:
-    """The initial deep text prompts, vision prompts and MaPLe coupling of a completed config (None where it has
-    none): normal with std 0.02 as VPT, MaPLe and PromptSRC, the maps as `nn.Linear`'s own; seeded by `init_seed`."""
-    if config.prompt_depth > len(text_layers):
-        raise ValueError(
-            f"prompt_depth={config.prompt_depth}, but the text tower has {len(text_layers)} layers; use at most "
-            f"{len(text_layers)}."
-        )
-    if not config.prompts_images:
-        vision_ctx = coupling = None
-    elif type(model).__name__ == "OwlViTForObjectDetection":
+def _check_image_tower(model: nn.Module, vision: VisionTower | None) -> None:
+    """Refuse vision prompts where the model has no image tower they can go into."""
+    if type(model).__name__ == "OwlViTForObjectDetection":
         raise ValueError(
             "Vision prompts add tokens to the image sequence, whose patch tokens OWL-ViT's detection heads read as a "
             "grid: use them with OwlViTModel (classification), or deep text prompts alone for detection."
         )
-    elif vision is None:
+    if vision is None:
         supported = ", ".join(SUPPORTED_VISION_EMBEDDINGS.values())
         raise ValueError(
             f"Vision prompts (vision_n_ctx, coupled) need a model with an image tower of a supported family "
             f"({supported}); this model has none. Use prompt_depth alone for deep text prompts."
         )
-    elif config.vision_prompt_depth > len(vision.layers):
-        raise ValueError(
-            f"vision_prompt_depth={config.vision_prompt_depth}, but the image tower has {len(vision.layers)} "
-            f"layers; use at most {len(vision.layers)}."
-        )
-    width = context.shape[-1]
-    vision_width = None if vision is None else vision.embeddings.embed_dim
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.init_seed + 1)  # not the context's stream: adding depth leaves the context as it was
-        deep = vision_ctx = coupling = None
-        if config.prompt_depth > 1:
-            deep = torch.randn(config.prompt_depth - 1, config.n_ctx, width) * INIT_STD
-        if config.coupled:
-            coupling = nn.ModuleList(nn.Linear(width, vision_width) for _ in range(config.prompt_depth))
-        elif config.vision_n_ctx:
-            shape = (config.vision_prompt_depth, config.vision_n_ctx, vision_width)
-            vision_ctx = torch.randn(*shape) * INIT_STD
-    device = context.device
-    return (
-        None if deep is None else deep.to(device),
-        None if vision_ctx is None else vision_ctx.to(device),
-        None if coupling is None else _moved(coupling, device),
-    )
-
-
-def _moved(module: nn.Module, device: torch.device) -> nn.Module:
-    """`module`, made on the CPU (the same seeded values on any device), on `device`; left on the meta device where
-    `low_cpu_mem_usage` put its parameters (the loaded weights are then assigned in their place)."""
-    return module if any(p.is_meta for p in module.parameters()) else module.to(device)
 
 
 def register() -> None:

@@ -31,6 +31,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "ivlp": ("ivlp", {}),
     "maple": ("maple", {}),
     "promptsrc": ("promptsrc", {}),
+    "tcp": ("tcp", {}),
 }
 
 #: a short run of any method: its preset's terms, with steps enough to move every tensor

@@ -106,7 +106,7 @@ def test_chunked_cocoop_step_has_the_exact_gradient(clip_dir, tmp_path):
 def test_cocoop_needs_an_image_tower_and_a_shared_context(clip_dir):
     with pytest.raises(ValueError, match="needs the image features of a model with an image tower"):
         get_peft_model(CLIPTextModel.from_pretrained(clip_dir), PromptEmbeddingConfig(n_ctx=4, conditional=True))
-    with pytest.raises(ValueError, match="drop class_specific or conditional"):
+    with pytest.raises(ValueError, match=r"class-specific context and conditional context \(CoCoOp\) do not combine"):
         PromptEmbeddingConfig(conditional=True, class_specific=True, num_classes=3)
 
 

@@ -304,7 +304,7 @@ def test_bad_configs_name_the_fix():
         get_peft_model(CLIPTextModel(clip_model().config.text_config), PromptEmbeddingConfig(n_ctx=2, coupled=True))
     with pytest.raises(ValueError, match="vision_n_ctx and vision_prompt_depth are n_ctx and prompt_depth"):
         PromptEmbeddingConfig(n_ctx=2, coupled=True, vision_n_ctx=4)
-    with pytest.raises(ValueError, match="do not combine with class_specific or conditional"):
+    with pytest.raises(ValueError, match="class-specific context and deep text prompts do not combine"):
         PromptEmbeddingConfig(n_ctx=2, prompt_depth=2, class_specific=True, num_classes=3)
     with pytest.raises(ValueError, match="set vision_n_ctx"):
         PromptEmbeddingConfig(n_ctx=2, vision_prompt_depth=3)

@@ -78,7 +78,9 @@ def test_templates_of_the_base_model(clip_dir, tokenizer):
 
 
 @pytest.mark.parametrize(
-    "config", [dict(class_specific=True, num_classes=6), dict(class_token_position="front")], ids=["csc", "front"]
+    "config",
+    [dict(class_specific=True, num_classes=6), dict(class_prompt_layer=1), dict(class_token_position="front")],
+    ids=["csc", "tcp", "front"],
 )
 def test_nothing_shared_takes_the_models_forward(clip_dir, tokenizer, config):
     model = prompted(CLIPModel.from_pretrained(clip_dir), **config)
