@@ -49,7 +49,7 @@ from peft_prompt_clip.data import LabeledImages, base_novel, few_shot, image_inp
 from peft_prompt_clip.demo import CLASSES, MODEL_DIR, PRETRAIN_TEMPLATES, demo_data, fade
 from peft_prompt_clip.encoder import PromptEncoder
 from peft_prompt_clip.evaluation import evaluate, harmonic_mean
-from peft_prompt_clip.trainer import PromptTrainer, TrainingArguments
+from peft_prompt_clip.training import PromptTrainer, TrainingArguments
 
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
 

@@ -52,7 +52,7 @@ from peft_prompt_clip.data import LabeledImages, image_inputs
 from peft_prompt_clip.encoder import features_of
 from peft_prompt_clip.layer import find_prompt_layer
 from peft_prompt_clip.tiny import save_tiny_clip, vocab_and_merges
-from peft_prompt_clip.trainer import PromptTrainer, TrainingArguments
+from peft_prompt_clip.training import PromptTrainer, TrainingArguments
 
 N_CTX, IMAGES = 16, 32
 MODES = {
@@ -133,11 +133,11 @@ def setup(mode: str, classes: int) -> Callable[[], None]:
             output_dir=tempfile.mkdtemp(), epochs=1, augment=mode == "ours-augment", share_prefix=mode != "ours-whole"
         )
         trainer = PromptTrainer(model, processor, data, args)
-        cached = None if trainer.augment else trainer.cached_image_features()
+        cached = None if trainer.augment else trainer.images.cached()
         params = trainer.params
 
         def compute():
-            features = trainer.image_features(order, "bench")[0] if cached is None else cached
+            features = trainer.images.of(order, "bench")[0] if cached is None else cached
             trainer.step(features, labels, IMAGES)
 
     elif mode == "seed":

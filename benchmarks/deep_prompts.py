@@ -37,7 +37,7 @@ from peft_prompt_clip.data import LabeledImages
 from peft_prompt_clip.encoder import PromptEncoder, features_of
 from peft_prompt_clip.layer import find_prompt_layer
 from peft_prompt_clip.methods import method_settings
-from peft_prompt_clip.trainer import PromptTrainer, TrainingArguments
+from peft_prompt_clip.training import PromptTrainer, TrainingArguments
 
 IMAGES = 4  # MaPLe's and PromptSRC's batch
 
@@ -60,10 +60,10 @@ def trainer_for(method: str, classes: int) -> PromptTrainer:
 
 def training_step(trainer: PromptTrainer):
     order = list(range(len(trainer.data)))
-    cached = None if trainer.prompts_images else trainer.cached_image_features()
+    cached = None if trainer.prompts_images else trainer.images.cached()
 
     def step():
-        features, frozen = (cached, None) if cached is not None else trainer.image_features(order)
+        features, frozen = (cached, None) if cached is not None else trainer.images.of(order)
         trainer.step(features, trainer.labels, len(order), frozen)
         trainer.optimizer.step()
         trainer.optimizer.zero_grad(set_to_none=True)

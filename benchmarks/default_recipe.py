@@ -29,7 +29,7 @@ from transformers import CLIPModel
 
 from peft_prompt_clip import PromptEmbeddingConfig, get_prompt_model
 from peft_prompt_clip.data import few_shot, hold_out
-from peft_prompt_clip.trainer import PromptTrainer, TrainingArguments
+from peft_prompt_clip.training import PromptTrainer, TrainingArguments
 
 VARIANTS: dict[str, tuple[dict, bool]] = {  # name -> (PromptEmbeddingConfig fields, best held-out epoch)
     "16 random vectors, last epoch (CoOp)": ({"n_ctx": 16}, False),

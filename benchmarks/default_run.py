@@ -35,7 +35,7 @@ from shared_prefix import processor_and_clip
 
 from peft_prompt_clip import PromptEmbeddingConfig
 from peft_prompt_clip.data import LabeledImages
-from peft_prompt_clip.trainer import PromptTrainer, TrainingArguments
+from peft_prompt_clip.training import PromptTrainer, TrainingArguments
 
 SHOTS, FULL_EPOCHS = 16, 200  # CoOp's epochs at 16 shots
 
@@ -61,7 +61,7 @@ def run(data: LabeledImages, epochs: int, **recipe) -> dict[str, float]:
     args = TrainingArguments(output_dir=tempfile.mkdtemp(), epochs=epochs, **recipe)
     trainer = PromptTrainer(model, processor, data, args)
     views = 0.0
-    encode = trainer.cached_image_features
+    encode = trainer.images.cached
 
     def timed(*a, **k):
         nonlocal views
@@ -70,7 +70,7 @@ def run(data: LabeledImages, epochs: int, **recipe) -> dict[str, float]:
         views += time.perf_counter() - start
         return result
 
-    trainer.cached_image_features = timed
+    trainer.images.cached = timed
     start = time.perf_counter()
     trainer.train()
     return {"seconds": time.perf_counter() - start, "cache seconds": views}

@@ -35,7 +35,7 @@ from peft_prompt_clip.data import LabeledImages
 from peft_prompt_clip.encoder import features_of
 from peft_prompt_clip.layer import find_prompt_layer
 from peft_prompt_clip.tiny import save_tiny_clip, vocab_and_merges
-from peft_prompt_clip.trainer import PromptTrainer, TrainingArguments
+from peft_prompt_clip.training import PromptTrainer, TrainingArguments
 
 # name: (classes, n_ctx, config, images, class_chunk_size, repeats)
 CONFIGS = {
@@ -75,7 +75,7 @@ def training_steps(name: str) -> dict[str, Callable[[], None]]:
             share_prefix=mode == "shared prefix", optimizer="adamw",
         )  # fmt: skip
         trainer = PromptTrainer(model, processor, data, args)
-        cached = trainer.cached_image_features()
+        cached = trainer.images.cached()
 
         def step(trainer=trainer, cached=cached) -> None:
             trainer.step(cached, trainer.labels, len(cached))

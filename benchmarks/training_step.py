@@ -25,7 +25,7 @@ from transformers import AutoProcessor, CLIPModel
 from peft_prompt_clip import PromptEmbeddingConfig
 from peft_prompt_clip.data import LabeledImages
 from peft_prompt_clip.tiny import save_tiny_clip, vocab_and_merges
-from peft_prompt_clip.trainer import PromptTrainer, TrainingArguments
+from peft_prompt_clip.training import PromptTrainer, TrainingArguments
 
 CONFIGS = [  # (name, classes, augment, class_chunk_size, repeats, mode)
     ("100 classes, cached image features", 100, False, None, 5, "coop"),
@@ -56,11 +56,11 @@ def one(classes: int, augment: bool, chunk: int | None, repeats: int, mode: str)
     args = TrainingArguments(output_dir=tempfile.mkdtemp(), epochs=1, augment=augment, class_chunk_size=chunk)
     trainer = PromptTrainer(model, processor, data, args)
     labels = trainer.labels
-    cached = None if augment else trainer.cached_image_features()
+    cached = None if augment else trainer.images.cached()
     order = list(range(len(data)))
 
     def step():
-        features, frozen = trainer.image_features(order, "bench") if augment else (cached, None)
+        features, frozen = trainer.images.of(order, "bench") if augment else (cached, None)
         trainer.step(features, labels, len(order), frozen)
         model.zero_grad(set_to_none=True)
 

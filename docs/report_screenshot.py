@@ -19,7 +19,7 @@ from peft_prompt_clip import PromptClassifier, PromptEmbeddingConfig, evaluate, 
 from peft_prompt_clip.classifier import CLIP_TEMPLATE
 from peft_prompt_clip.demo import CLASSES, MODEL_DIR, demo_data, fade
 from peft_prompt_clip.report import write_report
-from peft_prompt_clip.trainer import LOG_NAME, PromptTrainer, TrainingArguments
+from peft_prompt_clip.training import LOG_NAME, PromptTrainer, TrainingArguments
 
 OUT = Path(__file__).parent / "images" / "report.png"
 

@@ -13,7 +13,7 @@ from .evaluation import evaluate, harmonic_mean
 from .layer import PromptEmbeddingLayer, prompt_options
 from .loading import get_prompt_model, load_prompt_model
 from .model import PromptEmbeddingModel, find_text_embeddings, register
-from .trainer import PromptTrainer, TrainingArguments
+from .training import PromptTrainer, TrainingArguments
 
 register()
 

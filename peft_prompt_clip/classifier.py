@@ -121,15 +121,22 @@ class PromptClassifier:
         `spatial_shapes`): `logits(**processor(images=images, return_tensors="pt"))`."""
         name = self.adapter
         image = self.encoder.image_features({"pixel_values": pixel_values, **image_inputs}, name, name is not None)
+        return self.image_logits(image)
+
+    @torch.no_grad()
+    def image_logits(self, image_features: torch.Tensor) -> torch.Tensor:
+        """Scaled cosine similarities `(num_images, num_classes)` of normalised image features computed already by
+        the image tower this classifier uses (the adapter's, when it has vision prompts; else the base model's)."""
+        name = self.adapter
         if self.encoder.is_conditional(name):
             if len(self.templates) != 1:
                 raise ValueError("A conditional (CoCoOp) adapter classifies with one template, not an ensemble.")
             text = self.encoder.class_features(
-                self._tokens(self.templates[0], name), name, image_features=image, chunk_size=self.chunk_size
+                self._tokens(self.templates[0], name), name, image_features=image_features, chunk_size=self.chunk_size
             )
         else:
             text = self.class_features()
-        return self.encoder.logits(image, text.to(image.dtype))
+        return self.encoder.logits(image_features, text.to(image_features.dtype))
 
     def predict(self, images: Sequence, top_k: int = 5) -> list[list[tuple[str, float]]]:
         """The `top_k` most probable classes of each image (PIL images or arrays), with their probabilities."""

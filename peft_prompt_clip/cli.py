@@ -7,35 +7,22 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import functools
 import json
 import os
-import re
 import sys
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from safetensors import SafetensorError
 
 from . import __version__
-from .checkpoints import valid_log
 from .classifier import CLIP_TEMPLATE, IMAGENET_TEMPLATES, PromptClassifier
 from .config import ClassTokenPosition, PromptEmbeddingConfig, printable
 from .data import (
-    IMAGE_SUFFIXES,
-    SPLITS,
-    DatasetImage,
     LabeledImages,
     base_novel,
     drop_unreadable,
-    few_shot,
-    from_hf_dataset,
-    has_splits,
-    hold_out,
-    load_data,
-    load_split,
     open_image,
     select_classes,
 )
@@ -47,8 +34,10 @@ from .methods import METHODS, method_settings
 from .model import find_text_embeddings
 from .progress import disable_progress_bars, enable_progress_bars, progress
 from .report import write_report
+from .sources import DataSource
 from .storage import write_json
-from .trainer import LOG_NAME, PromptTrainer, TrainingArguments
+from .training import PromptTrainer, TrainingArguments
+from .training.record import read_log, valid_log
 from .variants import VARIANTS
 
 #: What the CLI reports in one line: the package's own errors and the user mistakes the libraries signal (a bad value,
@@ -61,31 +50,9 @@ ADAPTER_OPTIONS = tuple(dict.fromkeys(field for variant in VARIANTS for field in
 #: The flags whose name is not the field's
 ADAPTER_FLAGS = {"class_token_position": "--position", "class_specific": "--csc"}
 
-#: The `train` options that set a `TrainingArguments` field: flag -> (field, type). Their defaults are the fields'.
-TRAINING_OPTIONS: dict[str, tuple[str, Any, str]] = {
-    "--epochs": ("epochs", int, "epochs (default: CoOp's by shots: 50 / 100 / 200)"),
-    "--batch-size": ("batch_size", int, "images per optimizer step, over all processes"),
-    "--optimizer": ("optimizer", str, "'sgd' or 'adamw'"),
-    "--lr": ("lr", float, "peak learning rate"),
-    "--momentum": ("momentum", float, "SGD momentum"),
-    "--weight-decay": ("weight_decay", float, "weight decay"),
-    "--warmup-epochs": ("warmup_epochs", int, "epochs at --warmup-lr first (CoOp)"),
-    "--warmup-lr": ("warmup_lr", float, "learning rate of the warm-up epochs"),
-    "--gradient-accumulation-steps": ("gradient_accumulation_steps", int, "batches per optimizer step"),
-    "--mixed-precision": ("mixed_precision", str, "'no', 'fp16' or 'bf16' (default: Accelerate's launch setting)"),
-    "--class-chunk-size": ("class_chunk_size", int, "encode at most this many prompts at a time (bounds memory)"),
-    "--augment-views": ("augment_views", int, "with --augment: encode V crops of each image once, draw one per epoch"),
-    "--num-workers": ("num_workers", int, "processes decoding images (default: CUDA: half the CPUs, <= 4; CPU: 0)"),
-    "--kg-weight": ("kg_weight", float, "KgCoOp regulariser weight (KgCoOp uses 8.0)"),
-    "--kl-weight": ("kl_weight", float, "ProGrad-style KL to the zero-shot predictions"),
-    "--scl-text-weight": ("scl_text_weight", float, "PromptSRC's L1 to the hand-written class features (it uses 25)"),
-    "--scl-image-weight": ("scl_image_weight", float, "PromptSRC's L1 to the frozen image features (it uses 10)"),
-    "--gpa-mean": ("gpa_mean", float, "PromptSRC's Gaussian aggregation of the prompts over epochs: its mean epoch"),
-    "--gpa-std": ("gpa_std", float, "the standard deviation of --gpa-mean's Gaussian, in epochs"),
-    "--eval-every": ("eval_every", int, "epochs between evaluations on the held-out images (default: a tenth)"),
-    "--hand-template": ("hand_template", str, "hand-written prompt of the regularisers ('imagenet': that ensemble)"),
-    "--report-to": ("report_to", str, "Accelerate tracker, e.g. tensorboard; 'all' or 'none'"),
-}
+#: The `train` options that set a `TrainingArguments` field: the fields with a help text (the flag's); their defaults
+#: are the fields'.
+TRAINING_OPTIONS = tuple(f.name for f in dataclasses.fields(TrainingArguments) if "help" in f.metadata)
 
 
 def _load_base(model_name: str) -> tuple[Any, Any]:
@@ -106,14 +73,6 @@ def _load_base(model_name: str) -> tuple[Any, Any]:
     return model, AutoProcessor.from_pretrained(model_name)
 
 
-def _classes(data: LabeledImages, which: str | None) -> LabeledImages:
-    if which is None or which == "all":
-        return data
-    base, novel = base_novel(data.class_names)
-    names = {"base": base, "novel": novel}.get(which) or [n.strip() for n in which.split(",") if n.strip()]
-    return select_classes(data, names)
-
-
 #: Where notes (what a command used, where it wrote) go: "stdout", "stderr" (under --json, whose output is the
 #: results alone), or None (under -q). Set by `main`.
 _notes: str | None = "stdout"
@@ -124,144 +83,9 @@ def _say(text: str) -> None:
         print(text, file=getattr(sys, _notes))
 
 
-#: A Hugging Face dataset's split names, by the split they serve here.
-HF_SPLITS = {"train": ("train",), "val": ("validation", "val", "valid", "dev"), "test": ("test",)}
-
-
-def _parts(args: argparse.Namespace) -> dict[str, tuple[Callable[[], LabeledImages], str, str]]:
-    """`--data`'s parts by the split they serve ("train", "val", "test"), each a loader, where it comes from and the
-    split's own name; one part "all" for data that is one set (a folder of class folders, a CSV, a dataset without
-    splits)."""
-    source = Path(args.data)
-    if _is_hf_dataset(args.data):
-        found = _hf_dataset(str(source.resolve()) if source.exists() else args.data, args.dataset_config)
-        if not hasattr(found, "keys") or hasattr(found, "features"):  # one dataset, no splits
-            return {"all": (lambda: _hf_data(found, args), f"{args.data} (all of it: it has no splits)", "all")}
-        names = {part: next((n for n in HF_SPLITS[part] if n in found), None) for part in HF_SPLITS}
-        if not any(names.values()):
-            raise ValueError(
-                f"{args.data} has the splits {list(found)}, none of which is train, validation or test; save it with "
-                "those split names."
-            )
-        return {
-            part: (lambda n=name: _hf_data(found[n], args), f"{args.data}, its {name!r} split", name)
-            for part, name in names.items()
-            if name is not None
-        }
-    if has_splits(source):
-        return {
-            split: (lambda s=split: load_split(source, s), str(source / split), split)
-            for split in SPLITS
-            if (source / split).is_dir()
-        }
-    return {"all": (lambda: load_data(source), f"{source} (all of it: it has no train/val/test folders)", "all")}
-
-
-def _is_hf_dataset(data: str) -> bool:
-    """A folder written by `save_to_disk` or holding a dataset's parquet files (and no class folders of images), or a
-    Hub dataset id that is no path here."""
-    path = Path(data)
-    if path.is_dir():
-        if _saved_dataset(path):
-            return True
-        images = any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.glob("*/*"))
-        return not images and (any(path.glob("*.parquet")) or any(path.glob("data/*.parquet")))
-    is_id = re.fullmatch(r"[\w.-]+/[\w.-]+", data) is not None  # owner/name: a bare word is a mistyped folder
-    return not path.exists() and is_id
-
-
-@functools.cache  # one load per command (main() clears it): train reads its train and validation splits from one
-def _hf_dataset(data: str, config: str | None) -> Any:
-    try:
-        import datasets
-    except ImportError:
-        raise ValueError(
-            f"--data {data}: no such folder or CSV here; as a Hugging Face dataset it needs `pip install datasets`."
-        ) from None
-    if _saved_dataset(Path(data)):
-        return datasets.load_from_disk(data)
-    try:
-        return datasets.load_dataset(data, config)
-    except OSError as exc:  # not found (DatasetNotFoundError), offline (ConnectionError): maybe a mistyped path
-        message = f"--data {data}: no such folder or CSV here, and not loadable as a Hugging Face dataset: {exc}"
-        raise OSError(message) from None
-
-
-def _saved_dataset(folder: Path) -> bool:
-    """Whether `folder` was written by `datasets`' `save_to_disk` (a `DatasetDict` or one `Dataset`)."""
-    return (folder / "dataset_dict.json").is_file() or (folder / "dataset_info.json").is_file()
-
-
-def _hf_data(dataset: Any, args: argparse.Namespace) -> LabeledImages:
-    return from_hf_dataset(dataset, args.image_column, args.label_column)
-
-
-def _source(args: argparse.Namespace, parts: dict[str, Any], split: str | None) -> tuple[LabeledImages, str, str]:
-    """The images of `--data` (its `parts`, see [`_parts`]) for `split` (default: test), of `--classes`, where they
-    came from, and the name of the split used ("all" for data without splits: never split behind the user's back)."""
-    if "all" in parts:
-        if args.command == "eval" and args.split is not None:
-            raise ValueError(f"--split {args.split}: {args.data} has no splits, so eval uses all of its images.")
-        part = "all"
-    elif (split or "test") in parts:
-        part = split or "test"
-    else:
-        raise FileNotFoundError(f"{args.data} has no {split or 'test'!r} split; it has {sorted(parts)}.")
-    load, where, name = parts[part]
-    data = _classes(load(), args.classes)
-    empty = data.empty_classes()
-    if empty and args.command == "train":
-        raise ValueError(f"{where} has no images of the classes {empty}; leave them out with --classes.")
-    return data, where, name
-
-
-def _training_data(args: argparse.Namespace) -> tuple[LabeledImages, LabeledImages | None, list[str]]:
-    """`train`'s images (`--shots` per class, all by default) and its held-out images for choosing the epoch kept
-    (`--val-shots` per class, by default min(shots, 4) as CoOp's few-shot validation sets): from the data's validation
-    split, else from the images not among the shots; none when there are none, with a word on why. Also the names of
-    all those images (see [`_image_names`])."""
-    parts = _parts(args)
-    pool, where, split = _source(args, parts, "train")
-    train, rest = hold_out(pool, args.shots, seed=args.seed) if args.shots is not None else (pool, None)
-    val_shots = args.val_shots if args.val_shots is not None else min(args.shots or 4, 4)
-    if val_shots < 0:
-        raise ValueError(f"--val-shots must be 0 (no validation) or more, got {val_shots}.")
-    val, val_where, spent = None, "", []
-    val_split = split
-    if val_shots and "val" in parts:
-        load, val_where, val_split = parts["val"]
-        found = load()
-        missing = [name for name in train.class_names if name not in found.class_names]
-        if missing:
-            raise ValueError(f"The validation split {val_where} has no images of the classes {missing}.")
-        val, val_where = (
-            few_shot(select_classes(found, train.class_names), val_shots, seed=args.seed),
-            f"from {val_where}",
-        )
-    elif val_shots and rest is not None and any(rest.counts()):
-        spent = rest.empty_classes()
-        val, val_where = few_shot(rest, val_shots, seed=args.seed), "held out from the images not among the shots"
-    elif args.val_shots:
-        hint = "train on fewer --shots" if args.shots is not None else "give --shots (all images train by default)"
-        raise ValueError(
-            f"--val-shots {args.val_shots}: {args.data} has no validation split and no images left beside the "
-            f"training shots; add a validation split (a val/ folder), or {hint}."
-        )
-    train = drop_unreadable(train)  # opens only the images in use: 16 shots of ImageNet, not its 1.28 M images
-    per_class = f" ({args.shots} shots per class at most)" if args.shots is not None else ""
-    _say(f"train: {len(train)} images of {len(train.class_names)} classes{per_class} from {where}")
-    if val is not None:
-        val = drop_unreadable(val)
-        none_left = f"; none of {spent}, all of whose images are training shots" if spent else ""
-        _say(
-            f"validation: {len(val)} images ({val_shots} per class at most) {val_where}{none_left}, to choose the "
-            "epoch kept (--val-shots 0: none)"
-        )
-    else:
-        why = "--val-shots 0" if val_shots == 0 else "every image is a training shot, and there is no validation split"
-        _say(f"validation: none ({why}); the adapter is the last epoch's")
-    names = _image_names(train, args, split) + (_image_names(val, args, val_split) if val is not None else [])
-    return train, val, names
+def _data_source(args: argparse.Namespace) -> DataSource:
+    """`--data` (with `--dataset-config`, `--image-column`, `--label-column` and `--classes`), resolved."""
+    return DataSource(args.data, args.dataset_config, args.image_column, args.label_column, args.classes)
 
 
 def method_fields(args: argparse.Namespace, num_classes: int, model: Any) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -272,10 +96,9 @@ def method_fields(args: argparse.Namespace, num_classes: int, model: Any) -> tup
         preset.pop("ctx_init", None)  # a preset's initial words fit its own n_ctx, not another
     if flags.get("vision_n_ctx") == 0:
         preset.pop("vision_prompt_depth", None)
-    given = {field: getattr(args, field) for field, _, _ in TRAINING_OPTIONS.values()}
+    given = {field: getattr(args, field) for field in TRAINING_OPTIONS}
     if given["hand_template"] == "imagenet":
         given["hand_template"] = list(IMAGENET_TEMPLATES)
-    given["share_prefix"] = args.share_prefix
     return {**preset, **flags}, {**recipe, **{field: value for field, value in given.items() if value is not None}}
 
 
@@ -283,14 +106,17 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     """Learn a prompt adapter on `--data` and save it in `--output`."""
     if not args.output.strip() or (Path(args.output).exists() and not Path(args.output).is_dir()):
         raise ValueError(f"--output {args.output!r} must name a folder (new, or one this command wrote).")
-    data, val, used = _training_data(args)
+    source = _data_source(args)
+    run = source.training(args.shots, args.val_shots, args.seed)
+    for note in run.notes:
+        _say(note)
+    data, val = run.train, run.val
     model, processor = _load_base(args.model)
     adapter, settings = method_fields(args, len(data.class_names), model)
     config = PromptEmbeddingConfig(**adapter, class_names=data.class_names, init_seed=args.seed)
     model = get_prompt_model(model, config)
     training = TrainingArguments(
         output_dir=args.output,
-        augment=bool(args.augment),
         seed=args.seed,
         resume=args.resume,
         **settings,
@@ -298,7 +124,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     shown = {k: v for k, v in {**adapter, **settings}.items() if k != "hand_template"}
     settings_text = ", ".join(f"{k}={v}" for k, v in shown.items())
     _say(f"method: {METHODS[args.method].name} ({config.method} adapter){'; ' if shown else ''}{settings_text}")
-    trainer = PromptTrainer(model, processor, data, training, eval_data=val)
+    # which images trained and chose the adapter, so that eval on them can leave them out
+    record = {"source": source.key, "images": sorted(run.names)}
+    trainer = PromptTrainer(model, processor, data, training, eval_data=val, data_record=record)
     summary = trainer.train()
     if trainer.accelerator.is_main_process:
         result = (
@@ -314,28 +142,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         )
         if "eval" in summary:
             print(_validation_report(summary["eval"], args.output, training.hand_template, config.ctx_init))
-        # which images trained and chose the adapter, so that eval on them can leave them out (also of last/)
-        log = json.loads((Path(args.output) / LOG_NAME).read_text(encoding="utf-8"))
-        log["data"] = {"source": _source_key(args.data), "images": sorted(used)}
-        for folder in (Path(args.output), Path(args.output) / "last"):
-            if folder.is_dir():
-                write_json(folder / LOG_NAME, log)
     return summary
-
-
-def _source_key(data: str) -> str:
-    """`--data` as the training log records it: a local source by its absolute path, a Hub dataset by its id."""
-    return str(Path(data).resolve()) if Path(data).exists() else data
-
-
-def _image_names(data: LabeledImages, args: argparse.Namespace, split: str) -> list[str]:
-    """The images of `data` by their absolute paths (whichever folder or CSV named them), or as rows of `split` of
-    the dataset `--data` (in its `--dataset-config`)."""
-    dataset = f"{_source_key(args.data)} {args.dataset_config or ''}:{split}"
-    return [
-        f"{dataset} row {image.index}" if isinstance(image, DatasetImage) else str(Path(image).resolve())
-        for image in data.images
-    ]
 
 
 def _validation_report(scores: dict[str, Any], output: str, template: str | list[str], ctx_init: str | None) -> str:
@@ -380,9 +187,12 @@ def eval_(args: argparse.Namespace) -> dict[str, Any]:
     model, processor, folder = _adapter_model(args)
     templates = IMAGENET_TEMPLATES if args.templates == "imagenet" else CLIP_TEMPLATE
     # a class-specific adapter scores any of its classes (the classifier checks)
-    data, where, split = _source(args, _parts(args), args.split)
-    log = _training_log(Path(folder))
-    data, where = _unseen(data, where, args, log, split)
+    source = _data_source(args)
+    if "all" in source.parts and args.split is not None:
+        raise ValueError(f"--split {args.split}: {args.data} has no splits, so eval uses all of its images.")
+    data, where, split = source.split(args.split)
+    log = read_log(folder)
+    data, where = source.unseen(data, where, log, split)
     data = drop_unreadable(data)
     _say(f"evaluating {len(data)} images of {len(data.class_names)} classes from {where}")
 
@@ -425,36 +235,6 @@ def eval_(args: argparse.Namespace) -> dict[str, Any]:
         write_report(page, results, curve, f"{args.adapter} on {where}")
         _say(f"results written to {out} and {page} (a report with charts)")
     return results
-
-
-def _training_log(folder: Path) -> Any:
-    """The adapter's `training_log.json` as JSON, or None when it has none or it is not JSON."""
-    try:
-        return json.loads((folder / LOG_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # missing, unreadable, not UTF-8 or not JSON
-        return None
-
-
-def _unseen(
-    data: LabeledImages, where: str, args: argparse.Namespace, log: Any, split: str
-) -> tuple[LabeledImages, str]:
-    """The images that the adapter was not trained or validated on, by its training `log`: all of them for a test
-    split, all but those for data without splits (or a split it learned from)."""
-    try:
-        seen = set(log["data"]["images"])
-    except (KeyError, TypeError):  # no log, or an older or hand-edited one: nothing to leave out
-        return data, where
-    unseen = [i for i, name in enumerate(_image_names(data, args, split)) if name not in seen]
-    if len(unseen) == len(data):
-        return data, where
-    left = data.subset(unseen)
-    spent = left.empty_classes()
-    if spent:
-        raise ValueError(
-            f"Every image of the classes {spent} in {args.data} trained or validated this adapter; evaluate on images "
-            "it has not seen (another folder, or a test/ folder)."
-        )
-    return left, f"{where}, less the {len(data) - len(unseen)} images the adapter was trained and validated on"
 
 
 def predict(args: argparse.Namespace) -> list[list[tuple[str, float]]]:
@@ -583,23 +363,17 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(flag, dest=name, choices=[c.value for c in ClassTokenPosition], help=text)
         else:
             p.add_argument(flag, dest=name, type=int if "int" in field.type else str, help=text)
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainingArguments)}
-    for flag, (field, kind, text) in TRAINING_OPTIONS.items():
-        text = text if "default" in text else f"{text} (default: {defaults[field]})"
-        p.add_argument(flag, type=kind, default=None, dest=field, help=text)
-    p.add_argument(
-        "--augment",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="CoOp's random crops and flips (default: off, by measurement: docs/training.md)",
-    )
-
-    p.add_argument(
-        "--share-prefix",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="encode the prefix all class prompts share once per step, where exact (default: on)",
-    )
+    for field in dataclasses.fields(TrainingArguments):
+        if field.name not in TRAINING_OPTIONS:
+            continue
+        text = field.metadata["help"]
+        text = text if "default" in text else f"{text} (default: {field.default})"
+        flag = "--" + field.name.replace("_", "-")
+        if field.type == "bool":
+            p.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            kind = int if field.type.startswith("int") else float if field.type.startswith("float") else str
+            p.add_argument(flag, type=kind, default=None, dest=field.name, help=text)
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output")
     p.set_defaults(run=train)
 
@@ -688,7 +462,6 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
     args = build_parser().parse_args(argv)
     _set_output(args)
-    _hf_dataset.cache_clear()  # a dataset folder may have changed since an earlier call in this process
     try:
         args.run(args)
     except KeyboardInterrupt:

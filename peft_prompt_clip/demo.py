@@ -175,7 +175,7 @@ def run_demo(output: Path, shots: int = 16, seed: int = 1, epochs: int = 50) -> 
     from .evaluation import evaluate
     from .loading import get_prompt_model
     from .storage import write_json
-    from .trainer import PromptTrainer, TrainingArguments
+    from .training import PromptTrainer, TrainingArguments
 
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
     processor = AutoProcessor.from_pretrained(MODEL_DIR)

@@ -180,14 +180,14 @@ def test_a_bug_is_not_reported_as_a_user_mistake(monkeypatch):
 
 def test_training_defaults_come_from_training_arguments():
     from peft_prompt_clip.cli import TRAINING_OPTIONS, build_parser
-    from peft_prompt_clip.trainer import TrainingArguments
+    from peft_prompt_clip.training import TrainingArguments
 
     args = build_parser().parse_args(["train", "--model", "m", "--data", "d", "--output", "o", "--optimizer", "adamw"])
-    given = {field for field, _, _ in TRAINING_OPTIONS.values() if getattr(args, field) is not None}
+    given = {field for field in TRAINING_OPTIONS if getattr(args, field) is not None}
     assert given == {"optimizer"}  # everything else is left to TrainingArguments, whose lr is 0.002 for both
     assert TrainingArguments(output_dir="o", optimizer="adamw").lr == 0.002
-    fields = set(TrainingArguments.__dataclass_fields__) - {"output_dir", "augment", "seed", "resume", "share_prefix"}
-    assert fields == {field for field, _, _ in TRAINING_OPTIONS.values()}  # every option is exposed
+    fields = set(TrainingArguments.__dataclass_fields__) - {"output_dir", "seed", "resume"}
+    assert fields == set(TRAINING_OPTIONS)  # every option is exposed
 
 
 def test_a_folder_is_used_as_given_and_held_out_images_choose_the_epoch(clip_dir, tmp_path):
@@ -335,15 +335,15 @@ def test_model_folders_and_outputs_are_checked(clip_dir, image_folder, tmp_path)
 
 
 def test_what_counts_as_a_hugging_face_dataset(tmp_path, monkeypatch):
-    from peft_prompt_clip import cli
+    from peft_prompt_clip.sources import is_hf_dataset, load_hf_dataset
 
     folder = write_image_folder(tmp_path / "images", per_class=1)
     (folder / "extra.parquet").write_bytes(b"")  # a stray data file beside class folders: still an image folder
-    assert not cli._is_hf_dataset(str(folder))
+    assert not is_hf_dataset(str(folder))
     (tmp_path / "files" / "data").mkdir(parents=True)
     (tmp_path / "files" / "data" / "train-0.parquet").write_bytes(b"")
-    assert cli._is_hf_dataset(str(tmp_path / "files")) and cli._is_hf_dataset("owner/name")
-    assert not cli._is_hf_dataset("my_images") and not cli._is_hf_dataset("./missing/folder")  # mistyped paths
+    assert is_hf_dataset(str(tmp_path / "files")) and is_hf_dataset("owner/name")
+    assert not is_hf_dataset("my_images") and not is_hf_dataset("./missing/folder")  # mistyped paths
     import datasets
 
     class HubError(OSError):  # like huggingface_hub's HTTP errors: no constructor of one message
@@ -355,4 +355,4 @@ def test_what_counts_as_a_hugging_face_dataset(tmp_path, monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", unavailable)
     with pytest.raises(OSError, match="--data owner/name: no such folder or CSV here, and not loadable .* 503"):
-        cli._hf_dataset("owner/name", None)
+        load_hf_dataset("owner/name", None)

@@ -19,7 +19,7 @@ from peft_prompt_clip import (
     load_prompt_model,
     prompt_options,
 )
-from peft_prompt_clip.trainer import PromptTrainer
+from peft_prompt_clip.training import PromptTrainer
 
 CLASSES = ["cat", "dog", "bird", "car", "ship", "frog"]
 
@@ -95,7 +95,7 @@ def test_chunked_cocoop_step_has_the_exact_gradient(clip_dir, tmp_path):
         if FLOAT64:
             model.double()
         trainer = PromptTrainer(model, processor, data, args(tmp_path, class_chunk_size=chunk))
-        trainer.step(trainer.cached_image_features(), trainer.labels, len(data))
+        trainer.step(trainer.images.cached(), trainer.labels, len(data))
         grads.append(torch.cat([p.grad.flatten() for p in trainer.params]))
     atol = 1e-6 if FLOAT64 else 1e-6 * grads[0].abs().max().item()
     assert grads[0].abs().sum() > 0

@@ -29,7 +29,7 @@ def test_mixed_precision_comes_from_the_launch_configuration(clip_dir, tmp_path)
 import sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from test_trainer import args, student, teacher_data
-from peft_prompt_clip.trainer import PromptTrainer, TrainingArguments
+from peft_prompt_clip.training import PromptTrainer, TrainingArguments
 model, processor = student({str(clip_dir)!r})
 recipe = TrainingArguments(output_dir={str(tmp_path)!r}, epochs=1, augment=False)
 print(recipe.mixed_precision, PromptTrainer(model, processor, teacher_data({str(clip_dir)!r}, n=8), recipe)

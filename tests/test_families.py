@@ -224,7 +224,7 @@ def test_full_model_learns_a_prompt_and_classifies(name, clip_dir, tmp_path):
 
     from peft_prompt_clip import PromptClassifier
     from peft_prompt_clip.data import LabeledImages
-    from peft_prompt_clip.trainer import PromptTrainer, TrainingArguments
+    from peft_prompt_clip.training import PromptTrainer, TrainingArguments
 
     torch.manual_seed(0)
     state = full_model(name).state_dict()

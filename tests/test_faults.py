@@ -71,7 +71,7 @@ def test_sigkill_at_random_moments_loses_nothing(clip_dir, images, tmp_path):
 DIE_WHILE_WRITING = """
 import os, signal, sys
 import safetensors.torch
-import peft_prompt_clip.checkpoints as checkpoints
+import peft_prompt_clip.training.checkpoints as checkpoints
 real = safetensors.torch.save_file
 calls = 0
 def die_halfway(tensors, path, metadata=None):

@@ -18,9 +18,10 @@ from transformers import AutoProcessor, CLIPConfig, CLIPModel
 from peft_prompt_clip import InvalidCheckpointError, PromptClassifier, PromptEmbeddingConfig, load_prompt_model
 from peft_prompt_clip.hub import model_card
 from peft_prompt_clip.layer import find_prompt_layer
-from peft_prompt_clip.losses import PromptLoss, StepOutputs, l1_to_frozen
 from peft_prompt_clip.methods import METHODS, method_settings
-from peft_prompt_clip.trainer import PromptTrainer, TrainingArguments
+from peft_prompt_clip.training import PromptTrainer, TrainingArguments
+from peft_prompt_clip.training.features import TrainingImages
+from peft_prompt_clip.training.losses import PromptLoss, StepOutputs, l1_to_frozen
 
 
 def prompted_student(clip_dir, **fields):
@@ -34,10 +35,10 @@ def adapter_tensors(model) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("fields", [{"vision_n_ctx": 2, "prompt_depth": 2}, {"coupled": True, "prompt_depth": 2}])
 def test_vision_prompts_learn_through_the_prompted_image_tower(clip_dir, tmp_path, monkeypatch, fields):
-    def no_cache(self):
+    def no_cache(self, views=None):
         raise AssertionError("image features of a vision-prompted adapter must not be cached")
 
-    monkeypatch.setattr(PromptTrainer, "cached_image_features", no_cache)
+    monkeypatch.setattr(TrainingImages, "cached", no_cache)
     data = teacher_data(clip_dir, n=48)
     model, processor = prompted_student(clip_dir, **fields)
     before = adapter_tensors(model)
@@ -83,7 +84,7 @@ def test_promptsrc_terms():
 
 
 def test_gaussian_prompt_aggregation_saves_the_weighted_mean(clip_dir, tmp_path, monkeypatch):
-    import peft_prompt_clip.trainer as trainer_module
+    import peft_prompt_clip.training.trainer as trainer_module
 
     epochs_seen = []
     save = trainer_module.save_checkpoint

@@ -204,7 +204,7 @@ def test_hub_by_repo_id(saved, hub, clip_dir):
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_resume_is_bit_identical(method, clip_dir, tmp_path, monkeypatch):
-    import peft_prompt_clip.trainer as trainer_module
+    import peft_prompt_clip.training.trainer as trainer_module
 
     full = train(method, clip_dir, tmp_path / "full")
     save = trainer_module.save_checkpoint

@@ -16,10 +16,10 @@ from safetensors.torch import load_file
 from transformers import AutoProcessor, CLIPModel
 
 from peft_prompt_clip import PromptClassifier, PromptEmbeddingConfig, TrainingDivergedError, evaluate
-from peft_prompt_clip.checkpoints import CHECKPOINT_NAME, load_checkpoint
 from peft_prompt_clip.classifier import CLIP_TEMPLATE
 from peft_prompt_clip.data import LabeledImages
-from peft_prompt_clip.trainer import LOG_NAME, PromptTrainer, TrainingArguments, coop_epochs
+from peft_prompt_clip.training import LOG_NAME, PromptTrainer, TrainingArguments, coop_epochs
+from peft_prompt_clip.training.checkpoints import CHECKPOINT_NAME, load_checkpoint
 
 CLASSES = ["cat", "dog", "bird", "car", "ship", "frog"]
 
@@ -105,11 +105,11 @@ def test_cached_augmented_views(clip_dir, tmp_path, monkeypatch):
     data = teacher_data(clip_dir, n=20)
     model, processor = student(clip_dir)
     trainer = PromptTrainer(model, processor, data, args(tmp_path, epochs=3, augment=True, augment_views=2))
-    views = trainer.cached_image_features(2)
+    views = trainer.images.cached(2)
     assert views.shape[:2] == (2, 20) and not torch.allclose(views[0], views[1])
-    single, _ = trainer.image_features([7], "1-view1")
+    single, _ = trainer.images.of([7], "1-view1")
     torch.testing.assert_close(views[1, 7], single[0], atol=1e-5, rtol=1e-5)
-    assert {trainer.view_of(e, i) for e in range(3) for i in range(20)} == {0, 1}
+    assert {trainer.images.view_of(e, i) for e in range(3) for i in range(20)} == {0, 1}
     calls = []
     encode = trainer.encoder.image_features
     monkeypatch.setattr(trainer.encoder, "image_features", lambda *a, **k: calls.append(1) or encode(*a, **k))
@@ -142,7 +142,7 @@ def test_training_learns(clip_dir, tmp_path):
 def test_resume_gives_the_uninterrupted_result(clip_dir, tmp_path, extra, monkeypatch):
     """Also with PromptSRC's aggregation over epochs, whose running average travels in the checkpoint, and with
     held-out images, whose best candidate so far and log travel in it."""
-    import peft_prompt_clip.trainer as trainer_module
+    import peft_prompt_clip.training.trainer as trainer_module
 
     data, held_out = split_off(teacher_data(clip_dir, n=72), 48)
     held_out = held_out if "eval_every" in extra else None
@@ -185,7 +185,7 @@ def test_chunked_class_encoding_has_the_exact_gradient(clip_dir, tmp_path, regul
         if FLOAT64:
             model.double()
         trainer = PromptTrainer(model, processor, data, args(tmp_path, class_chunk_size=chunk, **regularisers))
-        features = trainer.cached_image_features()
+        features = trainer.images.cached()
         assert features.dtype == (torch.float64 if FLOAT64 else torch.float32)
         trainer.step(features, trainer.labels, len(data))
         grads.append(next(p for p in model.parameters() if p.requires_grad).grad.clone())
@@ -196,7 +196,7 @@ def test_chunked_class_encoding_has_the_exact_gradient(clip_dir, tmp_path, regul
 
 
 def test_checkpoint_write_is_atomic(clip_dir, tmp_path, monkeypatch):
-    import peft_prompt_clip.checkpoints as checkpoints_module
+    import peft_prompt_clip.training.checkpoints as checkpoints_module
 
     data = teacher_data(clip_dir, n=16)
     real, seen = checkpoints_module.save_file, []
@@ -223,7 +223,7 @@ def test_held_out_images_choose_the_epoch_kept(clip_dir, tmp_path, monkeypatch):
     """The adapter saved (and left in the model) is the evaluated candidate with the best held-out accuracy, the
     initial context (epoch 0) included; the end of training's is saved in last/; the log's numbers are the library's
     own evaluation's."""
-    import peft_prompt_clip.trainer as trainer_module
+    import peft_prompt_clip.training.trainer as trainer_module
 
     seen = {}
     save = trainer_module.save_checkpoint
@@ -315,7 +315,7 @@ def test_bf16_mixed_precision_keeps_a_float32_context(clip_dir, tmp_path):
 import math, sys, torch
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from test_trainer import args, student, teacher_data
-from peft_prompt_clip.trainer import PromptTrainer
+from peft_prompt_clip.training import PromptTrainer
 data = teacher_data({str(clip_dir)!r}, n=16)
 model, processor = student({str(clip_dir)!r})
 summary = PromptTrainer(model, processor, data, args({str(tmp_path)!r}, epochs=2, mixed_precision="bf16")).train()
@@ -353,22 +353,24 @@ def test_tensorboard_logging(clip_dir, tmp_path):
     assert events and events[0].stat().st_size > 0
 
 
-class PoisonedTrainer(PromptTrainer):
-    """Image features of the listed images are NaN, as after an overflow."""
+def poisoned_trainer(model, processor, data, arguments, poisoned: set[int]) -> PromptTrainer:
+    """A trainer whose cached image features of the images `poisoned` are NaN, as after an overflow."""
+    trainer = PromptTrainer(model, processor, data, arguments)
+    cached = trainer.images.cached
 
-    poisoned: set[int] = set()
-
-    def cached_image_features(self, views=None):
-        features = super().cached_image_features(views)
-        features[sorted(self.poisoned)] = float("nan")
+    def poison(views=None):
+        features = cached(views)
+        features[sorted(poisoned)] = float("nan")
         return features
+
+    trainer.images.cached = poison
+    return trainer
 
 
 def test_non_finite_steps_are_skipped(clip_dir, tmp_path):
     data = teacher_data(clip_dir, n=48)
     model, processor = student(clip_dir)
-    trainer = PoisonedTrainer(model, processor, data, args(tmp_path, epochs=2))
-    trainer.poisoned = {0}  # one image: one batch per epoch goes NaN
+    trainer = poisoned_trainer(model, processor, data, args(tmp_path, epochs=2), {0})  # one batch per epoch: NaN
     with pytest.warns(UserWarning, match=r"Skipped 1 of 3 steps of epoch 1 whose loss was NaN"):
         summary = trainer.train()
     assert summary["skipped_steps"] == 1 and math.isfinite(summary["loss"])
@@ -382,8 +384,7 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(clip_dir, tmp_path)
     good = (tmp_path / CHECKPOINT_NAME).read_bytes()
     adapter = (tmp_path / "adapter_model.safetensors").read_bytes()
     model, processor = student(clip_dir)
-    trainer = PoisonedTrainer(model, processor, data, args(tmp_path, epochs=3, resume=True))
-    trainer.poisoned = set(range(16))
+    trainer = poisoned_trainer(model, processor, data, args(tmp_path, epochs=3, resume=True), set(range(16)))
     with pytest.raises(TrainingDivergedError, match="the checkpoint of epoch 1 is kept"):
         trainer.train()
     assert (tmp_path / CHECKPOINT_NAME).read_bytes() == good
@@ -478,3 +479,27 @@ def test_a_checkpoint_of_another_run_or_tampered_is_refused(clip_dir, tmp_path):
         save_file(tensors, str(path), metadata=tampered)
         with pytest.raises(InvalidCheckpointError, match=message):
             resume(epochs=2)
+
+
+def test_the_resume_fingerprint_holds_every_field_not_named_resumable(clip_dir, tmp_path):
+    """The fingerprint is derived from the whole config and arguments: a field added later (TCP's class_prompt_layer,
+    left off the earlier hand-written list) is part of it, and a run that differs in it is refused by name."""
+    from dataclasses import fields
+
+    from peft_prompt_clip import InvalidCheckpointError
+    from peft_prompt_clip.training.record import RESUMABLE_ARGUMENTS, RESUMABLE_CONFIG_FIELDS
+
+    data = teacher_data(clip_dir, n=16, class_specific=False)
+    processor = AutoProcessor.from_pretrained(clip_dir)
+
+    def tcp(layer):
+        config = PromptEmbeddingConfig(n_ctx=4, class_prompt_layer=layer)
+        return get_peft_model(CLIPModel.from_pretrained(clip_dir).eval(), config)
+
+    trainer = PromptTrainer(tcp(1), processor, data, args(tmp_path, epochs=1))
+    config_fields = {f.name for f in fields(PromptEmbeddingConfig)} - RESUMABLE_CONFIG_FIELDS
+    arguments = {f.name for f in fields(TrainingArguments)} - RESUMABLE_ARGUMENTS
+    assert config_fields | arguments <= set(trainer.run)
+    trainer.train()
+    with pytest.raises(InvalidCheckpointError, match="class_prompt_layer: 1 there, 0 here"):
+        PromptTrainer(tcp(0), processor, data, args(tmp_path, epochs=2, resume=True)).train()

@@ -12,8 +12,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .errors import InvalidCheckpointError
-from .storage import atomic_path
+from ..errors import InvalidCheckpointError
+from ..storage import atomic_path
+from .record import valid_log
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 
@@ -126,18 +127,3 @@ def load_checkpoint(
     except (KeyError, ValueError, RuntimeError) as exc:
         raise InvalidCheckpointError(f"{path}: the optimizer state does not fit this optimizer ({exc}).") from None
     return epoch, log
-
-
-def valid_log(log: Any) -> bool:
-    """Whether `log` is a run's log as the trainer writes it: a history of per-epoch numbers (each with its epoch,
-    loss, accuracy and learning rate), and evaluations with finite numbers."""
-    if not isinstance(log, dict) or not isinstance(log.get("history", []), list):
-        return False
-    if not all(isinstance(e, dict) and {"epoch", "loss", "accuracy", "lr"} <= set(e) for e in log.get("history", [])):
-        return False
-    entries = [*log.get("history", []), *(log[k] for k in ("zero_shot", "initial", "best") if k in log)]
-    return all(
-        isinstance(e, dict)
-        and all(isinstance(v, str) or (isinstance(v, int | float) and math.isfinite(v)) for v in e.values())
-        for e in entries
-    )

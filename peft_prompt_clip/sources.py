@@ -1,0 +1,263 @@
+"""What `--data` names, resolved once, usable from Python as from the command line: a folder of class folders, a folder
+with `train/`, `val/` and `test/` folders of them, a CSV, a dataset saved by `datasets` or its parquet files, or a Hub
+dataset id. A [`DataSource`] gives the images of a split, the training and held-out images of a run, the names that
+record which images a run used, and the images an adapter has not seen."""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .data import (
+    IMAGE_SUFFIXES,
+    SPLITS,
+    DatasetImage,
+    LabeledImages,
+    base_novel,
+    drop_unreadable,
+    few_shot,
+    from_hf_dataset,
+    has_splits,
+    hold_out,
+    load_data,
+    load_split,
+    select_classes,
+)
+
+#: A Hugging Face dataset's split names, by the split they serve here.
+HF_SPLITS = {"train": ("train",), "val": ("validation", "val", "valid", "dev"), "test": ("test",)}
+
+
+def is_hf_dataset(data: str) -> bool:
+    """A folder written by `save_to_disk` or holding a dataset's parquet files (and no class folders of images), or a
+    Hub dataset id that is no path here."""
+    path = Path(data)
+    if path.is_dir():
+        if _saved_dataset(path):
+            return True
+        images = any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.glob("*/*"))
+        return not images and (any(path.glob("*.parquet")) or any(path.glob("data/*.parquet")))
+    is_id = re.fullmatch(r"[\w.-]+/[\w.-]+", data) is not None  # owner/name: a bare word is a mistyped folder
+    return not path.exists() and is_id
+
+
+def load_hf_dataset(data: str, config: str | None) -> Any:
+    """The dataset (or dataset dict) a folder or Hub id names.
+
+    Raises:
+        `ValueError` without `datasets` installed, `OSError` when it cannot be loaded.
+    """
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(
+            f"--data {data}: no such folder or CSV here; as a Hugging Face dataset it needs `pip install datasets`."
+        ) from None
+    if _saved_dataset(Path(data)):
+        return datasets.load_from_disk(data)
+    try:
+        return datasets.load_dataset(data, config)
+    except OSError as exc:  # not found (DatasetNotFoundError), offline (ConnectionError): maybe a mistyped path
+        message = f"--data {data}: no such folder or CSV here, and not loadable as a Hugging Face dataset: {exc}"
+        raise OSError(message) from None
+
+
+def _saved_dataset(folder: Path) -> bool:
+    """Whether `folder` was written by `datasets`' `save_to_disk` (a `DatasetDict` or one `Dataset`)."""
+    return (folder / "dataset_dict.json").is_file() or (folder / "dataset_info.json").is_file()
+
+
+def select(data: LabeledImages, which: str | None) -> LabeledImages:
+    """The classes `which` of `data`: all (None or "all"), "base" or "novel" (CoCoOp's halves), or comma-separated
+    names."""
+    if which is None or which == "all":
+        return data
+    base, novel = base_novel(data.class_names)
+    names = {"base": base, "novel": novel}.get(which) or [n.strip() for n in which.split(",") if n.strip()]
+    return select_classes(data, names)
+
+
+@dataclass
+class Part:
+    """One split of a source: how to load it, where it comes from (in words), and the split's own name."""
+
+    load: Callable[[], LabeledImages]
+    where: str
+    name: str
+
+
+@dataclass
+class TrainingData:
+    """A run's images: training, held-out (None: none), the names of both (see [`DataSource.image_names`]), and what
+    was used, in words."""
+
+    train: LabeledImages
+    val: LabeledImages | None
+    names: list[str]
+    notes: list[str] = field(default_factory=list)
+
+
+class DataSource:
+    """
+    The images that `data` names, resolved once into its parts by the split they serve ("train", "val", "test"), or
+    one part "all" for data that is one set (a folder of class folders, a CSV, a dataset without splits).
+
+    Args:
+        data (`str`): a folder, a CSV file, a dataset folder or a Hub dataset id.
+        dataset_config (`str`, *optional*): the Hub dataset's configuration.
+        image_column, label_column (`str`, *optional*): a dataset's columns (by default found by their types).
+        classes (`str`, *optional*): the classes used (see [`select`]).
+    """
+
+    def __init__(
+        self,
+        data: str,
+        dataset_config: str | None = None,
+        image_column: str | None = None,
+        label_column: str | None = None,
+        classes: str | None = None,
+    ) -> None:
+        self.data = data
+        self.dataset_config = dataset_config
+        self.image_column = image_column
+        self.label_column = label_column
+        self.classes = classes
+        self.parts = self._parts()
+
+    @property
+    def key(self) -> str:
+        """The source as a run's log records it: a local source by its absolute path, a Hub dataset by its id."""
+        return str(Path(self.data).resolve()) if Path(self.data).exists() else self.data
+
+    def _parts(self) -> dict[str, Part]:
+        source = Path(self.data)
+        if is_hf_dataset(self.data):
+            found = load_hf_dataset(str(source.resolve()) if source.exists() else self.data, self.dataset_config)
+            if not hasattr(found, "keys") or hasattr(found, "features"):  # one dataset, no splits
+                return {"all": Part(lambda: self._rows(found), f"{self.data} (all of it: it has no splits)", "all")}
+            names = {part: next((n for n in HF_SPLITS[part] if n in found), None) for part in HF_SPLITS}
+            if not any(names.values()):
+                raise ValueError(
+                    f"{self.data} has the splits {list(found)}, none of which is train, validation or test; save it "
+                    "with those split names."
+                )
+            return {
+                part: Part(lambda n=name: self._rows(found[n]), f"{self.data}, its {name!r} split", name)
+                for part, name in names.items()
+                if name is not None
+            }
+        if has_splits(source):
+            return {
+                split: Part(functools.partial(load_split, source, split), str(source / split), split)
+                for split in SPLITS
+                if (source / split).is_dir()
+            }
+        where = f"{source} (all of it: it has no train/val/test folders)"
+        return {"all": Part(functools.partial(load_data, source), where, "all")}
+
+    def _rows(self, dataset: Any) -> LabeledImages:
+        return from_hf_dataset(dataset, self.image_column, self.label_column)
+
+    def split(self, split: str | None = None, training: bool = False) -> tuple[LabeledImages, str, str]:
+        """The images of `split` (default: test; data without splits: all of it, never split behind the user's back)
+        of the chosen classes, where they came from, and the name of the split used ("all" without splits). For
+        `training`, every chosen class must have images.
+
+        Raises:
+            `FileNotFoundError` for a split the data lacks; `ValueError` for classes without images (training).
+        """
+        if "all" in self.parts:
+            part = self.parts["all"]
+        elif (split or "test") in self.parts:
+            part = self.parts[split or "test"]
+        else:
+            raise FileNotFoundError(f"{self.data} has no {split or 'test'!r} split; it has {sorted(self.parts)}.")
+        data = select(part.load(), self.classes)
+        empty = data.empty_classes()
+        if empty and training:
+            raise ValueError(f"{part.where} has no images of the classes {empty}; leave them out with --classes.")
+        return data, part.where, part.name
+
+    def training(self, shots: int | None, val_shots: int | None, seed: int) -> TrainingData:
+        """A run's training images (`shots` per class, all by default) and its held-out images for choosing the epoch
+        kept (`val_shots` per class, by default min(shots, 4) as CoOp's few-shot validation sets): from the data's
+        validation split, else from the images not among the shots; none when there are none, with a word on why."""
+        pool, where, split = self.split("train", training=True)
+        train, rest = hold_out(pool, shots, seed=seed) if shots is not None else (pool, None)
+        wanted = val_shots if val_shots is not None else min(shots or 4, 4)
+        if wanted < 0:
+            raise ValueError(f"--val-shots must be 0 (no validation) or more, got {wanted}.")
+        val, val_where, spent, val_split = None, "", [], split
+        if wanted and "val" in self.parts:
+            part = self.parts["val"]
+            found, val_split = part.load(), part.name
+            missing = [name for name in train.class_names if name not in found.class_names]
+            if missing:
+                raise ValueError(f"The validation split {part.where} has no images of the classes {missing}.")
+            val, val_where = (
+                few_shot(select_classes(found, train.class_names), wanted, seed=seed),
+                f"from {part.where}",
+            )
+        elif wanted and rest is not None and any(rest.counts()):
+            spent = rest.empty_classes()
+            val, val_where = few_shot(rest, wanted, seed=seed), "held out from the images not among the shots"
+        elif val_shots:
+            hint = "train on fewer --shots" if shots is not None else "give --shots (all images train by default)"
+            raise ValueError(
+                f"--val-shots {val_shots}: {self.data} has no validation split and no images left beside the "
+                f"training shots; add a validation split (a val/ folder), or {hint}."
+            )
+        train = drop_unreadable(train)  # opens only the images in use: 16 shots of ImageNet, not its 1.28 M images
+        per_class = f" ({shots} shots per class at most)" if shots is not None else ""
+        notes = [f"train: {len(train)} images of {len(train.class_names)} classes{per_class} from {where}"]
+        if val is not None:
+            val = drop_unreadable(val)
+            none_left = f"; none of {spent}, all of whose images are training shots" if spent else ""
+            notes.append(
+                f"validation: {len(val)} images ({wanted} per class at most) {val_where}{none_left}, to choose the "
+                "epoch kept (--val-shots 0: none)"
+            )
+        else:
+            why = (
+                "--val-shots 0" if wanted == 0 else "every image is a training shot, and there is no validation split"
+            )
+            notes.append(f"validation: none ({why}); the adapter is the last epoch's")
+        names = self.image_names(train, split) + (self.image_names(val, val_split) if val is not None else [])
+        return TrainingData(train, val, names, notes)
+
+    def image_names(self, data: LabeledImages, split: str) -> list[str]:
+        """The images of `data` by their absolute paths (whichever folder or CSV named them), or as rows of `split`
+        of the dataset (in its configuration): how a run's log records the images it used."""
+        dataset = f"{self.key} {self.dataset_config or ''}:{split}"
+        return [
+            f"{dataset} row {image.index}" if isinstance(image, DatasetImage) else str(Path(image).resolve())
+            for image in data.images
+        ]
+
+    def unseen(self, data: LabeledImages, where: str, log: Any, split: str) -> tuple[LabeledImages, str]:
+        """The images of `data` (of `split`, from `where`) that an adapter was not trained or validated on, by its
+        training `log`: all of them for a test split, all but those for data without splits (or a split it learned
+        from).
+
+        Raises:
+            `ValueError` when every image of a class was seen.
+        """
+        try:
+            seen = set(log["data"]["images"])
+        except (KeyError, TypeError):  # no log, or an older or hand-edited one: nothing to leave out
+            return data, where
+        unseen = [i for i, name in enumerate(self.image_names(data, split)) if name not in seen]
+        if len(unseen) == len(data):
+            return data, where
+        left = data.subset(unseen)
+        spent = left.empty_classes()
+        if spent:
+            raise ValueError(
+                f"Every image of the classes {spent} in {self.data} trained or validated this adapter; evaluate on "
+                "images it has not seen (another folder, or a test/ folder)."
+            )
+        return left, f"{where}, less the {len(data) - len(unseen)} images the adapter was trained and validated on"

@@ -1,0 +1,216 @@
+"""How a prompt is learned: [`TrainingArguments`], CoOp's recipe by default."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from accelerate.tracking import get_available_trackers
+from accelerate.utils import LoggerType
+
+from ..data import default_workers
+from .losses import LOSS_TERMS
+
+
+def _tracker(report_to: str | None) -> str | None:
+    """`report_to` as Accelerate takes it: None for `"none"`, and a named tracker only if it is installed."""
+    if report_to is None or report_to.lower() == "none":
+        return None
+    name = report_to.lower()
+    known = [t.value for t in LoggerType if t.value != "all"]
+    if name != "all" and name not in known:
+        raise ValueError(f"report_to must be 'none', 'all' or one of {known}, got {report_to!r}.")
+    installed = [str(getattr(t, "value", t)) for t in get_available_trackers()]
+    if name != "all" and name not in installed:
+        raise ValueError(
+            f"report_to={name!r}, but {name} is not installed (installed trackers: {installed or 'none'}); "
+            f"pip install {name}, or use --report-to none."
+        )
+    return name
+
+
+def coop_epochs(shots: int) -> int:
+    """CoOp's epochs by shots per class: 50 for 1 shot, 100 for 2-4, 200 for 8 and more."""
+    return 50 if shots <= 1 else 100 if shots <= 4 else 200
+
+
+@dataclass
+class TrainingArguments:
+    """
+    How to learn the prompt. The defaults are CoOp's recipe: SGD (momentum 0.9, weight decay 5e-4) at lr 0.002 with a
+    cosine schedule, one warm-up epoch at a constant 1e-5, batches of 32, epochs by shots (see [`coop_epochs`]).
+
+    Args:
+        output_dir (`str`): where the adapter, the checkpoint and the logs go.
+        epochs (`int`, *optional*): number of epochs; by default CoOp's count for the number of shots per class.
+        batch_size (`int`, *optional*, defaults to 32): images per optimizer step, over all processes.
+        optimizer (`str`, *optional*, defaults to `"sgd"`): `"sgd"` or `"adamw"`.
+        lr (`float`, *optional*, defaults to 0.002): peak learning rate.
+        weight_decay (`float`, *optional*, defaults to 5e-4): weight decay.
+        warmup_epochs (`int`, *optional*, defaults to 1): epochs at the constant `warmup_lr` first.
+        warmup_lr (`float`, *optional*, defaults to 1e-5): learning rate of the warm-up epochs.
+        gradient_accumulation_steps (`int`, *optional*, defaults to 1): batches per optimizer step.
+        mixed_precision (`str`, *optional*): `"no"`, `"fp16"` or `"bf16"`; by default Accelerate's own setting (its
+            launch configuration, e.g. `accelerate launch --mixed_precision bf16`, else `"no"`).
+        augment (`bool`, *optional*, defaults to `False`): CoOp's random resized crop + flip. Off, the image features
+            are computed once and cached. Off by default, by measurement: on the accuracy benchmark (benchmarks/
+            augmentation.py) no augmentation was the best or within one std of it for CoOp and CSC at 1, 4 and 16
+            shots, on clean and shifted images; CoOp's paper used the crops on natural 224-px photos, where they may
+            pay: compare on held-out images of your own.
+        augment_views (`int`, *optional*): with augmentation, compute the image features of this many augmented views
+            of each training image once, and let each epoch draw one of them per image, instead of running the image
+            tower on a fresh crop every step: a run then costs what a cached run costs plus one pass over the views.
+            Fewer distinct crops than per-step augmentation's one per epoch. Off by default (per-step augmentation);
+            not used by adapters with vision prompts, whose image features change as they learn.
+        num_workers (`int`, *optional*): worker processes that decode, augment and transform the images ahead of the
+            steps (a `DataLoader`); by default, with CUDA, half the CPUs, at most 4, and none on CPU (where the towers
+            use every core). The adapter is the same for any count.
+        class_chunk_size (`int`, *optional*): encode the class prompts this many at a time (exact gradient), to bound
+            memory with many classes; all at once by default.
+        share_prefix (`bool`, *optional*, defaults to `True`): encode the prefix that all class prompts share (`[SOS]`
+            and a shared context at the end position) once per step, where that is exact (see [`PromptEncoder`]).
+        kg_weight (`float`, *optional*, defaults to 0): KgCoOp's regulariser (Yao et al., CVPR 2023): adds
+            `kg_weight * mean(1 - cos(learned class feature, hand-written class feature))`; KgCoOp uses 8.0.
+        kl_weight (`float`, *optional*, defaults to 0): a ProGrad-style regulariser (Zhu et al., ICCV 2023): adds
+            `kl_weight * KL(zero-shot probabilities || learned probabilities)` per image (zero-shot: the frozen model
+            with the hand-written prompt). PromptSRC's logit term is this with weight `1 / classes`.
+        scl_text_weight (`float`, *optional*, defaults to 0): PromptSRC's text self-consistency term (Khattak et al.,
+            ICCV 2023): adds `scl_text_weight * mean |learned class features - hand-written class features|`; 25.0 in
+            its paper.
+        scl_image_weight (`float`, *optional*, defaults to 0): PromptSRC's image term, for adapters with vision
+            prompts: adds `scl_image_weight * mean |prompted image features - frozen image features|` per image; 10.0
+            in its paper.
+        hand_template (`str` or `list[str]`, *optional*, defaults to `"a photo of a {}."`): the hand-written prompt of
+            the regularisers; several templates give the normalised mean of their class features (PromptSRC's textual
+            diversity uses `IMAGENET_TEMPLATES`).
+        gpa_mean (`float`, *optional*): PromptSRC's Gaussian weighted prompt aggregation: the adapter saved at the end
+            is the mean of its parameters after each epoch `e` (from 1), weighted by a Gaussian of `e` with this mean
+            and `gpa_std`; 15 for its 20 epochs. Off by default (the last epoch's parameters).
+        gpa_std (`float`, *optional*, defaults to 1.0): the Gaussian's standard deviation, in epochs.
+        eval_every (`int`, *optional*): with `eval_data`, evaluate the adapter on it every this many epochs (and after
+            the last); by default ten times over the run. The adapter saved in `output_dir` is then the evaluated one
+            with the highest accuracy (ties: the lower loss), the initial one (epoch 0) included, so that a run whose
+            learning does not pay keeps its start ("a photo of a" is the zero-shot prompt); the end of training's is
+            saved in `output_dir/last`.
+        seed (`int`, *optional*, defaults to 1): seeds batch order and augmentation.
+        report_to (`str`, *optional*): an Accelerate tracker, e.g. `"tensorboard"`; `"all"` for every installed one,
+            `"none"` (or unset) for none. A named tracker that is not installed is an error before training.
+        resume (`bool`, *optional*, defaults to `False`): continue from the checkpoint in `output_dir`.
+    """
+
+    output_dir: str
+    epochs: int | None = field(default=None, metadata={"help": "epochs (default: CoOp's by shots: 50 / 100 / 200)"})
+    batch_size: int = field(default=32, metadata={"help": "images per optimizer step, over all processes"})
+    optimizer: str = field(default="sgd", metadata={"help": "'sgd' or 'adamw'"})
+    lr: float = field(default=0.002, metadata={"help": "peak learning rate"})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
+    weight_decay: float = field(default=5e-4, metadata={"help": "weight decay"})
+    warmup_epochs: int = field(default=1, metadata={"help": "epochs at --warmup-lr first (CoOp)"})
+    warmup_lr: float = field(default=1e-5, metadata={"help": "learning rate of the warm-up epochs"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "batches per optimizer step"})
+    mixed_precision: str | None = field(
+        default=None, metadata={"help": "'no', 'fp16' or 'bf16' (default: Accelerate's launch setting)"}
+    )
+    augment: bool = field(
+        default=False,
+        metadata={"help": "CoOp's random crops and flips (default: off, by measurement: docs/training.md)"},
+    )
+    augment_views: int | None = field(
+        default=None, metadata={"help": "with --augment: encode V crops of each image once, draw one per epoch"}
+    )
+    num_workers: int | None = field(
+        default=None, metadata={"help": "processes decoding images (default: CUDA: half the CPUs, <= 4; CPU: 0)"}
+    )
+    class_chunk_size: int | None = field(
+        default=None, metadata={"help": "encode at most this many prompts at a time (bounds memory)"}
+    )
+    share_prefix: bool = field(
+        default=True,
+        metadata={"help": "encode the prefix all class prompts share once per step, where exact (default: on)"},
+    )
+    kg_weight: float = field(default=0.0, metadata={"help": "KgCoOp regulariser weight (KgCoOp uses 8.0)"})
+    kl_weight: float = field(default=0.0, metadata={"help": "ProGrad-style KL to the zero-shot predictions"})
+    scl_text_weight: float = field(
+        default=0.0, metadata={"help": "PromptSRC's L1 to the hand-written class features (it uses 25)"}
+    )
+    scl_image_weight: float = field(
+        default=0.0, metadata={"help": "PromptSRC's L1 to the frozen image features (it uses 10)"}
+    )
+    hand_template: str | list[str] = field(
+        default="a photo of a {}.",
+        metadata={"help": "hand-written prompt of the regularisers ('imagenet': that ensemble)"},
+    )
+    gpa_mean: float | None = field(
+        default=None, metadata={"help": "PromptSRC's Gaussian aggregation of the prompts over epochs: its mean epoch"}
+    )
+    gpa_std: float = field(
+        default=1.0, metadata={"help": "the standard deviation of --gpa-mean's Gaussian, in epochs"}
+    )
+    eval_every: int | None = field(
+        default=None, metadata={"help": "epochs between evaluations on the held-out images (default: a tenth)"}
+    )
+    seed: int = 1
+    report_to: str | None = field(
+        default=None, metadata={"help": "Accelerate tracker, e.g. tensorboard; 'all' or 'none'"}
+    )
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("lr", "momentum", "weight_decay", "warmup_lr", *LOSS_TERMS, "gpa_std"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be an integer between 0 and 2**63 - 1, got {self.seed!r}.")
+        self.report_to = _tracker(self.report_to)
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}.")
+        if self.mixed_precision not in (None, "no", "fp16", "bf16"):
+            raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}.")
+        for name in ("batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.epochs is not None and self.epochs < 1:
+            raise ValueError(f"epochs must be at least 1, got {self.epochs}.")
+        if self.gpa_std <= 0:
+            raise ValueError(f"gpa_std must be above 0, got {self.gpa_std}.")
+        if self.gpa_mean is not None and (
+            not isinstance(self.gpa_mean, int | float) or not math.isfinite(self.gpa_mean)
+        ):
+            raise ValueError(f"gpa_mean must be a number (an epoch, from 1), got {self.gpa_mean!r}.")
+        templates = [self.hand_template] if isinstance(self.hand_template, str) else self.hand_template
+        if not templates or any(not isinstance(t, str) or "{}" not in t for t in templates):
+            raise ValueError(f"hand_template needs a '{{}}' for the class name, got {self.hand_template!r}.")
+        if self.num_workers is None:
+            self.num_workers = default_workers()
+        if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) or self.num_workers < 0:
+            raise ValueError(f"num_workers must be an integer >= 0, got {self.num_workers!r}.")
+        if self.augment_views is not None and (isinstance(self.augment_views, bool) or self.augment_views < 1):
+            raise ValueError(f"augment_views must be at least 1, got {self.augment_views!r}.")
+        if self.eval_every is not None and (isinstance(self.eval_every, bool) or self.eval_every < 1):
+            raise ValueError(f"eval_every must be at least 1 (epochs), got {self.eval_every!r}.")
+        if self.class_chunk_size is not None and self.class_chunk_size < 1:
+            raise ValueError(f"class_chunk_size must be at least 1, got {self.class_chunk_size}.")
+
+    def loss_weights(self) -> dict[str, float]:
+        """The weight of each loss term of [`LOSS_TERMS`]."""
+        return {name: getattr(self, name) for name in LOSS_TERMS}
+
+    def gpa_weights(self, epochs: int) -> list[float] | None:
+        """PromptSRC's aggregation weights of the parameters after each of `epochs` epochs (summing to 1), or None
+        without `gpa_mean`."""
+        if self.gpa_mean is None:
+            return None
+        weights = [math.exp(-((e + 1 - self.gpa_mean) ** 2) / (2 * self.gpa_std**2)) for e in range(epochs)]
+        if sum(weights) == 0:
+            raise ValueError(
+                f"gpa_mean={self.gpa_mean} with gpa_std={self.gpa_std} gives no weight to any of the {epochs} epochs; "
+                f"choose a mean between 1 and {epochs}."
+            )
+        return [w / sum(weights) for w in weights]
+
+    def learning_rate(self, epoch: int, epochs: int) -> float:
+        """CoOp's schedule: `warmup_lr` for the warm-up epochs, then cosine from `lr` to 0 over all epochs."""
+        if epoch < self.warmup_epochs:
+            return self.warmup_lr
+        return 0.5 * self.lr * (1 + math.cos(math.pi * epoch / epochs))

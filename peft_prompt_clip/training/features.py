@@ -1,0 +1,127 @@
+"""The image features a run learns from, by the strategy its adapter and arguments call for:
+
+- cached (the default, without augmentation): the frozen image tower's features of every training image, computed
+  once;
+- cached views (`augment_views`): the features of that many augmented views of each image, computed once; each epoch
+  draws one view per image;
+- per step (`augment` without views): the frozen tower on each step's fresh crops, without autograd;
+- prompted (vision prompts): the adapter's image tower every step, with autograd, and the frozen tower's features
+  too where a loss term compares with them.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from typing import Any
+
+import torch
+
+from ..data import LabeledImages, image_batches, image_inputs
+from ..encoder import PromptEncoder
+from .arguments import TrainingArguments
+
+#: Images per call of the image tower when features are computed ahead (caches, evaluation)
+CHUNK = 64
+
+
+class TrainingImages:
+    """
+    The image features of a run's training images.
+
+    Args:
+        encoder ([`PromptEncoder`]): the run's encoder.
+        processor: the model's processor.
+        data ([`LabeledImages`]): the training images.
+        args ([`TrainingArguments`]): the recipe (`augment`, `augment_views`, `seed`, `num_workers`).
+        adapter_name (`str`): the adapter learned.
+        needs_frozen (`bool`): a loss term compares with the frozen image tower's features.
+        autocast (`Callable`): the run's mixed-precision context.
+    """
+
+    def __init__(
+        self,
+        encoder: PromptEncoder,
+        processor: Any,
+        data: LabeledImages,
+        args: TrainingArguments,
+        adapter_name: str,
+        needs_frozen: bool,
+        autocast: Callable[[], AbstractContextManager],
+    ) -> None:
+        self.encoder = encoder
+        self.processor = processor
+        self.data = data
+        self.args = args
+        self.adapter_name = adapter_name
+        self.prompted = encoder.prompts_images(adapter_name)
+        self.needs_frozen = needs_frozen
+        self.autocast = autocast
+        self.views = args.augment_views if args.augment else None
+        self.cache: torch.Tensor | None = None
+
+    @property
+    def cacheable(self) -> bool:
+        """Whether the features are computed once (no vision prompts; no augmentation, or views of it)."""
+        return not self.prompted and (not self.args.augment or self.views is not None)
+
+    def batches(self, data: LabeledImages, batches: list[list[int]], seed: str | None = None) -> Iterator[dict]:
+        """The image tower's inputs of `data`'s `batches` of indices, decoded ahead (see [`image_batches`])."""
+        pin = self.encoder.device.type == "cuda"
+        return image_batches(self.processor, data, batches, seed, self.args.num_workers, pin_memory=pin)
+
+    def of(self, indices: list[int], augment_seed: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Normalised features of the training images `indices`, augmented with `augment_seed` when given (see
+        [`features`])."""
+        return self.features(image_inputs(self.processor, self.data, indices, augment_seed=augment_seed))
+
+    def features(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`(features, frozen)` of the image tower's `inputs`: the frozen tower's and None; with vision prompts, the
+        prompted tower's (with autograd) and the frozen ones where a loss term compares with them (else None)."""
+        with self.autocast():
+            frozen = None
+            if not self.prompted or self.needs_frozen:
+                with torch.no_grad():
+                    frozen = self.encoder.image_features(inputs, enabled=False)
+            if not self.prompted:
+                return frozen, None
+            return self.encoder.image_features(inputs, self.adapter_name), frozen
+
+    def cached(self, views: int | None = None) -> torch.Tensor:
+        """Features of every training image from the frozen image tower, computed in chunks: unaugmented `(images,
+        dim)`, or of `views` augmented views of each `(views, images, dim)` (view `v` drawn with the seed
+        `"{seed}-view{v}"`)."""
+        order = list(range(len(self.data)))
+        seeds = [None] if views is None else [f"{self.args.seed}-view{v}" for v in range(views)]
+        chunks = [order[i : i + CHUNK] for i in range(0, len(order), CHUNK)]
+        parts = []
+        with torch.no_grad(), self.autocast():
+            for seed in seeds:
+                for inputs in self.batches(self.data, chunks, seed):
+                    parts.append(self.encoder.image_features(inputs, enabled=False))
+        features = torch.cat(parts)
+        return features if views is None else features.view(views, len(order), -1)
+
+    def prepare(self) -> None:
+        """Compute the cache, where the features are computed once."""
+        if self.cacheable and self.cache is None:
+            self.cache = self.cached(self.views)
+
+    def view_of(self, epoch: int, index: int) -> int:
+        """Which cached augmented view of training image `index` epoch `epoch` uses: drawn from a stream of its own
+        per (seed, epoch, image), so that any process or resumed run draws the same."""
+        return random.Random(f"{self.args.seed}-{epoch}-view-{index}").randrange(self.views)
+
+    def epoch(self, epoch: int, shares: list[list[int]]) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """`(features, frozen)` of each non-empty share of epoch `epoch`'s batches, in order (after [`prepare`])."""
+        if self.cache is None:  # the epoch's images, decoded and augmented ahead by the workers
+            seed = f"{self.args.seed}-{epoch}" if self.args.augment else None
+            for inputs in self.batches(self.data, [share for share in shares if share], seed):
+                yield self.features(inputs)
+            return
+        for share in filter(None, shares):
+            if self.cache.dim() == 3:  # cached augmented views: one per image and epoch
+                yield self.cache[[self.view_of(epoch, i) for i in share], share], None
+            else:
+                yield self.cache[share], None

@@ -1,0 +1,176 @@
+"""The loss of a prompt-learning step: CoOp's cross-entropy and the regularisers its successors add, as a registry
+([`LOSS_TERMS`]): a new method's term is a function of the step's tensors and an entry there, with what it needs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class StepOutputs:
+    """What one step computed, for the loss terms.
+
+    Args:
+        logits (`torch.Tensor`): scaled similarities `(images, classes)`.
+        labels (`torch.Tensor`): the images' classes `(images,)`.
+        class_features (`torch.Tensor`): normalised learned class features `(classes, dim)` (or `(images, classes,
+            dim)` for CoCoOp).
+        image_features (`torch.Tensor`): normalised image features `(images, dim)`.
+        logit_scale (`torch.Tensor`): the model's scale, `exp(logit_scale)`.
+        frozen_image_features (`torch.Tensor`, *optional*): the base model's image features, when `image_features`
+            come from a prompted image tower (vision prompts); otherwise `image_features` are the base model's.
+    """
+
+    logits: torch.Tensor
+    labels: torch.Tensor
+    class_features: torch.Tensor
+    image_features: torch.Tensor
+    logit_scale: torch.Tensor
+    frozen_image_features: torch.Tensor | None = None
+
+    @property
+    def zero_shot_image_features(self) -> torch.Tensor:
+        """The base model's image features of the step's images."""
+        return self.image_features if self.frozen_image_features is None else self.frozen_image_features
+
+
+def kgcoop_loss(class_features: torch.Tensor, hand_features: torch.Tensor) -> torch.Tensor:
+    """KgCoOp (Yao et al., CVPR 2023): mean over classes of `1 - cos(learned, hand-written class feature)`."""
+    return (1 - (class_features * hand_features).sum(-1)).mean()
+
+
+def kl_to_zero_shot(logits: torch.Tensor, zero_shot_logits: torch.Tensor) -> torch.Tensor:
+    """ProGrad-style (Zhu et al., ICCV 2023): `KL(zero-shot probabilities || learned probabilities)`, summed over
+    images."""
+    return F.kl_div(logits.log_softmax(-1), zero_shot_logits.log_softmax(-1), log_target=True, reduction="sum")
+
+
+def l1_to_frozen(features: torch.Tensor, frozen: torch.Tensor) -> torch.Tensor:
+    """PromptSRC (Khattak et al., ICCV 2023): mean absolute difference between prompted and frozen normalised features,
+    per row `(rows,)`: its self-consistency terms for text (class features) and images."""
+    return (features - frozen).abs().mean(-1)
+
+
+@dataclass(frozen=True)
+class LossTerm:
+    """One regulariser a method adds to CoOp's cross-entropy.
+
+    Args:
+        weight (`str`): the [`TrainingArguments`] field of its weight (0: off).
+        paper (`str`): where it comes from.
+        compute (`Callable`): `(step, hand_features) -> tensor`: summed over the step's images when `per_image`, else
+            one value for the whole batch.
+        per_image (`bool`): a sum over images (normalised by the global batch), not a term of the batch's class
+            features (the same on every process).
+        needs_hand (`bool`): it compares with the hand-written prompts' class features.
+        needs_frozen_images (`bool`): it compares with the frozen image tower's features.
+        needs_vision_prompts (`bool`): it only means something for adapters with vision prompts.
+        conditional (`bool`): it applies to CoCoOp's per-image context.
+    """
+
+    weight: str
+    paper: str
+    compute: Callable[[StepOutputs, torch.Tensor | None], torch.Tensor]
+    per_image: bool = False
+    needs_hand: bool = False
+    needs_frozen_images: bool = False
+    needs_vision_prompts: bool = False
+    conditional: bool = False
+
+
+def _zero_shot_kl(step: StepOutputs, hand: torch.Tensor) -> torch.Tensor:
+    return kl_to_zero_shot(step.logits, step.logit_scale * step.zero_shot_image_features @ hand.T)
+
+
+#: The loss terms, by their weight's name. A new method's term is one entry here and a weight field in
+#: [`TrainingArguments`].
+LOSS_TERMS: dict[str, LossTerm] = {
+    term.weight: term
+    for term in (
+        LossTerm("kg_weight", "KgCoOp", lambda s, hand: kgcoop_loss(s.class_features, hand), needs_hand=True),
+        LossTerm(
+            "scl_text_weight",
+            "PromptSRC",
+            lambda s, hand: l1_to_frozen(s.class_features, hand).mean(),
+            needs_hand=True,
+        ),
+        LossTerm("kl_weight", "ProGrad", _zero_shot_kl, per_image=True, needs_hand=True, needs_frozen_images=True),
+        LossTerm(
+            "scl_image_weight",
+            "PromptSRC",
+            lambda s, hand: l1_to_frozen(s.image_features, s.zero_shot_image_features).sum(),
+            per_image=True,
+            needs_frozen_images=True,
+            needs_vision_prompts=True,
+            conditional=True,
+        ),
+    )
+}
+
+
+class PromptLoss:
+    """
+    CoOp's cross-entropy plus the weighted terms of [`LOSS_TERMS`] (regularisers towards the frozen model and its
+    hand-written prompts).
+
+    A call returns two parts, so that the trainer can normalise each exactly however a batch is split among processes
+    and accumulation steps: terms summed over this process's images, and terms of the whole batch's class features
+    (the same on every process).
+
+    Args:
+        hand_features (`torch.Tensor`, *optional*): normalised class features of the hand-written prompt(s), needed by
+            the terms that compare with them.
+        **weights (`float`): each term's weight, by its name in [`LOSS_TERMS`] (`kg_weight`, `kl_weight`,
+            `scl_text_weight`, `scl_image_weight`); 0 or absent: off.
+    """
+
+    def __init__(self, hand_features: torch.Tensor | None = None, **weights: float) -> None:
+        unknown = sorted(set(weights) - set(LOSS_TERMS))
+        if unknown:
+            raise ValueError(f"Unknown loss terms {unknown}; known: {list(LOSS_TERMS)}.")
+        self.terms = [(term, weights[name]) for name, term in LOSS_TERMS.items() if weights.get(name)]
+        self.hand_features = hand_features
+
+    @property
+    def needs_hand(self) -> bool:
+        """Whether a term compares with the hand-written prompts' class features."""
+        return any(term.needs_hand for term, _ in self.terms)
+
+    @property
+    def needs_frozen_images(self) -> bool:
+        """Whether a term compares with the frozen model's image features."""
+        return any(term.needs_frozen_images for term, _ in self.terms)
+
+    def check(self, conditional: bool, prompts_images: bool) -> None:
+        """Refuse terms that do not apply to the adapter: to CoCoOp's per-image context, or without vision prompts."""
+        for term, _ in self.terms:
+            if conditional and not term.conditional:
+                raise ValueError(
+                    f"{term.weight} ({term.paper}) regularises a context shared by all images, not CoCoOp's "
+                    "per-image one: drop it, or use a shared context."
+                )
+            if term.needs_vision_prompts and not prompts_images:
+                raise ValueError(
+                    f"{term.weight} ({term.paper}) compares prompted with frozen image features, but this adapter has "
+                    "no vision prompts (its image features are the frozen ones): set vision_n_ctx or coupled, or drop "
+                    f"{term.weight}."
+                )
+
+    def __call__(self, step: StepOutputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(per_image, per_batch)`: the sum of the per-image terms over the images, and the per-batch terms."""
+        per_image = F.cross_entropy(step.logits, step.labels, reduction="sum")
+        per_batch = step.logits.new_zeros(())
+        if self.needs_hand and self.hand_features is None:
+            needing = [term.weight for term, _ in self.terms if term.needs_hand]
+            raise ValueError(f"{', '.join(needing)} need the hand-written prompt's class features (hand_features).")
+        for term, weight in self.terms:
+            value = weight * term.compute(step, self.hand_features)
+            if term.per_image:
+                per_image = per_image + value
+            else:
+                per_batch = per_batch + value
+        return per_image, per_batch

@@ -1,0 +1,87 @@
+"""The record of a run, with one owner: its log (`training_log.json`: the numbers of each epoch, the evaluations on
+held-out images, the data it learned from) and its fingerprint (what a checkpoint must share with a run to be resumed
+by it)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from ..config import PromptEmbeddingConfig
+from ..data import LabeledImages
+from ..storage import write_json
+from .arguments import TrainingArguments
+
+#: The per-epoch log of a run (loss, accuracy, learning rate, evaluations, the data), saved beside the adapter.
+LOG_NAME = "training_log.json"
+
+#: The config fields a resumed run may differ in: they name files, versions and classes (the data's are recorded on
+#: their own), not what is learned. Every other field is part of the fingerprint, those added later included.
+RESUMABLE_CONFIG_FIELDS = frozenset(
+    {"task_type", "peft_type", "auto_mapping", "peft_version", "inference_mode", "target_modules", "weights_sha256"}
+    | {"class_names", "num_classes"}
+)
+#: The training arguments a resumed run may differ in: where it writes and reports, how it computes the same numbers
+#: (precision, workers, chunks, the shared prefix), and its length (more epochs may follow, except under PromptSRC's
+#: aggregation, whose weights depend on them). Every other argument is part of the fingerprint.
+RESUMABLE_ARGUMENTS = frozenset(
+    {"output_dir", "epochs", "mixed_precision", "num_workers", "class_chunk_size", "share_prefix", "report_to"}
+    | {"resume"}
+)
+
+
+def fingerprint(
+    config: PromptEmbeddingConfig,
+    args: TrainingArguments,
+    epochs: int,
+    data: LabeledImages,
+    eval_data: LabeledImages | None,
+) -> dict[str, Any]:
+    """What a checkpoint must share with a run to be resumed by it: the adapter's config and the training arguments,
+    less the fields named resumable, and the data's classes and image counts."""
+    run = {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_CONFIG_FIELDS}
+    run.update({k: v for k, v in asdict(args).items() if k not in RESUMABLE_ARGUMENTS})
+    if not args.augment:
+        run["augment_views"] = None  # views are drawn with augmentation only
+    if args.gpa_mean is not None:
+        run["epochs"] = epochs
+    run.update(
+        class_names=list(data.class_names),
+        images=len(data),
+        eval_images=0 if eval_data is None else len(eval_data),
+    )
+    return json.loads(json.dumps(run))  # as the checkpoint stores it (enums as their values, tuples as lists)
+
+
+def read_log(folder: str | Path) -> Any:
+    """The `training_log.json` in `folder` as JSON, or None when there is none or it is not JSON."""
+    try:
+        return json.loads((Path(folder) / LOG_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # missing, unreadable, not UTF-8 or not JSON
+        return None
+
+
+def write_log(folders: Iterable[str | Path], log: dict[str, Any]) -> None:
+    """Write the run's log into each of `folders` (those that exist), atomically."""
+    for folder in map(Path, folders):
+        if folder.is_dir():
+            write_json(folder / LOG_NAME, log)
+
+
+def valid_log(log: Any) -> bool:
+    """Whether `log` is a run's log as the trainer writes it: a history of per-epoch numbers (each with its epoch,
+    loss, accuracy and learning rate), and evaluations with finite numbers."""
+    if not isinstance(log, dict) or not isinstance(log.get("history", []), list):
+        return False
+    if not all(isinstance(e, dict) and {"epoch", "loss", "accuracy", "lr"} <= set(e) for e in log.get("history", [])):
+        return False
+    entries = [*log.get("history", []), *(log[k] for k in ("zero_shot", "initial", "best") if k in log)]
+    return all(
+        isinstance(e, dict)
+        and all(isinstance(v, str) or (isinstance(v, int | float) and math.isfinite(v)) for v in e.values())
+        for e in entries
+    )

@@ -1,0 +1,390 @@
+"""The loop that learns a prompt adapter on labelled images with Accelerate: cached image features, class prompts
+encoded in chunks with an exact gradient, gradients summed exactly over processes, atomic checkpoints every epoch and
+exact resume. The recipe, the loss terms, the run's record and what it keeps beside the adapter are the other modules
+of this package."""
+
+from __future__ import annotations
+
+import math
+import random
+import shutil
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from peft import PeftModel
+
+from ..classifier import PromptClassifier
+from ..data import LabeledImages
+from ..encoder import PromptEncoder
+from ..errors import TrainingDivergedError
+from ..layer import find_prompt_layer
+from ..progress import progress
+from ..storage import save_adapter
+from .arguments import TrainingArguments, coop_epochs
+from .callbacks import BestEpoch, GaussianAverage
+from .checkpoints import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from .features import CHUNK, TrainingImages
+from .losses import PromptLoss, StepOutputs
+from .record import fingerprint, write_log
+
+
+@dataclass
+class _EpochStats:
+    loss: float = 0.0
+    correct: float = 0.0
+    seen: float = 0.0
+    skipped: int = 0
+    step_seconds: list[float] = field(default_factory=list)
+
+
+class PromptTrainer:
+    """
+    Learns the active prompt adapter of `model` to classify `train_data`.
+
+    Each step encodes the class prompts (`"{class name}."`, the adapter adding its context) with the text tower,
+    compares them with the images' features and takes a step on the loss ([`PromptLoss`]) with respect to the
+    adapter alone. The image tower is frozen: without augmentation its features are computed once; with it, it runs
+    without autograd.
+
+    Args:
+        model (`PeftModel`): a CLIP model with a prompt adapter (`get_peft_model` / `get_prompt_model`).
+        processor: the model's processor (tokenizer and image processor).
+        train_data ([`LabeledImages`]): the training images.
+        args ([`TrainingArguments`]): the recipe.
+        eval_data ([`LabeledImages`], *optional*): held-out images of the same classes, to choose the epoch kept (see
+            `TrainingArguments.eval_every`), e.g. a few shots per class that training does not use ([`hold_out`]).
+        data_record (`dict`, *optional*): what `train_data` is (its source and the ids of the images used), recorded
+            in the run's log under `"data"`, so that an evaluation can leave those images out.
+    """
+
+    def __init__(
+        self,
+        model: PeftModel,
+        processor: Any,
+        train_data: LabeledImages,
+        args: TrainingArguments,
+        eval_data: LabeledImages | None = None,
+        data_record: dict[str, Any] | None = None,
+    ) -> None:
+        if not isinstance(model, PeftModel) or find_prompt_layer(model) is None:
+            raise TypeError("model must be a PeftModel with a prompt adapter (see get_prompt_model).")
+        if not len(train_data):
+            raise ValueError("train_data is empty.")
+        if len(train_data.class_names) < 2:
+            raise ValueError(
+                f"Training needs at least two classes to tell apart, got {train_data.class_names}; a prompt learned "
+                "on one class has nothing to learn (its loss is 0)."
+            )
+        if eval_data is not None and (
+            list(eval_data.class_names) != list(train_data.class_names) or not len(eval_data)
+        ):
+            raise ValueError(
+                "eval_data must hold images of the training data's classes, in the same order "
+                f"({train_data.class_names}); it has {len(eval_data)} images of {eval_data.class_names}."
+            )
+        self.model = model
+        self.processor = processor
+        self.data = train_data
+        self.eval_data = eval_data
+        self.data_record = data_record
+        self.args = args
+        self.adapter_name: str = model.active_adapter
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("The adapter has no trainable context: load it with is_trainable=True to go on training.")
+        self._claim_classes(model.peft_config[self.adapter_name])
+        shots = max(train_data.counts())
+        self.epochs = args.epochs or coop_epochs(shots)
+        self.eval_every = args.eval_every or math.ceil(self.epochs / 10)
+        self.accelerator = Accelerator(
+            mixed_precision=args.mixed_precision,
+            log_with=args.report_to,
+            project_dir=args.output_dir if args.report_to else None,
+        )
+        self.model.to(self.accelerator.device).eval()  # CLIP has no dropout; eval also freezes nothing else
+        self.encoder = PromptEncoder(model, processor, share_prefix=args.share_prefix)
+        self.conditional = self.encoder.is_conditional(self.adapter_name)
+        self.prompts_images = self.encoder.prompts_images(self.adapter_name)
+        self.loss = PromptLoss(**args.loss_weights())
+        self.loss.check(self.conditional, self.prompts_images)
+        autocast = self.accelerator.autocast
+        self.images = TrainingImages(
+            self.encoder, processor, train_data, args, self.adapter_name, self.loss.needs_frozen_images, autocast
+        )
+        self.class_tokens = self.encoder.tokenize([f"{name}." for name in train_data.class_names], self.adapter_name)
+        if self.loss.needs_hand:
+            self.loss.hand_features = self.hand_features()
+        gpa_weights = args.gpa_weights(self.epochs)
+        self.average = GaussianAverage(self.params, gpa_weights) if gpa_weights else None
+        self.best = BestEpoch(self.params, self.evaluate) if eval_data is not None else None
+        self._eval_frozen: torch.Tensor | None = None
+        self.labels = torch.tensor(train_data.labels, device=self.accelerator.device)
+        config = model.peft_config[self.adapter_name]
+        self.run = fingerprint(config, args, self.epochs, train_data, eval_data)
+        self.optimizer = self.accelerator.prepare(self._optimizer())
+
+    def _claim_classes(self, config: Any) -> None:
+        """The adapter is learned for the data's classes, and says so in its config; a class-specific context that was
+        learned for other classes cannot be silently renamed."""
+        names = list(self.data.class_names)
+        if config.class_specific and config.class_names is not None and config.class_names != names:
+            raise ValueError(
+                f"This adapter has one context per class for {config.class_names}, but the data's classes are "
+                f"{names}. Train it on those classes (in that order), or start a new class-specific adapter."
+            )
+        if config.class_specific and config.num_classes != len(names):
+            raise ValueError(
+                f"This adapter has class-specific context for {config.num_classes} classes; the data has {len(names)}."
+            )
+        config.class_names = names
+
+    def hand_features(self) -> torch.Tensor:
+        """The hand-written prompts' class features (`hand_template` with the base model, the zero-shot prompt; the
+        normalised mean over several templates), for the regularisers and the zero-shot reference."""
+        return self._classifier(zero_shot=True).class_features()
+
+    def _classifier(self, zero_shot: bool = False) -> PromptClassifier:
+        """The classifier of the training classes: with the adapter, or the zero-shot prompt(s) on the base model."""
+        hand = self.args.hand_template
+        return PromptClassifier(
+            self.model,
+            self.processor,
+            self.data.class_names,
+            ([hand] if isinstance(hand, str) else hand) if zero_shot else ("{}.",),
+            use_adapter=not zero_shot,
+            adapter_name=self.adapter_name,
+            chunk_size=self.args.class_chunk_size,
+            share_prefix=self.args.share_prefix,
+        )
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        args = self.args
+        if args.optimizer == "sgd":
+            return torch.optim.SGD(self.params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+        return torch.optim.AdamW(self.params, lr=args.lr, weight_decay=args.weight_decay)
+
+    # -- one step -------------------------------------------------------------------------------------------------
+
+    def step(
+        self,
+        image_features: torch.Tensor,
+        labels: torch.Tensor,
+        global_count: int,
+        frozen_image_features: torch.Tensor | None = None,
+    ) -> tuple[float, int]:
+        """Forward and backward of this process's share of a batch of `global_count` images (over all processes);
+        returns its summed loss and its correct count. The gradient is accumulated, not applied. With vision prompts,
+        `image_features` come from the prompted tower (with autograd) and `frozen_image_features` from the frozen
+        one."""
+        with self.accelerator.autocast():
+            text = self.encoder.class_features(
+                self.class_tokens,
+                self.adapter_name,
+                image_features=image_features if self.conditional else None,
+                chunk_size=self.args.class_chunk_size,
+                class_names=self.data.class_names,
+            )
+        logits = self.encoder.logits(image_features, text)
+        scale = self.encoder.base.logit_scale.exp()
+        outputs = StepOutputs(logits, labels, text, image_features, scale, frozen_image_features)
+        per_image, per_batch = self.loss(outputs)
+        # every process sums its images' terms over the global batch, and adds its share of the batch terms, so the
+        # gradients summed over processes (see _sync_gradients) are exactly those of the whole batch
+        accumulation = self.args.gradient_accumulation_steps
+        loss = per_image / (global_count * accumulation) + per_batch / (self.accelerator.num_processes * accumulation)
+        self.accelerator.backward(loss)
+        return loss.item() * global_count * accumulation, int((logits.argmax(-1) == labels).sum())
+
+    def _sync_gradients(self) -> None:
+        # Not `accelerator.prepare(model)` (DDP) nor `accumulate()`: DDP averages the processes' gradients, which is
+        # exact only for equal shares of a batch (the last batch of an epoch is not), and all-reduces on every
+        # backward pass; one sum over processes of gradients already scaled by the global batch is exact for any
+        # split and runs once per optimizer step
+        if self.accelerator.num_processes > 1:
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                p.grad = self.accelerator.reduce(p.grad, "sum")
+
+    # -- evaluation -----------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, zero_shot: bool = False) -> dict[str, float]:
+        """Accuracy and mean cross-entropy on `eval_data` of the adapter as it is now, or of the zero-shot prompt
+        (`hand_template` on the base model) with `zero_shot=True`: [`PromptClassifier`]'s logits."""
+        if self.eval_data is None:
+            raise ValueError("evaluate() needs eval_data: pass it to PromptTrainer.")
+        labels = torch.tensor(self.eval_data.labels, device=self.accelerator.device)
+        classifier = self._classifier(zero_shot)
+        loss, correct, start = 0.0, 0, 0
+        with self.accelerator.autocast():
+            if self._eval_frozen is None:  # the frozen image tower's features, computed once
+                self._eval_frozen = torch.cat(
+                    [self.encoder.image_features(inputs, enabled=False) for inputs in self._eval_batches()]
+                )
+            if zero_shot or not self.prompts_images:
+                batches = self._eval_frozen.split(64)
+            else:  # the prompted image tower changes as the adapter learns
+                batches = (self.encoder.image_features(inputs, self.adapter_name) for inputs in self._eval_batches())
+            for features in batches:
+                logits = classifier.image_logits(features).float()
+                part = labels[start : start + len(features)]
+                loss += torch.nn.functional.cross_entropy(logits, part, reduction="sum").item()
+                correct += int((logits.argmax(-1) == part).sum())
+                start += len(features)
+        return {"accuracy": correct / len(labels), "loss": loss / len(labels)}
+
+    def _eval_batches(self):
+        size, count = CHUNK, len(self.eval_data)
+        return self.images.batches(
+            self.eval_data, [list(range(i, min(i + size, count))) for i in range(0, count, size)]
+        )
+
+    # -- epochs ---------------------------------------------------------------------------------------------------
+
+    def _batches(self, epoch: int) -> list[list[int]]:
+        order = list(range(len(self.data)))
+        random.Random(f"{self.args.seed}-{epoch}").shuffle(order)
+        size = self.args.batch_size
+        return [order[i : i + size] for i in range(0, len(order), size)]
+
+    def _train_epoch(self, epoch: int, bar: Any) -> _EpochStats:
+        acc, args, stats = self.accelerator, self.args, _EpochStats()
+        for group in self.optimizer.param_groups:
+            group["lr"] = args.learning_rate(epoch, self.epochs)
+        batches = self._batches(epoch)
+        shares = [batch[acc.process_index :: acc.num_processes] for batch in batches]  # this process's share of each
+        features_of_shares = self.images.epoch(epoch, shares)
+        for n, (batch, mine) in enumerate(zip(batches, shares, strict=True)):
+            start = time.perf_counter()
+            if not mine:
+                loss, correct = 0.0, 0
+            else:
+                features, frozen = next(features_of_shares)
+                loss, correct = self.step(features, self.labels[mine], len(batch), frozen)
+            totals = acc.reduce(torch.tensor([loss, correct, len(mine)], device=acc.device), "sum")
+            if not math.isfinite(totals[0].item()):  # e.g. fp16 overflow: drop this step's gradient, keep going
+                self.optimizer.zero_grad(set_to_none=True)
+                stats.skipped += 1
+            else:
+                if (n + 1) % args.gradient_accumulation_steps == 0 or n + 1 == len(batches):
+                    self._sync_gradients()
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                stats.loss += totals[0].item()
+                stats.correct += totals[1].item()
+                stats.seen += totals[2].item()
+            stats.step_seconds.append(time.perf_counter() - start)
+            bar.update(1)
+            if stats.seen:
+                bar.set_postfix(
+                    epoch=epoch + 1,
+                    loss=f"{stats.loss / stats.seen:.4f}",
+                    acc=f"{stats.correct / stats.seen:.3f}",
+                    refresh=False,
+                )
+        return stats
+
+    def train(self) -> dict[str, Any]:
+        """Run the training; returns a summary: epochs, the last epoch's loss and accuracy, the median seconds per
+        step, and with `eval_data` the evaluations (`"eval"`: the zero-shot prompt's, the best candidate's and the end
+        of training's; see [`TrainingArguments`]). The per-epoch log is saved as `training_log.json` beside the
+        adapter."""
+        acc, args = self.accelerator, self.args
+        output = Path(args.output_dir)
+        if acc.is_main_process:
+            output.mkdir(parents=True, exist_ok=True)
+        checkpoint = output / CHECKPOINT_NAME
+        kept = {GaussianAverage.name: self.average, BestEpoch.name: self.best}  # their buffers go into the checkpoint
+        buffers = {name: None if keeper is None else keeper.buffer for name, keeper in kept.items()}
+        start_epoch, log = (
+            load_checkpoint(checkpoint, self.params, self.optimizer, self.run, buffers) if args.resume else (0, {})
+        )
+        log.setdefault("history", [])
+        if self.eval_data is not None and start_epoch == 0:
+            log["zero_shot"] = self.evaluate(zero_shot=True)
+            log["initial"] = self.best.consider(log, 0)
+        if args.report_to:
+            # trackers take scalars: a template ensemble is logged as one string
+            hparams = {k: " | ".join(v) if isinstance(v, list) else v for k, v in asdict(args).items()}
+            acc.init_trackers("peft-prompt-clip", config=hparams)
+        self.images.prepare()
+        batches_per_epoch = math.ceil(len(self.data) / args.batch_size)
+        bar = progress(
+            total=self.epochs * batches_per_epoch,
+            initial=start_epoch * batches_per_epoch,
+            desc="training",
+            **({} if acc.is_local_main_process else {"disable": True}),
+        )
+        step_seconds: list[float] = []
+        for epoch in range(start_epoch, self.epochs):
+            stats = self._train_epoch(epoch, bar)
+            step_seconds += stats.step_seconds
+            self._check_finite(epoch, stats.skipped, batches_per_epoch, checkpoint)
+            if self.average is not None:
+                self.average.epoch_end(epoch)
+            entry = {
+                "epoch": epoch + 1,
+                "loss": stats.loss / stats.seen,
+                "accuracy": stats.correct / stats.seen,
+                "lr": self.optimizer.param_groups[0]["lr"],
+                "skipped_steps": stats.skipped,
+            }
+            if self.eval_data is not None and ((epoch + 1) % self.eval_every == 0 or epoch + 1 == self.epochs):
+                scores = self.best.consider(log, epoch + 1)
+                entry.update(eval_accuracy=scores["accuracy"], eval_loss=scores["loss"])
+            log["history"].append(entry)
+            if args.report_to:
+                acc.log({k: v for k, v in entry.items() if k != "epoch"}, step=epoch + 1)
+            if acc.is_main_process:
+                save_checkpoint(checkpoint, self.params, self.optimizer, epoch + 1, self.run, buffers, log)
+            acc.wait_for_everyone()
+        bar.close()
+        if args.report_to:
+            acc.end_training()
+        if self.average is not None:  # PromptSRC's GPA: the adapter is the weighted mean over epochs
+            self.average.restore()
+        summary: dict[str, Any] = {"epochs": self.epochs, "augment": args.augment, "loss": None, "accuracy": None}
+        if start_epoch < self.epochs:  # a resumed run whose checkpoint holds every epoch only saves the adapter
+            last = log["history"][-1]
+            summary.update(loss=last["loss"], accuracy=last["accuracy"], skipped_steps=last["skipped_steps"])
+        summary["seconds_per_step"] = sorted(step_seconds)[len(step_seconds) // 2] if step_seconds else None
+        if self.eval_data is not None:
+            if self.average is not None:  # the end of training's adapter, the GPA mean, is a candidate too
+                log["last"] = {"epoch": "average", **self.best.consider(log, "average")}
+            else:
+                last = log["history"][-1]
+                log["last"] = {"epoch": last["epoch"], "accuracy": last["eval_accuracy"], "loss": last["eval_loss"]}
+            if acc.is_main_process:
+                save_adapter(self.model, output / "last")
+            self.best.restore()
+            summary["eval"] = {
+                "images": len(self.eval_data),
+                **{k: log[k] for k in ("zero_shot", "initial", "best", "last")},
+            }
+        if acc.is_main_process:
+            save_adapter(self.model, output)
+            if self.eval_data is None:  # the end of training's adapter is the one saved: no other
+                shutil.rmtree(output / "last", ignore_errors=True)
+            data = {} if self.data_record is None else {"data": self.data_record}
+            write_log([output, output / "last"], {"epochs": self.epochs, **log, **data})
+        return summary
+
+    def _check_finite(self, epoch: int, skipped: int, steps: int, checkpoint: Path) -> None:
+        """Stop before saving anything non-finite; warn about skipped steps."""
+        if skipped == steps or not all(bool(p.isfinite().all()) for p in self.params):
+            kept = f"the checkpoint of epoch {epoch} is kept at {checkpoint}" if epoch else "no checkpoint was written"
+            raise TrainingDivergedError(
+                f"Training diverged in epoch {epoch + 1}: {skipped} of {steps} steps had a non-finite loss; {kept}. "
+                "Lower the learning rate, or use --mixed-precision bf16 (or no) instead of fp16."
+            )
+        if skipped:
+            warnings.warn(
+                f"Skipped {skipped} of {steps} steps of epoch {epoch + 1} whose loss was NaN or infinite.",
+                stacklevel=3,
+            )
