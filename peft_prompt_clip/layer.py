@@ -83,6 +83,7 @@ class _Call:
     tower: str = "text"  # "text" or "vision"
     slots: torch.Tensor | None = None  # text: the context's positions `(batch, n_ctx)` in the expanded prompts
     prepared: Mapping[type, Any] = field(default_factory=dict)  # text: what the adapter's parts need of the texts
+    visited: list[int] = field(default_factory=list)  # the tower's layers whose hooks ran in this call
 
 
 @dataclass(frozen=True)
@@ -335,7 +336,10 @@ class PromptEmbeddingLayer(nn.Module, BaseTunerLayer):
     @_eager
     def _deep_text(self, index: int, layer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple | None:
         call = self._current("text")
-        tokens = None if call is None else self.text_tokens(call.adapter_name, index, call.prepared)
+        if call is None:
+            return None
+        call.visited.append(index)
+        tokens = self.text_tokens(call.adapter_name, index, call.prepared)
         if tokens is None:
             return None
         return _with_hidden(args, kwargs, lambda h: write_at(h, call.slots, tokens))
@@ -351,7 +355,10 @@ class PromptEmbeddingLayer(nn.Module, BaseTunerLayer):
     @_eager
     def _deep_vision(self, index: int, layer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple | None:
         call = self._current("vision")
-        if call is None or index >= self.vision_depth(call.adapter_name):
+        if call is None:
+            return None
+        call.visited.append(index)
+        if index >= self.vision_depth(call.adapter_name):
             return None
         tokens = self.vision_context(call.adapter_name, index)
         count = tokens.shape[0]
@@ -383,8 +390,22 @@ class PromptEmbeddingLayer(nn.Module, BaseTunerLayer):
     @_eager
     def _end_call(self, tower: str, owner: nn.Module, args: tuple, output: Any) -> None:
         call = _CALL.get()
-        if call is not None and call.layer is self and call.tower == tower:
-            _CALL.set(call.previous)
+        if call is None or call.layer is not self or call.tower != tower:
+            return
+        _CALL.set(call.previous)
+        if output is not None and call.adapter_name is not None and self._skipped_layers(call):  # None: it raised
+            raise RuntimeError(
+                f"torch.compile ran the {tower} tower without the prompt hooks of some of its layers (seen with "
+                "transformers 4, whose encoder layers dynamo compiles on their own), so the deeper tokens of adapter "
+                f"{call.adapter_name!r} were not written. Upgrade to transformers >= 5, or run this "
+                "model uncompiled."
+            )
+
+    def _skipped_layers(self, call: _Call) -> bool:
+        """Whether a call that writes tokens past a tower's input ran without the hooks of some of its layers."""
+        if call.tower == "text":
+            return call.slots is not None and len(call.visited) < len(self._text_layers) - 1
+        return self.vision_depth(call.adapter_name) > 1 and len(call.visited) < len(self._vision.layers) - 1
 
     def forward(
         self,

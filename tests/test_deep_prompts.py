@@ -277,6 +277,29 @@ def test_an_image_forward_inside_a_text_forward_leaves_the_text_call_alone():
     torch.testing.assert_close(nested, expected, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("tower", ["text", "vision"])
+def test_a_forward_that_skipped_a_layers_hooks_is_an_error(tower):
+    """What transformers 4's encoder layers do under torch.compile (their hooks dropped): the tower's end hook sees
+    that a layer's hook did not run and says so, rather than return features without the deeper tokens."""
+    model, _ = prompted("clip", "ivlp")
+    towers = model.base_model.model
+    layers = (towers.text_model if tower == "text" else towers.vision_model).encoder.layers
+    hooks = dict(layers[1]._forward_pre_hooks)
+    layers[1]._forward_pre_hooks.clear()  # as dynamo runs a layer it compiled on its own
+    forward = {
+        "text": lambda: model.get_text_features(**text_inputs("clip")),
+        "vision": lambda: model.get_image_features(pixel_values=pixels()),
+    }[tower]
+    with torch.no_grad(), pytest.raises(RuntimeError, match=f"ran the {tower} tower without the prompt hooks"):
+        forward()
+    layers[1]._forward_pre_hooks.update(hooks)
+    with torch.no_grad():
+        forward()  # the failed call left nothing behind
+        with prompt_options(enabled=False):
+            layers[1]._forward_pre_hooks.clear()
+            forward()  # the base model's towers write nothing, so miss nothing
+
+
 def test_two_adapters_each_with_its_own_towers():
     model, reference = prompted("clip", "maple")
     model.add_adapter("coop", PromptEmbeddingConfig(n_ctx=2))

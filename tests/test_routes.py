@@ -116,14 +116,11 @@ def test_low_cpu_mem_usage(saved, clip_dir, processor):
     assert torch.equal(logits(empty, processor), expected)
 
 
-def test_compile_after_switching_adapters(saved, clip_dir, processor, request):
+def test_compile_after_switching_adapters(saved, clip_dir, processor):
     """Compiled with a CoOp adapter active, then given the method's: compiled and eager forwards agree (the hooks a
-    method needs are in place before anything is compiled, and run eagerly)."""
+    method needs are in place before anything is compiled, and run eagerly), or, where dynamo runs a tower's layers
+    without their hooks (transformers 4) and the method writes tokens past the input, the forward says so."""
     method, model, folder, _ = saved
-    if find_prompt_layer(model).writes_deep("default") and not TRANSFORMERS_5:  # deep prompts, TCP's tokens
-        reason = "known: with transformers 4, the compiled text tower differs from the eager one with tokens written "
-        reason += "before its later layers"
-        request.applymarker(pytest.mark.xfail(reason=reason, strict=True))
     peft_model = get_peft_model(base_clip(clip_dir), PromptEmbeddingConfig(n_ctx=2))
     compiled = torch.compile(peft_model, backend="eager")  # dynamo's tracing and guards, without code generation
     texts = processor.tokenizer([f"{c}." for c in CLASSES], padding=True, return_tensors="pt")
@@ -136,6 +133,10 @@ def test_compile_after_switching_adapters(saved, clip_dir, processor, request):
             condition = PromptEncoder(peft_model, processor).image_features({"pixel_values": PIXELS[:1]})
         with prompt_options(condition=condition):
             eager = peft_model(**texts, pixel_values=PIXELS)
+            if find_prompt_layer(model).writes_deep("default") and not TRANSFORMERS_5:  # deep prompts, TCP's tokens
+                with pytest.raises(RuntimeError, match="Upgrade to transformers >= 5, or run this model uncompiled"):
+                    compiled(**texts, pixel_values=PIXELS)
+                return
             fast = compiled(**texts, pixel_values=PIXELS)
     for key in ("text_embeds", "image_embeds"):
         torch.testing.assert_close(fast[key], eager[key], atol=1e-6, rtol=0)
