@@ -60,7 +60,7 @@ def trainer_for(method: str, classes: int) -> PromptTrainer:
 
 def training_step(trainer: PromptTrainer):
     order = list(range(len(trainer.data)))
-    cached = None if trainer.prompts_images else trainer.images.cached()
+    cached = None if trainer.images.prompted else trainer.images.cached()
 
     def step():
         features, frozen = (cached, None) if cached is not None else trainer.images.of(order)

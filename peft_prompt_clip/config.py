@@ -249,6 +249,20 @@ class PromptEmbeddingConfig(PeftConfig):
                 f"digits, '_', '-' and '.'), got {self.target_modules!r}; patterns are not accepted."
             )
 
+    def claim_classes(self, names: list[str]) -> None:
+        """Record that the adapter is learned for the classes `names` (in that order). A class-specific context
+        learned for other classes is not silently renamed: that is a `ValueError`."""
+        if self.class_specific and self.class_names is not None and self.class_names != names:
+            raise ValueError(
+                f"This adapter has one context per class for {self.class_names}, but the data's classes are "
+                f"{names}. Train it on those classes (in that order), or start a new class-specific adapter."
+            )
+        if self.class_specific and self.num_classes != len(names):
+            raise ValueError(
+                f"This adapter has class-specific context for {self.num_classes} classes; the data has {len(names)}."
+            )
+        self.class_names = names
+
     @property
     def prompts_images(self) -> bool:
         """Whether the adapter prompts the image tower (its image features depend on the adapter)."""

@@ -110,8 +110,9 @@ class PromptVariant:
         raise NotImplementedError
 
     @classmethod
-    def check_config(cls, config: PromptEmbeddingConfig) -> None:
-        """Refuse values of the part's fields that do not go together (their types are checked by the config)."""
+    def settle_config(cls, config: PromptEmbeddingConfig) -> None:
+        """Refuse values of the part's fields that do not go together (their types are checked by the config), and set
+        the fields the part determines from the others (MaPLe's vision fields are its text ones)."""
 
     @classmethod
     def create(cls, build: Build) -> torch.Tensor | nn.Module:
@@ -234,7 +235,7 @@ class ClassContext(_Context):
         return config.class_specific
 
     @classmethod
-    def check_config(cls, config: PromptEmbeddingConfig) -> None:
+    def settle_config(cls, config: PromptEmbeddingConfig) -> None:
         if config.num_classes is None:
             raise ValueError("class_specific=True learns one context per class: set num_classes or class_names.")
 
@@ -409,7 +410,7 @@ class Coupling(PromptVariant):
         return config.coupled
 
     @classmethod
-    def check_config(cls, config: PromptEmbeddingConfig) -> None:
+    def settle_config(cls, config: PromptEmbeddingConfig) -> None:
         if config.vision_n_ctx not in (0, config.n_ctx) or config.vision_prompt_depth not in (1, config.prompt_depth):
             raise ValueError(
                 f"coupled (MaPLe) maps each text layer's tokens to that layer's vision tokens, so vision_n_ctx and "
@@ -524,11 +525,12 @@ def variants_of(config: PromptEmbeddingConfig) -> tuple[type[PromptVariant], ...
 
 
 def check_variants(config: PromptEmbeddingConfig) -> None:
-    """The checks of the parts of `config` (called by the config): each part's fields, and that a part writing tokens
-    per class or per image is combined with the shared context only."""
+    """The checks of the parts of `config` (called by the config): each part's fields (which a part may complete,
+    see `PromptVariant.settle_config`), and that a part writing tokens per class or per image is combined with the
+    shared context only."""
     parts = variants_of(config)
     for variant in parts:
-        variant.check_config(config)
+        variant.settle_config(config)
     others = [v for v in parts if v is not SharedContext]
     alone = [v for v in others if v.alone]
     if alone and len(others) > 1:

@@ -45,7 +45,7 @@ def test_vision_prompts_learn_through_the_prompted_image_tower(clip_dir, tmp_pat
     args = TrainingArguments(output_dir=str(tmp_path), epochs=3, batch_size=16, optimizer="adamw", lr=0.05)
     args.augment = False  # even without augmentation: the features depend on the adapter
     trainer = PromptTrainer(model, processor, data, args)
-    assert trainer.prompts_images
+    assert trainer.images.prompted
     summary = trainer.train()
     after = adapter_tensors(model)
     vision = [n for n in after if "vision_ctx" in n or "coupling" in n]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
+import torch
 from accelerate.tracking import get_available_trackers
 from accelerate.utils import LoggerType
 
@@ -208,6 +210,16 @@ class TrainingArguments:
                 f"choose a mean between 1 and {epochs}."
             )
         return [w / sum(weights) for w in weights]
+
+    def tracker_config(self) -> dict[str, Any]:
+        """The arguments as trackers take them (scalars: a template ensemble as one string)."""
+        return {k: " | ".join(v) if isinstance(v, list) else v for k, v in asdict(self).items()}
+
+    def make_optimizer(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+        """The recipe's optimizer of `params`: SGD with `momentum`, or AdamW."""
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
 
     def learning_rate(self, epoch: int, epochs: int) -> float:
         """CoOp's schedule: `warmup_lr` for the warm-up epochs, then cosine from `lr` to 0 over all epochs."""

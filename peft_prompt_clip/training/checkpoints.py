@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +13,26 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..errors import InvalidCheckpointError
+from ..errors import InvalidCheckpointError, TrainingDivergedError
 from ..storage import atomic_path
 from .record import valid_log
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
+
+
+def check_finite(params: list[torch.Tensor], epoch: int, skipped: int, steps: int, checkpoint: Path) -> None:
+    """After epoch `epoch` (from 0), of whose `steps` steps `skipped` had a non-finite loss: stop before a checkpoint
+    holds anything non-finite (the previous one is kept), and warn about skipped steps."""
+    if skipped == steps or not all(bool(p.isfinite().all()) for p in params):
+        kept = f"the checkpoint of epoch {epoch} is kept at {checkpoint}" if epoch else "no checkpoint was written"
+        raise TrainingDivergedError(
+            f"Training diverged in epoch {epoch + 1}: {skipped} of {steps} steps had a non-finite loss; {kept}. "
+            "Lower the learning rate, or use --mixed-precision bf16 (or no) instead of fp16."
+        )
+    if skipped:
+        warnings.warn(
+            f"Skipped {skipped} of {steps} steps of epoch {epoch + 1} whose loss was NaN or infinite.", stacklevel=3
+        )
 
 
 def save_checkpoint(

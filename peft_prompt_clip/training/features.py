@@ -26,18 +26,35 @@ from .arguments import TrainingArguments
 CHUNK = 64
 
 
+def check_training_data(data: LabeledImages, held_out: LabeledImages | None) -> None:
+    """A run's images: at least two classes, and held-out images (if any) of the same classes in the same order."""
+    if not len(data):
+        raise ValueError("train_data is empty.")
+    if len(data.class_names) < 2:
+        raise ValueError(
+            f"Training needs at least two classes to tell apart, got {data.class_names}; a prompt learned on one "
+            "class has nothing to learn (its loss is 0)."
+        )
+    if held_out is not None and (list(held_out.class_names) != list(data.class_names) or not len(held_out)):
+        raise ValueError(
+            "eval_data must hold images of the training data's classes, in the same order "
+            f"({data.class_names}); it has {len(held_out)} images of {held_out.class_names}."
+        )
+
+
 class TrainingImages:
     """
-    The image features of a run's training images.
+    The image features of a run's training images, and of its held-out images.
 
     Args:
         encoder ([`PromptEncoder`]): the run's encoder.
         processor: the model's processor.
         data ([`LabeledImages`]): the training images.
-        args ([`TrainingArguments`]): the recipe (`augment`, `augment_views`, `seed`, `num_workers`).
+        args ([`TrainingArguments`]): the recipe (`augment`, `augment_views`, `seed`, `batch_size`, `num_workers`).
         adapter_name (`str`): the adapter learned.
         needs_frozen (`bool`): a loss term compares with the frozen image tower's features.
         autocast (`Callable`): the run's mixed-precision context.
+        held_out ([`LabeledImages`], *optional*): held-out images of the same classes, to score the adapter on.
     """
 
     def __init__(
@@ -49,10 +66,14 @@ class TrainingImages:
         adapter_name: str,
         needs_frozen: bool,
         autocast: Callable[[], AbstractContextManager],
+        held_out: LabeledImages | None = None,
     ) -> None:
+        check_training_data(data, held_out)
         self.encoder = encoder
         self.processor = processor
         self.data = data
+        self.held_out = held_out
+        self.held_out_frozen: torch.Tensor | None = None
         self.args = args
         self.adapter_name = adapter_name
         self.prompted = encoder.prompts_images(adapter_name)
@@ -107,6 +128,29 @@ class TrainingImages:
         """Compute the cache, where the features are computed once."""
         if self.cacheable and self.cache is None:
             self.cache = self.cached(self.views)
+
+    def order(self, epoch: int) -> list[list[int]]:
+        """Epoch `epoch`'s batches of training image indices: a shuffle of its own per (seed, epoch)."""
+        order = list(range(len(self.data)))
+        random.Random(f"{self.args.seed}-{epoch}").shuffle(order)
+        size = self.args.batch_size
+        return [order[i : i + size] for i in range(0, len(order), size)]
+
+    @torch.no_grad()
+    def held_out_features(self, prompted: bool) -> torch.Tensor:
+        """Normalised features of every held-out image: the frozen image tower's (computed once), or with `prompted`
+        the adapter's (computed on each call: it changes as the adapter learns)."""
+        if not prompted and self.held_out_frozen is not None:
+            return self.held_out_frozen
+        count = len(self.held_out)
+        chunks = [list(range(i, min(i + CHUNK, count))) for i in range(0, count, CHUNK)]
+        options = {"adapter_name": self.adapter_name} if prompted else {"enabled": False}
+        with self.autocast():
+            batches = self.batches(self.held_out, chunks)
+            features = torch.cat([self.encoder.image_features(inputs, **options) for inputs in batches])
+        if not prompted:
+            self.held_out_frozen = features
+        return features
 
     def view_of(self, epoch: int, index: int) -> int:
         """Which cached augmented view of training image `index` epoch `epoch` uses: drawn from a stream of its own

@@ -6,11 +6,9 @@ of this package."""
 from __future__ import annotations
 
 import math
-import random
 import shutil
 import time
-import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,25 +19,42 @@ from peft import PeftModel
 from ..classifier import PromptClassifier
 from ..data import LabeledImages
 from ..encoder import PromptEncoder
-from ..errors import TrainingDivergedError
 from ..layer import find_prompt_layer
 from ..progress import progress
 from ..storage import save_adapter
 from .arguments import TrainingArguments, coop_epochs
 from .callbacks import BestEpoch, GaussianAverage
-from .checkpoints import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
-from .features import CHUNK, TrainingImages
+from .checkpoints import CHECKPOINT_NAME, check_finite, load_checkpoint, save_checkpoint
+from .features import CHUNK, TrainingImages, check_training_data
 from .losses import PromptLoss, StepOutputs
 from .record import fingerprint, write_log
 
 
 @dataclass
 class _EpochStats:
+    """The running numbers of an epoch, over all processes."""
+
+    epoch: int
     loss: float = 0.0
     correct: float = 0.0
     seen: float = 0.0
     skipped: int = 0
     step_seconds: list[float] = field(default_factory=list)
+
+    def show(self, bar: Any) -> None:
+        if self.seen:
+            loss, accuracy = f"{self.loss / self.seen:.4f}", f"{self.correct / self.seen:.3f}"
+            bar.set_postfix(epoch=self.epoch + 1, loss=loss, acc=accuracy, refresh=False)
+
+    def entry(self, lr: float) -> dict[str, Any]:
+        """The epoch's line of the log."""
+        return {
+            "epoch": self.epoch + 1,
+            "loss": self.loss / self.seen,
+            "accuracy": self.correct / self.seen,
+            "lr": lr,
+            "skipped_steps": self.skipped,
+        }
 
 
 class PromptTrainer:
@@ -73,20 +88,7 @@ class PromptTrainer:
     ) -> None:
         if not isinstance(model, PeftModel) or find_prompt_layer(model) is None:
             raise TypeError("model must be a PeftModel with a prompt adapter (see get_prompt_model).")
-        if not len(train_data):
-            raise ValueError("train_data is empty.")
-        if len(train_data.class_names) < 2:
-            raise ValueError(
-                f"Training needs at least two classes to tell apart, got {train_data.class_names}; a prompt learned "
-                "on one class has nothing to learn (its loss is 0)."
-            )
-        if eval_data is not None and (
-            list(eval_data.class_names) != list(train_data.class_names) or not len(eval_data)
-        ):
-            raise ValueError(
-                "eval_data must hold images of the training data's classes, in the same order "
-                f"({train_data.class_names}); it has {len(eval_data)} images of {eval_data.class_names}."
-            )
+        check_training_data(train_data, eval_data)
         self.model = model
         self.processor = processor
         self.data = train_data
@@ -97,7 +99,7 @@ class PromptTrainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("The adapter has no trainable context: load it with is_trainable=True to go on training.")
-        self._claim_classes(model.peft_config[self.adapter_name])
+        model.peft_config[self.adapter_name].claim_classes(list(train_data.class_names))
         shots = max(train_data.counts())
         self.epochs = args.epochs or coop_epochs(shots)
         self.eval_every = args.eval_every or math.ceil(self.epochs / 10)
@@ -109,12 +111,11 @@ class PromptTrainer:
         self.model.to(self.accelerator.device).eval()  # CLIP has no dropout; eval also freezes nothing else
         self.encoder = PromptEncoder(model, processor, share_prefix=args.share_prefix)
         self.conditional = self.encoder.is_conditional(self.adapter_name)
-        self.prompts_images = self.encoder.prompts_images(self.adapter_name)
         self.loss = PromptLoss(**args.loss_weights())
-        self.loss.check(self.conditional, self.prompts_images)
-        autocast = self.accelerator.autocast
+        self.loss.check(self.conditional, self.encoder.prompts_images(self.adapter_name))
+        needs_frozen, autocast = self.loss.needs_frozen_images, self.accelerator.autocast
         self.images = TrainingImages(
-            self.encoder, processor, train_data, args, self.adapter_name, self.loss.needs_frozen_images, autocast
+            self.encoder, processor, train_data, args, self.adapter_name, needs_frozen, autocast, eval_data
         )
         self.class_tokens = self.encoder.tokenize([f"{name}." for name in train_data.class_names], self.adapter_name)
         if self.loss.needs_hand:
@@ -122,26 +123,10 @@ class PromptTrainer:
         gpa_weights = args.gpa_weights(self.epochs)
         self.average = GaussianAverage(self.params, gpa_weights) if gpa_weights else None
         self.best = BestEpoch(self.params, self.evaluate) if eval_data is not None else None
-        self._eval_frozen: torch.Tensor | None = None
         self.labels = torch.tensor(train_data.labels, device=self.accelerator.device)
         config = model.peft_config[self.adapter_name]
         self.run = fingerprint(config, args, self.epochs, train_data, eval_data)
-        self.optimizer = self.accelerator.prepare(self._optimizer())
-
-    def _claim_classes(self, config: Any) -> None:
-        """The adapter is learned for the data's classes, and says so in its config; a class-specific context that was
-        learned for other classes cannot be silently renamed."""
-        names = list(self.data.class_names)
-        if config.class_specific and config.class_names is not None and config.class_names != names:
-            raise ValueError(
-                f"This adapter has one context per class for {config.class_names}, but the data's classes are "
-                f"{names}. Train it on those classes (in that order), or start a new class-specific adapter."
-            )
-        if config.class_specific and config.num_classes != len(names):
-            raise ValueError(
-                f"This adapter has class-specific context for {config.num_classes} classes; the data has {len(names)}."
-            )
-        config.class_names = names
+        self.optimizer = self.accelerator.prepare(args.make_optimizer(self.params))
 
     def hand_features(self) -> torch.Tensor:
         """The hand-written prompts' class features (`hand_template` with the base model, the zero-shot prompt; the
@@ -161,12 +146,6 @@ class PromptTrainer:
             chunk_size=self.args.class_chunk_size,
             share_prefix=self.args.share_prefix,
         )
-
-    def _optimizer(self) -> torch.optim.Optimizer:
-        args = self.args
-        if args.optimizer == "sgd":
-            return torch.optim.SGD(self.params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-        return torch.optim.AdamW(self.params, lr=args.lr, weight_decay=args.weight_decay)
 
     # -- one step -------------------------------------------------------------------------------------------------
 
@@ -219,45 +198,21 @@ class PromptTrainer:
         (`hand_template` on the base model) with `zero_shot=True`: [`PromptClassifier`]'s logits."""
         if self.eval_data is None:
             raise ValueError("evaluate() needs eval_data: pass it to PromptTrainer.")
-        labels = torch.tensor(self.eval_data.labels, device=self.accelerator.device)
         classifier = self._classifier(zero_shot)
-        loss, correct, start = 0.0, 0, 0
-        with self.accelerator.autocast():
-            if self._eval_frozen is None:  # the frozen image tower's features, computed once
-                self._eval_frozen = torch.cat(
-                    [self.encoder.image_features(inputs, enabled=False) for inputs in self._eval_batches()]
-                )
-            if zero_shot or not self.prompts_images:
-                batches = self._eval_frozen.split(64)
-            else:  # the prompted image tower changes as the adapter learns
-                batches = (self.encoder.image_features(inputs, self.adapter_name) for inputs in self._eval_batches())
-            for features in batches:
-                logits = classifier.image_logits(features).float()
-                part = labels[start : start + len(features)]
-                loss += torch.nn.functional.cross_entropy(logits, part, reduction="sum").item()
-                correct += int((logits.argmax(-1) == part).sum())
-                start += len(features)
-        return {"accuracy": correct / len(labels), "loss": loss / len(labels)}
-
-    def _eval_batches(self):
-        size, count = CHUNK, len(self.eval_data)
-        return self.images.batches(
-            self.eval_data, [list(range(i, min(i + size, count))) for i in range(0, count, size)]
-        )
+        features = self.images.held_out_features(prompted=self.images.prompted and not zero_shot)
+        with self.accelerator.autocast():  # in chunks: a conditional adapter's class prompts are per image
+            logits = torch.cat([classifier.image_logits(part).float() for part in features.split(CHUNK)])
+        labels = torch.tensor(self.eval_data.labels, device=logits.device)
+        loss = torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+        return {"accuracy": int((logits.argmax(-1) == labels).sum()) / len(labels), "loss": loss / len(labels)}
 
     # -- epochs ---------------------------------------------------------------------------------------------------
 
-    def _batches(self, epoch: int) -> list[list[int]]:
-        order = list(range(len(self.data)))
-        random.Random(f"{self.args.seed}-{epoch}").shuffle(order)
-        size = self.args.batch_size
-        return [order[i : i + size] for i in range(0, len(order), size)]
-
     def _train_epoch(self, epoch: int, bar: Any) -> _EpochStats:
-        acc, args, stats = self.accelerator, self.args, _EpochStats()
+        acc, args, stats = self.accelerator, self.args, _EpochStats(epoch)
         for group in self.optimizer.param_groups:
             group["lr"] = args.learning_rate(epoch, self.epochs)
-        batches = self._batches(epoch)
+        batches = self.images.order(epoch)
         shares = [batch[acc.process_index :: acc.num_processes] for batch in batches]  # this process's share of each
         features_of_shares = self.images.epoch(epoch, shares)
         for n, (batch, mine) in enumerate(zip(batches, shares, strict=True)):
@@ -281,13 +236,7 @@ class PromptTrainer:
                 stats.seen += totals[2].item()
             stats.step_seconds.append(time.perf_counter() - start)
             bar.update(1)
-            if stats.seen:
-                bar.set_postfix(
-                    epoch=epoch + 1,
-                    loss=f"{stats.loss / stats.seen:.4f}",
-                    acc=f"{stats.correct / stats.seen:.3f}",
-                    refresh=False,
-                )
+            stats.show(bar)
         return stats
 
     def train(self) -> dict[str, Any]:
@@ -310,9 +259,7 @@ class PromptTrainer:
             log["zero_shot"] = self.evaluate(zero_shot=True)
             log["initial"] = self.best.consider(log, 0)
         if args.report_to:
-            # trackers take scalars: a template ensemble is logged as one string
-            hparams = {k: " | ".join(v) if isinstance(v, list) else v for k, v in asdict(args).items()}
-            acc.init_trackers("peft-prompt-clip", config=hparams)
+            acc.init_trackers("peft-prompt-clip", config=args.tracker_config())
         self.images.prepare()
         batches_per_epoch = math.ceil(len(self.data) / args.batch_size)
         bar = progress(
@@ -325,16 +272,10 @@ class PromptTrainer:
         for epoch in range(start_epoch, self.epochs):
             stats = self._train_epoch(epoch, bar)
             step_seconds += stats.step_seconds
-            self._check_finite(epoch, stats.skipped, batches_per_epoch, checkpoint)
+            check_finite(self.params, epoch, stats.skipped, batches_per_epoch, checkpoint)
             if self.average is not None:
                 self.average.epoch_end(epoch)
-            entry = {
-                "epoch": epoch + 1,
-                "loss": stats.loss / stats.seen,
-                "accuracy": stats.correct / stats.seen,
-                "lr": self.optimizer.param_groups[0]["lr"],
-                "skipped_steps": stats.skipped,
-            }
+            entry = stats.entry(self.optimizer.param_groups[0]["lr"])
             if self.eval_data is not None and ((epoch + 1) % self.eval_every == 0 or epoch + 1 == self.epochs):
                 scores = self.best.consider(log, epoch + 1)
                 entry.update(eval_accuracy=scores["accuracy"], eval_loss=scores["loss"])
@@ -374,17 +315,3 @@ class PromptTrainer:
             data = {} if self.data_record is None else {"data": self.data_record}
             write_log([output, output / "last"], {"epochs": self.epochs, **log, **data})
         return summary
-
-    def _check_finite(self, epoch: int, skipped: int, steps: int, checkpoint: Path) -> None:
-        """Stop before saving anything non-finite; warn about skipped steps."""
-        if skipped == steps or not all(bool(p.isfinite().all()) for p in self.params):
-            kept = f"the checkpoint of epoch {epoch} is kept at {checkpoint}" if epoch else "no checkpoint was written"
-            raise TrainingDivergedError(
-                f"Training diverged in epoch {epoch + 1}: {skipped} of {steps} steps had a non-finite loss; {kept}. "
-                "Lower the learning rate, or use --mixed-precision bf16 (or no) instead of fp16."
-            )
-        if skipped:
-            warnings.warn(
-                f"Skipped {skipped} of {steps} steps of epoch {epoch + 1} whose loss was NaN or infinite.",
-                stacklevel=3,
-            )
