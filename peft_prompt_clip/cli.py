@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import enum
 import json
 import os
 import sys
@@ -18,26 +19,21 @@ from safetensors import SafetensorError
 
 from . import __version__
 from .classifier import CLIP_TEMPLATE, IMAGENET_TEMPLATES, PromptClassifier
-from .config import ClassTokenPosition, PromptEmbeddingConfig, printable
+from .config import PromptEmbeddingConfig, printable
 from .data import (
-    LabeledImages,
-    base_novel,
     drop_unreadable,
     open_image,
-    select_classes,
 )
 from .errors import TrainingDivergedError
-from .evaluation import evaluate, harmonic_mean
+from .evaluation import against_zero_shot
 from .hub import RESULTS_NAME
-from .loading import get_prompt_model, load_prompt_model, read_adapter_config, resolve_adapter
+from .loading import get_prompt_model, load_base_model, load_prompt_model, read_adapter_config, resolve_adapter
 from .methods import METHODS, method_settings
-from .model import find_text_embeddings
 from .progress import disable_progress_bars, enable_progress_bars, progress
-from .report import write_report
+from .report import save_results
 from .sources import DataSource
-from .storage import write_json
 from .training import PromptTrainer, TrainingArguments
-from .training.record import read_log, valid_log
+from .training.record import describe_held_out, describe_run, read_log, valid_log
 from .variants import VARIANTS
 
 #: What the CLI reports in one line: the package's own errors and the user mistakes the libraries signal (a bad value,
@@ -53,24 +49,6 @@ ADAPTER_FLAGS = {"class_token_position": "--position", "class_specific": "--csc"
 #: The `train` options that set a `TrainingArguments` field: the fields with a help text (the flag's); their defaults
 #: are the fields'.
 TRAINING_OPTIONS = tuple(f.name for f in dataclasses.fields(TrainingArguments) if "help" in f.metadata)
-
-
-def _load_base(model_name: str) -> tuple[Any, Any]:
-    """A CLIP-family model of any supported family (CLIP, SigLIP, SigLIP 2, GroupViT, OWL-ViT) and its processor."""
-    from transformers import AutoModel, AutoProcessor
-
-    path = Path(model_name).expanduser()
-    if path.is_dir():  # by its absolute path, which the adapter records as its base model
-        model_name = str(path.resolve())
-    elif model_name.startswith((".", "/", "~")) or model_name.count("/") > 1 or "\\" in model_name:
-        raise FileNotFoundError(f"No model folder at {model_name} (a Hub id is 'owner/name').")
-    model = AutoModel.from_pretrained(model_name).eval()
-    find_text_embeddings(model)  # says which families are supported when this is none of them
-    if not hasattr(model, "get_image_features"):
-        raise ValueError(
-            f"{model_name} is a {type(model).__name__}, which has no image tower; give an image-text model."
-        )
-    return model, AutoProcessor.from_pretrained(model_name)
 
 
 #: Where notes (what a command used, where it wrote) go: "stdout", "stderr" (under --json, whose output is the
@@ -90,16 +68,9 @@ def _data_source(args: argparse.Namespace) -> DataSource:
 
 def method_fields(args: argparse.Namespace, num_classes: int, model: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """The adapter and training fields of `train`: `--method`'s preset, each field given by its own flag instead."""
-    preset, recipe = method_settings(args.method, num_classes, model, args.epochs)
-    flags = {field: getattr(args, field) for field in ADAPTER_OPTIONS if getattr(args, field) is not None}
-    if "n_ctx" in flags and "ctx_init" not in flags:
-        preset.pop("ctx_init", None)  # a preset's initial words fit its own n_ctx, not another
-    if flags.get("vision_n_ctx") == 0:
-        preset.pop("vision_prompt_depth", None)
-    given = {field: getattr(args, field) for field in TRAINING_OPTIONS}
-    if given["hand_template"] == "imagenet":
-        given["hand_template"] = list(IMAGENET_TEMPLATES)
-    return {**preset, **flags}, {**recipe, **{field: value for field, value in given.items() if value is not None}}
+    given = {name: getattr(args, name) for name in (*ADAPTER_OPTIONS, *TRAINING_OPTIONS)}
+    given = {name: value for name, value in given.items() if value is not None}
+    return method_settings(args.method, num_classes, model, args.epochs, given)
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
@@ -111,7 +82,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     for note in run.notes:
         _say(note)
     data, val = run.train, run.val
-    model, processor = _load_base(args.model)
+    model, processor = load_base_model(args.model)
     adapter, settings = method_fields(args, len(data.class_names), model)
     config = PromptEmbeddingConfig(**adapter, class_names=data.class_names, init_seed=args.seed)
     model = get_prompt_model(model, config)
@@ -129,42 +100,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     trainer = PromptTrainer(model, processor, data, training, eval_data=val, data_record=record)
     summary = trainer.train()
     if trainer.accelerator.is_main_process:
-        result = (
-            "nothing left to train (the checkpoint holds every epoch)"
-            if summary["loss"] is None
-            else f"loss {summary['loss']:.4f}, train accuracy {summary['accuracy']:.3f}"
-        )
-        processes = trainer.accelerator.num_processes
-        where = f" in {processes} processes" if processes > 1 else ""
-        print(
-            f"trained {summary['epochs']} epochs on {len(data)} images of {len(data.class_names)} classes{where}: "
-            f"{result}; adapter saved to {args.output}"
-        )
+        print(describe_run(summary, data, trainer.accelerator.num_processes, args.output))
         if "eval" in summary:
-            print(_validation_report(summary["eval"], args.output, training.hand_template, config.ctx_init))
+            print(describe_held_out(summary["eval"], args.output, training.hand_template, config.ctx_init))
     return summary
-
-
-def _validation_report(scores: dict[str, Any], output: str, template: str | list[str], ctx_init: str | None) -> str:
-    """What the held-out images chose, in words: the kept candidate against the zero-shot prompt (`template`, the
-    regularisers' hand-written prompt) and the end of training."""
-    best, last, zero = scores["best"], scores["last"], scores["zero_shot"]["accuracy"]
-    name = {0: "the initial prompt (epoch 0)", "average": "the epochs' Gaussian average"}.get(
-        best["epoch"], f"epoch {best['epoch']}"
-    )
-    prompt = repr(template) if isinstance(template, str) else f"an ensemble of {len(template)} templates"
-    text = (
-        f"validation accuracy ({scores['images']} held-out images): zero-shot ({prompt}) {zero:.3f}, initial prompt "
-        f"{scores['initial']['accuracy']:.3f}, end of training {last['accuracy']:.3f}, best {best['accuracy']:.3f}: "
-        f"kept {name} in {output}; the end of training's adapter is in {Path(output) / 'last'}"
-    )
-    if best["accuracy"] < zero:
-        advice = "more shots or another --lr" if ctx_init else "--ctx-init 'a photo of a', more shots or another --lr"
-        text += (
-            "\nwarning: the kept prompt scores below the zero-shot prompt on the held-out images "
-            f"({best['accuracy']:.3f} < {zero:.3f}): use zero-shot, or try {advice}"
-        )
-    return text
 
 
 def _adapter_model(args: argparse.Namespace):
@@ -172,7 +111,7 @@ def _adapter_model(args: argparse.Namespace):
     base_name = args.model or read_adapter_config(folder).base_model_name_or_path  # validated before use
     if not base_name:
         raise ValueError("The adapter does not name its base model; pass --model.")
-    base, processor = _load_base(base_name)
+    base, processor = load_base_model(base_name)
     return load_prompt_model(base, folder), processor, folder
 
 
@@ -196,29 +135,14 @@ def eval_(args: argparse.Namespace) -> dict[str, Any]:
     data = drop_unreadable(data)
     _say(f"evaluating {len(data)} images of {len(data.class_names)} classes from {where}")
 
-    def both(part: LabeledImages) -> dict[str, dict[str, Any]]:
-        return {
-            "zero-shot": evaluate(
-                PromptClassifier(model, processor, part.class_names, templates, use_adapter=False), part
-            ),
-            "learned prompt": evaluate(PromptClassifier(model, processor, part.class_names), part),
-        }
-
+    results = {
+        "split": split,
+        "data": where,
+        **against_zero_shot(model, processor, data, templates, base_to_novel=args.base_to_novel),
+    }
     if args.base_to_novel:
-        base_names, novel_names = base_novel(data.class_names)
-        parts = {"base": both(select_classes(data, base_names)), "novel": both(select_classes(data, novel_names))}
-        rows = {
-            method: {
-                "base": parts["base"][method]["top1"],
-                "novel": parts["novel"][method]["top1"],
-                "HM": harmonic_mean(parts["base"][method]["top1"], parts["novel"][method]["top1"]),
-            }
-            for method in ("zero-shot", "learned prompt")
-        }
-        results: dict[str, Any] = {"split": split, "data": where, "base_to_novel": rows, "details": parts}
-        table, columns = rows, ["base", "novel", "HM"]
+        table, columns = results["base_to_novel"], ["base", "novel", "HM"]
     else:
-        results = {"split": split, "data": where, **both(data)}
         table, columns = {k: results[k] for k in ("zero-shot", "learned prompt")}, ["top1", "top5"]
     if args.json:
         print(json.dumps(results, indent=2))
@@ -229,10 +153,7 @@ def eval_(args: argparse.Namespace) -> dict[str, Any]:
     if out is None:  # never into the Hub cache, never silently into the current folder
         _say("results not saved: the adapter is a Hub repo; pass --output FILE to save them")
     else:
-        write_json(out, results)
-        page = out.with_suffix(".report.html" if out.suffix == ".html" else ".html")
-        curve = log if valid_log(log) else None  # the training curve, when the log is readable
-        write_report(page, results, curve, f"{args.adapter} on {where}")
+        page = save_results(out, results, log if valid_log(log) else None, f"{args.adapter} on {where}")
         _say(f"results written to {out} and {page} (a report with charts)")
     return results
 
@@ -298,6 +219,24 @@ def demo(args: argparse.Namespace) -> dict[str, Any]:
     return run_demo(Path(args.output), shots=args.shots, seed=args.seed)
 
 
+def _field_options(p: argparse.ArgumentParser, fields: list[dataclasses.Field], flags: dict[str, str]) -> None:
+    """A flag per dataclass field (`--field-name`, or as `flags` name it), its help the field's `help` metadata with
+    the field's default; the flag's own default is None (not given)."""
+    for field in fields:
+        text, default = field.metadata["help"], field.default
+        if "default" not in text and default is not None:
+            shown = ("on" if default else "off") if isinstance(default, bool) else getattr(default, "value", default)
+            text = f"{text.rstrip('.')} (default: {shown})"
+        flag = flags.get(field.name, "--" + field.name.replace("_", "-"))
+        if field.type == "bool":
+            p.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, help=text)
+        elif isinstance(default, enum.Enum):
+            p.add_argument(flag, dest=field.name, choices=[c.value for c in type(default)], help=text)
+        else:
+            kind = int if field.type.startswith("int") else float if field.type.startswith("float") else str
+            p.add_argument(flag, dest=field.name, type=kind, help=text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="peft-prompt-clip", description="Learned prompts for CLIP, as PEFT adapters."
@@ -350,30 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
         "docs/methods)",
     )
     fields = {f.name: f for f in dataclasses.fields(PromptEmbeddingConfig)}
-    for name in ADAPTER_OPTIONS:
-        field = fields[name]
-        flag = ADAPTER_FLAGS.get(name, "--" + name.replace("_", "-"))
-        text = field.metadata["help"]
-        default = {True: "on", False: "off"}.get(field.default, getattr(field.default, "value", field.default))
-        if "default" not in text and field.default is not None:
-            text = f"{text.rstrip('.')} (default: {default})"
-        if field.type == "bool":
-            p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, help=text)
-        elif name == "class_token_position":
-            p.add_argument(flag, dest=name, choices=[c.value for c in ClassTokenPosition], help=text)
-        else:
-            p.add_argument(flag, dest=name, type=int if "int" in field.type else str, help=text)
-    for field in dataclasses.fields(TrainingArguments):
-        if field.name not in TRAINING_OPTIONS:
-            continue
-        text = field.metadata["help"]
-        text = text if "default" in text else f"{text} (default: {field.default})"
-        flag = "--" + field.name.replace("_", "-")
-        if field.type == "bool":
-            p.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None, help=text)
-        else:
-            kind = int if field.type.startswith("int") else float if field.type.startswith("float") else str
-            p.add_argument(flag, type=kind, default=None, dest=field.name, help=text)
+    _field_options(p, [fields[name] for name in ADAPTER_OPTIONS], ADAPTER_FLAGS)
+    fields = {f.name: f for f in dataclasses.fields(TrainingArguments)}
+    _field_options(p, [fields[name] for name in TRAINING_OPTIONS], {})
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output")
     p.set_defaults(run=train)
 

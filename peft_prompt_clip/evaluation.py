@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from .classifier import PromptClassifier
-from .data import LabeledImages, default_workers, image_batches
+from .classifier import CLIP_TEMPLATE, PromptClassifier
+from .data import LabeledImages, base_novel, default_workers, image_batches, select_classes
 from .progress import progress
 
 
@@ -52,6 +53,38 @@ def evaluate(
         "class_names": list(data.class_names),  # what the confusion counts' indices name
         "confusion": [[t, p, c] for (t, p), c in zip(pairs.tolist(), counts.tolist(), strict=True)],
     }
+
+
+def against_zero_shot(
+    model: Any,
+    processor: Any,
+    data: LabeledImages,
+    templates: str | Sequence[str] = CLIP_TEMPLATE,
+    base_to_novel: bool = False,
+) -> dict[str, Any]:
+    """
+    [`evaluate`] of the adapter's learned prompt (`"learned prompt"`) and of the zero-shot prompt(s) `templates` on
+    the base model (`"zero-shot"`) on `data`. With `base_to_novel`, each on CoCoOp's base and novel halves of the
+    classes instead: `"base_to_novel"` holds each prompt's top-1 on both and their harmonic mean, `"details"` the
+    evaluations of each half.
+    """
+
+    def both(part: LabeledImages) -> dict[str, dict[str, Any]]:
+        zero_shot = PromptClassifier(model, processor, part.class_names, templates, use_adapter=False)
+        return {
+            "zero-shot": evaluate(zero_shot, part),
+            "learned prompt": evaluate(PromptClassifier(model, processor, part.class_names), part),
+        }
+
+    if not base_to_novel:
+        return both(data)
+    base_names, novel_names = base_novel(data.class_names)
+    parts = {"base": both(select_classes(data, base_names)), "novel": both(select_classes(data, novel_names))}
+    rows = {}
+    for prompt in ("zero-shot", "learned prompt"):
+        base, novel = parts["base"][prompt]["top1"], parts["novel"][prompt]["top1"]
+        rows[prompt] = {"base": base, "novel": novel, "HM": harmonic_mean(base, novel)}
+    return {"base_to_novel": rows, "details": parts}
 
 
 def harmonic_mean(base: float, novel: float) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import (
@@ -21,6 +22,7 @@ from torch import nn
 
 from .config import PEFT_TYPE, PromptEmbeddingConfig
 from .errors import InvalidAdapterError
+from .model import find_text_embeddings
 from .storage import file_sha256, locked
 from .variants import check_adapter_tensors
 
@@ -43,6 +45,28 @@ def get_prompt_model(model: nn.Module, config: PromptEmbeddingConfig, adapter_na
     if not isinstance(config, PromptEmbeddingConfig):
         raise TypeError(f"config must be a PromptEmbeddingConfig, got {type(config).__name__}.")
     return get_peft_model(model, config, adapter_name=adapter_name)
+
+
+def load_base_model(model_name: str) -> tuple[nn.Module, Any]:
+    """
+    A CLIP-family model of a supported family (CLIP, SigLIP, SigLIP 2, GroupViT, OWL-ViT), in eval mode, and its
+    processor: from a local folder (recorded by its absolute path, which an adapter saves as its base model) or a Hub
+    id. Anything else (a missing folder, a model without an image tower or of another family) is an error naming it.
+    """
+    from transformers import AutoModel, AutoProcessor
+
+    path = Path(model_name).expanduser()
+    if path.is_dir():
+        model_name = str(path.resolve())
+    elif model_name.startswith((".", "/", "~")) or model_name.count("/") > 1 or "\\" in model_name:
+        raise FileNotFoundError(f"No model folder at {model_name} (a Hub id is 'owner/name').")
+    model = AutoModel.from_pretrained(model_name).eval()
+    find_text_embeddings(model)  # says which families are supported when this is none of them
+    if not hasattr(model, "get_image_features"):
+        raise ValueError(
+            f"{model_name} is a {type(model).__name__}, which has no image tower; give an image-text model."
+        )
+    return model, AutoProcessor.from_pretrained(model_name)
 
 
 def load_prompt_model(

@@ -4,12 +4,13 @@ starts from what the paper ran, and every field can still be set on top."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from torch import nn
 
 from .classifier import IMAGENET_TEMPLATES
+from .config import PromptEmbeddingConfig
 from .model import find_text_embeddings, find_vision_tower
 
 
@@ -84,14 +85,20 @@ METHODS: dict[str, Method] = {
 
 
 def method_settings(
-    name: str, num_classes: int, model: nn.Module | None = None, epochs: int | None = None
+    name: str,
+    num_classes: int,
+    model: nn.Module | None = None,
+    epochs: int | None = None,
+    given: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """
-    The adapter fields and training fields of the preset `name` for `num_classes` classes. PromptSRC's logit term (KL
-    averaged over images and classes) is `kl_weight = 1 / num_classes` here; given the `model`, depths are capped at
-    its towers' layer counts (the papers' depth 9 is for 12-layer towers, TCP's layer 8 of 12 at the text tower's
-    last); given `epochs` other than the paper's, the
-    Gaussian of PromptSRC's aggregation is scaled with them (mean 15 and std 1 of 20 epochs: 0.75 and 0.05 of them).
+    The adapter fields and training fields of the preset `name` for `num_classes` classes, with the fields of `given`
+    (adapter or training fields) in place of the preset's: a given `n_ctx` drops the preset's `ctx_init` (its words
+    fit its own length) unless `ctx_init` is given too, and `vision_n_ctx=0` drops its vision depth. PromptSRC's
+    logit term (KL averaged over images and classes) is `kl_weight = 1 / num_classes` here; given the `model`, the
+    preset's depths are capped at its towers' layer counts (the papers' depth 9 is for 12-layer towers, TCP's layer
+    8 of 12 at the text tower's last); given `epochs` other than the paper's, the Gaussian of PromptSRC's aggregation
+    is scaled with them (mean 15 and std 1 of 20 epochs: 0.75 and 0.05 of them).
 
     Raises:
         `ValueError`: for an unknown name, listing the known ones.
@@ -133,4 +140,12 @@ def method_settings(
         for count in layers:
             if key in adapter and count is not None:
                 adapter[key] = min(adapter[key], count)
+    given = given or {}
+    if "n_ctx" in given and "ctx_init" not in given:
+        adapter.pop("ctx_init", None)
+    if given.get("vision_n_ctx") == 0:
+        adapter.pop("vision_prompt_depth", None)
+    adapter_fields = {f.name for f in fields(PromptEmbeddingConfig)}
+    adapter.update({k: v for k, v in given.items() if k in adapter_fields})
+    training.update({k: v for k, v in given.items() if k not in adapter_fields})
     return adapter, training

@@ -9,12 +9,21 @@ import html
 from pathlib import Path
 from typing import Any
 
-from .storage import atomic_path
+from .storage import atomic_path, write_json
 
 #: The colours of the zero-shot and learned series (colour-blind safe: Okabe-Ito).
 COLORS = {"zero-shot": "#999999", "learned prompt": "#0072B2"}
 #: Confusion matrices are drawn up to this many classes; above, the most frequent confusions are listed.
 MAX_MATRIX_CLASSES = 40
+
+
+def save_results(path: Path, results: dict[str, Any], log: dict[str, Any] | None, title: str) -> Path:
+    """Write `results` to `path` as JSON and their report beside it (`.html`; `.report.html` where `path` is one),
+    with the training curve of `log` (None: none); returns the report's path. Both atomically."""
+    write_json(path, results)
+    page = path.with_suffix(".report.html" if path.suffix == ".html" else ".html")
+    write_report(page, results, log, title)
+    return page
 
 
 def write_report(path: str | Path, results: dict[str, Any], log: dict[str, Any] | None, title: str) -> None:

@@ -190,6 +190,20 @@ def test_training_defaults_come_from_training_arguments():
     assert fields == set(TRAINING_OPTIONS)  # every option is exposed
 
 
+def test_option_help_shows_each_fields_default():
+    from peft_prompt_clip.cli import build_parser
+
+    train = next(a for a in build_parser()._subparsers._group_actions[0].choices.items() if a[0] == "train")[1]
+    helps = {action.dest: action.help for action in train._actions}
+    assert helps["prompt_depth"].endswith("(default: 1)")  # a number, never "on" (1 == True)
+    assert helps["kg_weight"].endswith("(default: 0.0)") and helps["gradient_accumulation_steps"].endswith(
+        "(default: 1)"
+    )
+    assert helps["class_specific"].endswith("(default: off)") and helps["share_prefix"].endswith("(default: on)")
+    assert helps["class_token_position"].endswith("(default: end)")
+    assert "default" not in helps["class_chunk_size"]  # unset: nothing to show
+
+
 def test_a_folder_is_used_as_given_and_held_out_images_choose_the_epoch(clip_dir, tmp_path):
     """A folder of class folders is neither split behind the user's back for training (16 shots are 16 shots) nor for
     eval (all of it, less the images the adapter learned from); spare images choose the epoch kept."""

@@ -10,6 +10,7 @@ import torch
 from accelerate.tracking import get_available_trackers
 from accelerate.utils import LoggerType
 
+from ..classifier import IMAGENET_TEMPLATES
 from ..data import default_workers
 from .losses import LOSS_TERMS
 
@@ -84,7 +85,7 @@ class TrainingArguments:
             in its paper.
         hand_template (`str` or `list[str]`, *optional*, defaults to `"a photo of a {}."`): the hand-written prompt of
             the regularisers; several templates give the normalised mean of their class features (PromptSRC's textual
-            diversity uses `IMAGENET_TEMPLATES`).
+            diversity uses `IMAGENET_TEMPLATES`, which `"imagenet"` names).
         gpa_mean (`float`, *optional*): PromptSRC's Gaussian weighted prompt aggregation: the adapter saved at the end
             is the mean of its parameters after each epoch `e` (from 1), weighted by a Gaussian of `e` with this mean
             and `gpa_std`; 15 for its 20 epochs. Off by default (the last epoch's parameters).
@@ -180,6 +181,8 @@ class TrainingArguments:
             not isinstance(self.gpa_mean, int | float) or not math.isfinite(self.gpa_mean)
         ):
             raise ValueError(f"gpa_mean must be a number (an epoch, from 1), got {self.gpa_mean!r}.")
+        if self.hand_template == "imagenet":
+            self.hand_template = list(IMAGENET_TEMPLATES)
         templates = [self.hand_template] if isinstance(self.hand_template, str) else self.hand_template
         if not templates or any(not isinstance(t, str) or "{}" not in t for t in templates):
             raise ValueError(f"hand_template needs a '{{}}' for the class name, got {self.hand_template!r}.")

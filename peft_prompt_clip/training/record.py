@@ -57,6 +57,42 @@ def fingerprint(
     return json.loads(json.dumps(run))  # as the checkpoint stores it (enums as their values, tuples as lists)
 
 
+def describe_run(summary: dict[str, Any], data: LabeledImages, processes: int, output: str) -> str:
+    """A run's [`PromptTrainer.train`] `summary` in one line: what it trained on, its last epoch, where it saved."""
+    result = (
+        "nothing left to train (the checkpoint holds every epoch)"
+        if summary["loss"] is None
+        else f"loss {summary['loss']:.4f}, train accuracy {summary['accuracy']:.3f}"
+    )
+    where = f" in {processes} processes" if processes > 1 else ""
+    return (
+        f"trained {summary['epochs']} epochs on {len(data)} images of {len(data.class_names)} classes{where}: "
+        f"{result}; adapter saved to {output}"
+    )
+
+
+def describe_held_out(scores: dict[str, Any], output: str, template: str | list[str], ctx_init: str | None) -> str:
+    """What a run's held-out images chose (`scores`: its summary's `"eval"`), in words: the kept candidate against the
+    zero-shot prompt (`template`) and the end of training, with advice when the kept one scores below zero-shot."""
+    best, last, zero = scores["best"], scores["last"], scores["zero_shot"]["accuracy"]
+    name = {0: "the initial prompt (epoch 0)", "average": "the epochs' Gaussian average"}.get(
+        best["epoch"], f"epoch {best['epoch']}"
+    )
+    prompt = repr(template) if isinstance(template, str) else f"an ensemble of {len(template)} templates"
+    text = (
+        f"validation accuracy ({scores['images']} held-out images): zero-shot ({prompt}) {zero:.3f}, initial prompt "
+        f"{scores['initial']['accuracy']:.3f}, end of training {last['accuracy']:.3f}, best {best['accuracy']:.3f}: "
+        f"kept {name} in {output}; the end of training's adapter is in {Path(output) / 'last'}"
+    )
+    if best["accuracy"] < zero:
+        advice = "more shots or another --lr" if ctx_init else "--ctx-init 'a photo of a', more shots or another --lr"
+        text += (
+            "\nwarning: the kept prompt scores below the zero-shot prompt on the held-out images "
+            f"({best['accuracy']:.3f} < {zero:.3f}): use zero-shot, or try {advice}"
+        )
+    return text
+
+
 def read_log(folder: str | Path) -> Any:
     """The `training_log.json` in `folder` as JSON, or None when there is none or it is not JSON."""
     try:
