@@ -7,6 +7,7 @@ know it. Import it before loading a saved prompt adapter.
 from .classifier import CLIP_TEMPLATE, IMAGENET_TEMPLATES, PromptClassifier
 from .config import PEFT_TYPE, ClassTokenPosition, PromptEmbeddingConfig
 from .data import LabeledImages, few_shot, from_hf_dataset, hold_out, load_data, load_split, split_data
+from .distill import Teacher, pseudo_labeled
 from .encoder import PromptEncoder
 from .errors import InvalidAdapterError, InvalidCheckpointError, TrainingDivergedError
 from .evaluation import evaluate, harmonic_mean
@@ -34,6 +35,8 @@ __all__ = [
     "LabeledImages",
     "PromptTrainer",
     "TrainingArguments",
+    "Teacher",
+    "pseudo_labeled",
     "TrainingDivergedError",
     "evaluate",
     "few_shot",

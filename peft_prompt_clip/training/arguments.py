@@ -12,7 +12,7 @@ from accelerate.utils import LoggerType
 
 from ..classifier import IMAGENET_TEMPLATES
 from ..data import default_workers
-from .losses import LOSS_TERMS
+from .losses import LOSS_TERMS, PromptLoss
 
 
 def _tracker(report_to: str | None) -> str | None:
@@ -83,6 +83,12 @@ class TrainingArguments:
         scl_image_weight (`float`, *optional*, defaults to 0): PromptSRC's image term, for adapters with vision
             prompts: adds `scl_image_weight * mean |prompted image features - frozen image features|` per image; 10.0
             in its paper.
+        label_weight (`float`, *optional*, defaults to 1.0): the weight of CoOp's cross-entropy on the images'
+            labels; 0 when the labels are a teacher's guesses and its soft labels are learned instead.
+        distill_weight (`float`, *optional*, defaults to 0): PromptKD's term (Li et al., CVPR 2024): adds
+            `distill_weight * T^2 * KL(teacher || student)` per image, of the class probabilities at temperature
+            `distill_temperature`; needs the teacher's logits (`PromptTrainer(teacher_logits=...)`).
+        distill_temperature (`float`, *optional*, defaults to 1.0): `T` above (PromptKD's 1).
         hand_template (`str` or `list[str]`, *optional*, defaults to `"a photo of a {}."`): the hand-written prompt of
             the regularisers; several templates give the normalised mean of their class features (PromptSRC's textual
             diversity uses `IMAGENET_TEMPLATES`, which `"imagenet"` names).
@@ -139,6 +145,13 @@ class TrainingArguments:
     scl_image_weight: float = field(
         default=0.0, metadata={"help": "PromptSRC's L1 to the frozen image features (it uses 10)"}
     )
+    label_weight: float = field(
+        default=1.0, metadata={"help": "weight of the cross-entropy on the images' labels (0: labels unused)"}
+    )
+    distill_weight: float = field(
+        default=0.0, metadata={"help": "weight of the KL to a teacher's class probabilities (PromptKD)"}
+    )
+    distill_temperature: float = field(default=1.0, metadata={"help": "temperature of the distillation term"})
     hand_template: str | list[str] = field(
         default="a photo of a {}.",
         metadata={"help": "hand-written prompt of the regularisers ('imagenet': that ensemble)"},
@@ -159,7 +172,7 @@ class TrainingArguments:
     resume: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("lr", "momentum", "weight_decay", "warmup_lr", *LOSS_TERMS, "gpa_std"):
+        for name in ("lr", "momentum", "weight_decay", "warmup_lr", "label_weight", *LOSS_TERMS, "gpa_std"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
@@ -175,8 +188,9 @@ class TrainingArguments:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
         if self.epochs is not None and self.epochs < 1:
             raise ValueError(f"epochs must be at least 1, got {self.epochs}.")
-        if self.gpa_std <= 0:
-            raise ValueError(f"gpa_std must be above 0, got {self.gpa_std}.")
+        for name in ("gpa_std", "distill_temperature"):
+            if not isinstance(getattr(self, name), int | float) or not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be a finite number above 0, got {getattr(self, name)!r}.")
         if self.gpa_mean is not None and (
             not isinstance(self.gpa_mean, int | float) or not math.isfinite(self.gpa_mean)
         ):
@@ -197,9 +211,10 @@ class TrainingArguments:
         if self.class_chunk_size is not None and self.class_chunk_size < 1:
             raise ValueError(f"class_chunk_size must be at least 1, got {self.class_chunk_size}.")
 
-    def loss_weights(self) -> dict[str, float]:
-        """The weight of each loss term of [`LOSS_TERMS`]."""
-        return {name: getattr(self, name) for name in LOSS_TERMS}
+    def loss(self) -> PromptLoss:
+        """The recipe's loss: the cross-entropy's weight, the distillation temperature and each term's weight."""
+        weights = {name: getattr(self, name) for name in LOSS_TERMS}
+        return PromptLoss(label_weight=self.label_weight, temperature=self.distill_temperature, **weights)
 
     def gpa_weights(self, epochs: int) -> list[float] | None:
         """PromptSRC's aggregation weights of the parameters after each of `epochs` epochs (summing to 1), or None

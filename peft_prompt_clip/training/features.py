@@ -42,6 +42,25 @@ def check_training_data(data: LabeledImages, held_out: LabeledImages | None) -> 
         )
 
 
+def check_teacher_logits(logits: torch.Tensor | None, data: LabeledImages, needed: bool) -> torch.Tensor | None:
+    """A teacher's logits of `data`'s images, checked: one row per image and one column per class, finite; refused
+    where no loss term uses them, required where one does."""
+    if logits is None:
+        if needed:
+            raise ValueError("distill_weight needs the teacher's logits of the training images: pass teacher_logits.")
+        return None
+    if not needed:
+        raise ValueError("teacher_logits are given, but no loss term uses them: set distill_weight above 0.")
+    shape = (len(data), len(data.class_names))
+    if tuple(logits.shape) != shape:
+        raise ValueError(
+            f"teacher_logits must be (images, classes) = {shape} for the training data, got {tuple(logits.shape)}."
+        )
+    if not torch.isfinite(logits).all():
+        raise ValueError("teacher_logits hold NaN or infinite values.")
+    return logits.detach()
+
+
 class TrainingImages:
     """
     The image features of a run's training images, and of its held-out images.

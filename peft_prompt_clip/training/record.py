@@ -4,12 +4,15 @@ by it)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from ..config import PromptEmbeddingConfig
 from ..data import LabeledImages
@@ -40,9 +43,10 @@ def fingerprint(
     epochs: int,
     data: LabeledImages,
     eval_data: LabeledImages | None,
+    teacher_logits: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """What a checkpoint must share with a run to be resumed by it: the adapter's config and the training arguments,
-    less the fields named resumable, and the data's classes and image counts."""
+    less the fields named resumable, the data's classes and image counts, and the teacher's logits (a hash)."""
     run = {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_CONFIG_FIELDS}
     run.update({k: v for k, v in asdict(args).items() if k not in RESUMABLE_ARGUMENTS})
     if not args.augment:
@@ -54,6 +58,8 @@ def fingerprint(
         images=len(data),
         eval_images=0 if eval_data is None else len(eval_data),
     )
+    if teacher_logits is not None:
+        run["teacher"] = hashlib.sha256(teacher_logits.detach().float().cpu().numpy().tobytes()).hexdigest()
     return json.loads(json.dumps(run))  # as the checkpoint stores it (enums as their values, tuples as lists)
 
 

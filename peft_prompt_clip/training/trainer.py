@@ -25,8 +25,8 @@ from ..storage import save_adapter
 from .arguments import TrainingArguments, coop_epochs
 from .callbacks import BestEpoch, GaussianAverage
 from .checkpoints import CHECKPOINT_NAME, check_finite, load_checkpoint, save_checkpoint
-from .features import CHUNK, TrainingImages, check_training_data
-from .losses import PromptLoss, StepOutputs
+from .features import CHUNK, TrainingImages, check_teacher_logits, check_training_data
+from .losses import StepOutputs
 from .record import fingerprint, write_log
 
 
@@ -75,6 +75,8 @@ class PromptTrainer:
             `TrainingArguments.eval_every`), e.g. a few shots per class that training does not use ([`hold_out`]).
         data_record (`dict`, *optional*): what `train_data` is (its source and the ids of the images used), recorded
             in the run's log under `"data"`, so that an evaluation can leave those images out.
+        teacher_logits (`torch.Tensor`, *optional*): a teacher's logits `(images, classes)` of `train_data`'s images,
+            for the distillation term (`TrainingArguments.distill_weight`); see [`Teacher`].
     """
 
     def __init__(
@@ -85,6 +87,7 @@ class PromptTrainer:
         args: TrainingArguments,
         eval_data: LabeledImages | None = None,
         data_record: dict[str, Any] | None = None,
+        teacher_logits: torch.Tensor | None = None,
     ) -> None:
         if not isinstance(model, PeftModel) or find_prompt_layer(model) is None:
             raise TypeError("model must be a PeftModel with a prompt adapter (see get_prompt_model).")
@@ -111,7 +114,7 @@ class PromptTrainer:
         self.model.to(self.accelerator.device).eval()  # CLIP has no dropout; eval also freezes nothing else
         self.encoder = PromptEncoder(model, processor, share_prefix=args.share_prefix)
         self.conditional = self.encoder.is_conditional(self.adapter_name)
-        self.loss = PromptLoss(**args.loss_weights())
+        self.loss = args.loss()
         self.loss.check(self.conditional, self.encoder.prompts_images(self.adapter_name))
         needs_frozen, autocast = self.loss.needs_frozen_images, self.accelerator.autocast
         self.images = TrainingImages(
@@ -124,8 +127,11 @@ class PromptTrainer:
         self.average = GaussianAverage(self.params, gpa_weights) if gpa_weights else None
         self.best = BestEpoch(self.params, self.evaluate) if eval_data is not None else None
         self.labels = torch.tensor(train_data.labels, device=self.accelerator.device)
+        self.teacher_logits = check_teacher_logits(teacher_logits, train_data, self.loss.needs_teacher)
+        if self.teacher_logits is not None:
+            self.teacher_logits = self.teacher_logits.to(self.accelerator.device)
         config = model.peft_config[self.adapter_name]
-        self.run = fingerprint(config, args, self.epochs, train_data, eval_data)
+        self.run = fingerprint(config, args, self.epochs, train_data, eval_data, teacher_logits)
         self.optimizer = self.accelerator.prepare(args.make_optimizer(self.params))
 
     def hand_features(self) -> torch.Tensor:
@@ -155,11 +161,12 @@ class PromptTrainer:
         labels: torch.Tensor,
         global_count: int,
         frozen_image_features: torch.Tensor | None = None,
+        teacher_logits: torch.Tensor | None = None,
     ) -> tuple[float, int]:
         """Forward and backward of this process's share of a batch of `global_count` images (over all processes);
         returns its summed loss and its correct count. The gradient is accumulated, not applied. With vision prompts,
         `image_features` come from the prompted tower (with autograd) and `frozen_image_features` from the frozen
-        one."""
+        one, and `teacher_logits` are the teacher's of the images."""
         with self.accelerator.autocast():
             text = self.encoder.class_features(
                 self.class_tokens,
@@ -170,7 +177,7 @@ class PromptTrainer:
             )
         logits = self.encoder.logits(image_features, text)
         scale = self.encoder.base.logit_scale.exp()
-        outputs = StepOutputs(logits, labels, text, image_features, scale, frozen_image_features)
+        outputs = StepOutputs(logits, labels, text, image_features, scale, frozen_image_features, teacher_logits)
         per_image, per_batch = self.loss(outputs)
         # every process sums its images' terms over the global batch, and adds its share of the batch terms, so the
         # gradients summed over processes (see _sync_gradients) are exactly those of the whole batch
@@ -221,7 +228,8 @@ class PromptTrainer:
                 loss, correct = 0.0, 0
             else:
                 features, frozen = next(features_of_shares)
-                loss, correct = self.step(features, self.labels[mine], len(batch), frozen)
+                teacher = None if self.teacher_logits is None else self.teacher_logits[mine]
+                loss, correct = self.step(features, self.labels[mine], len(batch), frozen, teacher)
             totals = acc.reduce(torch.tensor([loss, correct, len(mine)], device=acc.device), "sum")
             if not math.isfinite(totals[0].item()):  # e.g. fp16 overflow: drop this step's gradient, keep going
                 self.optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,158 @@
+"""Learning without labels: a teacher's class probabilities of unlabeled images, computed once (and kept on disk, so
+that a killed pass resumes), which a student's prompts learn (`TrainingArguments.distill_weight`, PromptKD) or whose
+most confident guesses become labels (self-training, UPL)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .classifier import PromptClassifier
+from .data import LabeledImages, image_batches
+from .progress import progress
+from .storage import atomic_path, write_json
+
+#: Images per call of the teacher, and per file of its cache
+CHUNK = 64
+
+
+def _image_key(image: Any) -> bytes:
+    """What identifies an image source in a cache's fingerprint: its path, or its pixels."""
+    if isinstance(image, str | Path):
+        return str(image).encode()
+    return np.asarray(image).tobytes()
+
+
+class Teacher:
+    """
+    What a student learns from without labels: a classifier's logits of images, by the student's class names (the
+    link between two models, which may be of different families).
+
+    Args:
+        classifier ([`PromptClassifier`]): the teacher's classifier of the classes: a larger model's zero-shot
+            prompt(s) (`use_adapter=False`, or a model without an adapter), or a prompt adapter's learned prompt.
+        name (`str`): what the teacher is, in words (its model, adapter and templates); part of its cache's
+            fingerprint.
+
+    Example (a larger CLIP's zero-shot prompt teaching a small model's prompt adapter):
+
+    ```py
+    teacher = Teacher(PromptClassifier(big_model, big_processor, class_names), "big-clip, 'a photo of a {}.'")
+    logits = teacher.logits(images, cache="teacher-cache")  # once per image; a killed pass resumes
+    data = pseudo_labeled(images, class_names, logits)  # the labels: the teacher's guesses
+    args = TrainingArguments("student", label_weight=0.0, distill_weight=1.0)
+    PromptTrainer(student, student_processor, data, args, teacher_logits=logits).train()
+    ```
+    """
+
+    def __init__(self, classifier: PromptClassifier, name: str) -> None:
+        self.classifier = classifier
+        self.name = name
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.classifier.class_names)
+
+    def fingerprint(self, images: Sequence[Any]) -> str:
+        """What a cache of this teacher's logits of `images` must match: the teacher, its classes and the images."""
+        digest = hashlib.sha256(json.dumps([self.name, self.class_names, CHUNK]).encode())
+        for image in images:
+            digest.update(hashlib.sha256(_image_key(image)).digest())
+        return digest.hexdigest()
+
+    @torch.no_grad()
+    def logits(self, images: Sequence[Any], cache: str | Path | None = None, num_workers: int = 0) -> torch.Tensor:
+        """
+        The teacher's logits `(images, classes)` (float32, on the CPU) of `images` (paths, PIL images or arrays),
+        computed in chunks of [`CHUNK`] with a progress bar.
+
+        With `cache` (a folder), each chunk's logits are written there atomically as it finishes, beside the
+        fingerprint of the teacher and the images: a pass that was killed resumes at the first missing chunk, and a
+        second run with the same teacher and images reads them all without running the teacher. A cache of another
+        teacher or other images is an error, not reused.
+        """
+        if not len(images):
+            raise ValueError("The teacher got no images.")
+        folder = None if cache is None else Path(cache)
+        fingerprint = self.fingerprint(images)
+        if folder is not None:
+            _claim_cache(folder, fingerprint, len(images), self.name)
+        # the images' labels are the teacher's to give: a placeholder until then
+        data = LabeledImages(self.class_names, list(images), [0] * len(images))
+        starts = list(range(0, len(images), CHUNK))
+        parts: dict[int, torch.Tensor] = {}
+        for start in starts:
+            part = None if folder is None else _read_chunk(folder / f"logits-{start:09d}.safetensors")
+            if part is not None and len(part) == min(CHUNK, len(images) - start):
+                parts[start] = part
+        missing = [s for s in starts if s not in parts]
+        batches = [list(range(s, min(s + CHUNK, len(images)))) for s in missing]
+        inputs = image_batches(self.classifier.processor, data, batches, num_workers=num_workers)
+        bar = progress(zip(missing, inputs, strict=True), total=len(missing), desc="teacher")
+        for start, batch in bar:
+            parts[start] = self.classifier.logits(**batch).float().cpu()
+            if folder is not None:
+                with atomic_path(folder / f"logits-{start:09d}.safetensors") as tmp:
+                    save_file({"logits": parts[start].contiguous()}, str(tmp))
+        return torch.cat([parts[s] for s in starts])
+
+
+def _claim_cache(folder: Path, fingerprint: str, count: int, name: str) -> None:
+    """Use `folder` as the cache of this teacher's logits of these images: new, or one they wrote."""
+    record = folder / "teacher.json"
+    if record.exists():
+        try:
+            kept = json.loads(record.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            kept = None
+        if not isinstance(kept, dict) or kept.get("fingerprint") != fingerprint:
+            raise ValueError(
+                f"{folder} caches another teacher's logits or other images; give a new cache folder, or delete it."
+            )
+        return
+    if folder.exists() and any(folder.iterdir()):
+        raise ValueError(f"{folder} is not empty and holds no teacher cache; give a new or empty folder.")
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(record, {"fingerprint": fingerprint, "images": count, "teacher": name, "chunk": CHUNK})
+
+
+def _read_chunk(path: Path) -> torch.Tensor | None:
+    """A cached chunk's logits, or None when it is missing or unreadable (it is then computed again)."""
+    try:
+        return load_file(path)["logits"]
+    except (OSError, SafetensorError, KeyError):
+        return None
+
+
+def pseudo_labeled(
+    images: Sequence[Any], class_names: list[str], logits: torch.Tensor, per_class: int | None = None
+) -> LabeledImages:
+    """
+    `images` labelled by a teacher's `logits` (its most probable class). With `per_class`, only the `per_class`
+    images it is most confident of for each class are kept (UPL's selection, Huang et al. 2022: balanced, and fewer
+    wrong labels than all of its guesses), in their original order.
+    """
+    if tuple(logits.shape) != (len(images), len(class_names)):
+        raise ValueError(
+            f"logits must be (images, classes) = {(len(images), len(class_names))}, got {tuple(logits.shape)}."
+        )
+    confidence, labels = logits.float().softmax(-1).max(-1)
+    keep = range(len(images))
+    if per_class is not None:
+        if per_class < 1:
+            raise ValueError(f"per_class must be at least 1, got {per_class}.")
+        chosen: list[int] = []
+        for y in range(len(class_names)):
+            mine = (labels == y).nonzero().flatten()
+            order = confidence[mine].argsort(descending=True, stable=True)
+            chosen += mine[order[:per_class]].tolist()
+        keep = sorted(chosen)
+    return LabeledImages(list(class_names), [images[i] for i in keep], [int(labels[i]) for i in keep])

@@ -1,0 +1,183 @@
+"""Learning without labels: the distillation term against a hand computation, the teacher's logits computed once per
+image and resumed after a kill, self-training's selection, and a student learning a teacher of another family."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from peft import get_peft_model
+from test_trainer import CLASSES, args, context, teacher_data
+from transformers import AutoModel, AutoProcessor, CLIPModel
+
+from peft_prompt_clip import PromptClassifier, PromptEmbeddingConfig, PromptTrainer, Teacher, pseudo_labeled
+from peft_prompt_clip.distill import CHUNK
+from peft_prompt_clip.tiny import save_tiny_siglip
+from peft_prompt_clip.training.losses import PromptLoss, StepOutputs, distillation_kl
+
+
+def test_the_distillation_term_is_the_tempered_kl_from_the_teacher():
+    student = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]])
+    teacher = torch.tensor([[1.0, 1.0, 0.0], [-2.0, 0.0, 2.0]])
+    for t in (1.0, 2.0):
+        expected = 0.0
+        for s_row, t_row in zip(student.tolist(), teacher.tolist(), strict=True):
+            p = [math.exp(v / t) for v in t_row]
+            q = [math.exp(v / t) for v in s_row]
+            p, q = [v / sum(p) for v in p], [v / sum(q) for v in q]
+            expected += t * t * sum(pi * math.log(pi / qi) for pi, qi in zip(p, q, strict=True))
+        assert distillation_kl(student, teacher, t).item() == pytest.approx(expected, rel=1e-6)
+    step = StepOutputs(student, torch.tensor([2, 0]), torch.zeros(3, 4), torch.zeros(2, 4), torch.tensor(1.0))
+    step = StepOutputs(**{**step.__dict__, "teacher_logits": teacher})
+    per_image, _ = PromptLoss(label_weight=0.0, temperature=2.0, distill_weight=0.5)(step)
+    assert per_image.item() == pytest.approx(0.5 * distillation_kl(student, teacher, 2.0).item())
+    with pytest.raises(ValueError, match="no term"):
+        PromptLoss(label_weight=0.0)
+
+
+@pytest.fixture(scope="module")
+def images(clip_dir):
+    return teacher_data(clip_dir, n=CHUNK * 2 + 8).images  # three chunks, the last one short
+
+
+@pytest.fixture
+def teacher(clip_dir):
+    """A prompt adapter's classifier on the tiny CLIP, counting the images it classifies."""
+    model = get_peft_model(
+        CLIPModel.from_pretrained(clip_dir).eval(),
+        PromptEmbeddingConfig(n_ctx=4, class_specific=True, class_names=CLASSES, init_seed=9),
+    )
+    with torch.no_grad():
+        next(p for p in model.parameters() if p.requires_grad).normal_(
+            0, 1.0, generator=torch.Generator().manual_seed(3)
+        )
+    classifier = PromptClassifier(model, AutoProcessor.from_pretrained(clip_dir), CLASSES)
+    classifier.seen = 0
+    logits = classifier.logits
+
+    def counted(**inputs):
+        classifier.seen += len(inputs["pixel_values"])
+        return logits(**inputs)
+
+    classifier.logits = counted
+    return Teacher(classifier, "tiny clip, a class-specific prompt")
+
+
+def test_the_teacher_runs_once_per_image_and_resumes_after_a_kill(teacher, images, tmp_path):
+    expected = teacher.logits(images)
+    assert expected.shape == (len(images), len(CLASSES)) and teacher.classifier.seen == len(images)
+    counted = teacher.classifier.logits
+    calls = []
+
+    def dies_on_the_second_chunk(**inputs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return counted(**inputs)
+
+    teacher.classifier.seen = 0
+    teacher.classifier.logits = dies_on_the_second_chunk
+    with pytest.raises(KeyboardInterrupt):
+        teacher.logits(images, cache=tmp_path / "cache")
+    teacher.classifier.logits = counted
+    assert teacher.classifier.seen == CHUNK
+    resumed = teacher.logits(images, cache=tmp_path / "cache")
+    assert teacher.classifier.seen == len(images)  # the first chunk came from the cache
+    assert torch.equal(resumed, expected)
+    again = teacher.logits(images, cache=tmp_path / "cache")
+    assert teacher.classifier.seen == len(images) and torch.equal(again, expected)  # all from the cache
+    with pytest.raises(ValueError, match="caches another teacher's logits or other images"):
+        teacher.logits(images[1:], cache=tmp_path / "cache")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not empty and holds no teacher cache"):
+        teacher.logits(images, cache=tmp_path / "other")
+
+
+def test_self_training_keeps_the_most_confident_guesses_of_each_class():
+    logits = torch.tensor([[3.0, 0.0], [1.0, 0.0], [0.0, 2.0], [5.0, 0.0], [0.0, 0.1]])
+    everything = pseudo_labeled(list("abcde"), ["x", "y"], logits)
+    assert everything.labels == [0, 0, 1, 0, 1] and everything.images == list("abcde")
+    chosen = pseudo_labeled(list("abcde"), ["x", "y"], logits, per_class=1)
+    assert chosen.images == ["c", "d"] and chosen.labels == [1, 0]  # in their order, one per class
+    with pytest.raises(ValueError, match=r"logits must be \(images, classes\) = \(4, 2\)"):
+        pseudo_labeled(list("abcd"), ["x", "y"], logits)
+
+
+def against_teacher(model, processor, data, teacher_logits) -> tuple[float, float]:
+    """The student's mean KL from the teacher, and how often their top classes agree."""
+    inputs = processor(images=data.images, return_tensors="pt")
+    with torch.no_grad():
+        logits = PromptClassifier(model, processor, data.class_names).logits(**inputs).float()
+    agreement = (logits.argmax(-1) == teacher_logits.argmax(-1)).float().mean().item()
+    return distillation_kl(logits, teacher_logits, 1.0).item() / len(data), agreement
+
+
+def test_a_student_of_another_family_learns_the_teacher_without_labels(teacher, images, tmp_path):
+    """A SigLIP student of a CLIP teacher (the class names are the link): the KL to the teacher falls, and the labels
+    are not used at all with label_weight 0 (any labels give the same adapter)."""
+    folder = save_tiny_siglip(tmp_path / "siglip")
+    processor = AutoProcessor.from_pretrained(folder)
+    teacher_logits = teacher.logits(images)
+    data = pseudo_labeled(images, CLASSES, teacher_logits)
+    recipe = dict(epochs=4, label_weight=0.0, distill_weight=1.0, distill_temperature=2.0)
+    contexts = []
+    for labels in (data.labels, [(y + 1) % len(CLASSES) for y in data.labels]):
+        data.labels = labels
+        model = get_peft_model(AutoModel.from_pretrained(folder).eval(), PromptEmbeddingConfig(n_ctx=4))
+        before = against_teacher(model, processor, data, teacher_logits)
+        recipe_here = args(tmp_path / str(len(contexts)), **recipe)
+        PromptTrainer(model, processor, data, recipe_here, teacher_logits=teacher_logits).train()
+        contexts.append(context(model))
+    assert torch.equal(contexts[0], contexts[1])
+    (kl, agreement), (kl_before, agreement_before) = against_teacher(model, processor, data, teacher_logits), before
+    assert kl < 0.9 * kl_before and agreement > agreement_before + 0.2
+
+
+def test_teacher_logits_are_checked(clip_dir, tmp_path):
+    from test_trainer import student
+
+    data = teacher_data(clip_dir, n=8)
+    model, processor = student(clip_dir)
+    with pytest.raises(ValueError, match="distill_weight needs the teacher's logits"):
+        PromptTrainer(model, processor, data, args(tmp_path, distill_weight=1.0))
+    with pytest.raises(ValueError, match="no loss term uses them"):
+        PromptTrainer(model, processor, data, args(tmp_path), teacher_logits=torch.zeros(8, len(CLASSES)))
+    with pytest.raises(
+        ValueError, match=r"must be \(images, classes\) = \(8, 6\) for the training data, got \(8, 5\)"
+    ):
+        PromptTrainer(model, processor, data, args(tmp_path, distill_weight=1.0), teacher_logits=torch.zeros(8, 5))
+
+
+def test_resume_with_a_teacher_is_exact_and_refuses_another_teacher(clip_dir, teacher, images, tmp_path, monkeypatch):
+    from test_trainer import student
+
+    import peft_prompt_clip.training.trainer as trainer_module
+    from peft_prompt_clip import InvalidCheckpointError
+
+    logits = teacher.logits(images[:40])
+    data = pseudo_labeled(images[:40], CLASSES, logits)
+    recipe = dict(optimizer="sgd", lr=0.5, distill_weight=1.0, label_weight=0.5)
+    model, processor = student(clip_dir)
+    PromptTrainer(model, processor, data, args(tmp_path / "full", **recipe), teacher_logits=logits).train()
+    full = context(model)
+    save = trainer_module.save_checkpoint
+
+    def save_then_die(path, params, optimizer, epoch, *rest):
+        save(path, params, optimizer, epoch, *rest)
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer_module, "save_checkpoint", save_then_die)
+    model, processor = student(clip_dir)
+    with pytest.raises(KeyboardInterrupt):
+        PromptTrainer(model, processor, data, args(tmp_path / "cut", **recipe), teacher_logits=logits).train()
+    monkeypatch.setattr(trainer_module, "save_checkpoint", save)
+    model, processor = student(clip_dir)
+    with pytest.raises(InvalidCheckpointError, match="teacher"):
+        PromptTrainer(
+            model, processor, data, args(tmp_path / "cut", resume=True, **recipe), teacher_logits=logits + 1
+        ).train()
+    PromptTrainer(model, processor, data, args(tmp_path / "cut", resume=True, **recipe), teacher_logits=logits).train()
+    assert torch.equal(context(model), full)
