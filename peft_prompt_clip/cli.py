@@ -10,6 +10,7 @@ import dataclasses
 import enum
 import json
 import os
+import random
 import sys
 import warnings
 from pathlib import Path
@@ -24,6 +25,7 @@ from .data import (
     drop_unreadable,
     open_image,
 )
+from .distill import load_teacher, pseudo_labeled
 from .errors import TrainingDivergedError
 from .evaluation import against_zero_shot
 from .hub import RESULTS_NAME
@@ -31,7 +33,7 @@ from .loading import get_prompt_model, load_base_model, load_prompt_model, read_
 from .methods import METHODS, method_settings
 from .progress import disable_progress_bars, enable_progress_bars, progress
 from .report import save_results
-from .sources import DataSource
+from .sources import DataSource, unlabeled_images
 from .training import PromptTrainer, TrainingArguments
 from .training.record import describe_held_out, describe_run, read_log, valid_log
 from .variants import VARIANTS
@@ -66,6 +68,11 @@ def _data_source(args: argparse.Namespace) -> DataSource:
     return DataSource(args.data, args.dataset_config, args.image_column, args.label_column, args.classes)
 
 
+def _check_output_folder(output: str) -> None:
+    if not output.strip() or (Path(output).exists() and not Path(output).is_dir()):
+        raise ValueError(f"--output {output!r} must name a folder (new, or one this command wrote).")
+
+
 def method_fields(args: argparse.Namespace, num_classes: int, model: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """The adapter and training fields of `train`: `--method`'s preset, each field given by its own flag instead."""
     given = {name: getattr(args, name) for name in (*ADAPTER_OPTIONS, *TRAINING_OPTIONS)}
@@ -75,8 +82,7 @@ def method_fields(args: argparse.Namespace, num_classes: int, model: Any) -> tup
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
     """Learn a prompt adapter on `--data` and save it in `--output`."""
-    if not args.output.strip() or (Path(args.output).exists() and not Path(args.output).is_dir()):
-        raise ValueError(f"--output {args.output!r} must name a folder (new, or one this command wrote).")
+    _check_output_folder(args.output)
     source = _data_source(args)
     run = source.training(args.shots, args.val_shots, args.seed)
     for note in run.notes:
@@ -104,6 +110,60 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         if "eval" in summary:
             print(describe_held_out(summary["eval"], args.output, training.hand_template, config.ctx_init))
     return summary
+
+
+def distill(args: argparse.Namespace) -> dict[str, Any]:
+    """Learn a student's prompt adapter from a teacher's class probabilities on unlabeled `--data` (PromptKD), or
+    from its most confident guesses (`--self-train`), and save it in `--output`."""
+    _check_output_folder(args.output)
+    images, note = unlabeled_images(args.data)
+    _say(note)
+    names = _class_names(args.classes)
+    templates = IMAGENET_TEMPLATES if args.teacher_templates == "imagenet" else CLIP_TEMPLATE
+    teacher = load_teacher(args.teacher, names, templates, revision=args.revision)
+    _say(f"teacher: {teacher.name}, {len(teacher.class_names)} classes")
+    logits = teacher.logits(images, cache=Path(args.output) / "teacher-cache")
+    order = list(range(len(images)))
+    random.Random(args.seed).shuffle(order)
+    count = len(images) // 10 if args.val_images is None else args.val_images
+    held, kept = sorted(order[:count]), sorted(order[count:])
+    train_images, val_images = [images[i] for i in kept], [images[i] for i in held]
+    model, processor = load_base_model(args.model)
+    adapter, settings = method_fields(args, len(teacher.class_names), model)
+    if args.self_train:  # the teacher's most confident guesses as labels
+        data = pseudo_labeled(train_images, teacher.class_names, logits[kept], per_class=args.self_train)
+        teacher_logits = None
+    else:
+        data = pseudo_labeled(train_images, teacher.class_names, logits[kept])
+        settings = {"label_weight": 0.0, "distill_weight": 1.0, **settings}
+        teacher_logits = logits[kept]
+    val = pseudo_labeled(val_images, teacher.class_names, logits[held]) if held else None
+    _say(f"train: {len(data)} images; held out: {len(held)} images, to keep the epoch agreeing best with the teacher")
+    config = PromptEmbeddingConfig(**adapter, class_names=data.class_names, init_seed=args.seed)
+    training = TrainingArguments(output_dir=args.output, seed=args.seed, resume=args.resume, **settings)
+    record = {"source": str(args.data), "teacher": teacher.name, "images": sorted(map(str, train_images))}
+    trainer = PromptTrainer(
+        get_prompt_model(model, config), processor, data, training, val, record, teacher_logits=teacher_logits
+    )
+    summary = trainer.train()
+    if trainer.accelerator.is_main_process:
+        print(describe_run(summary, data, trainer.accelerator.num_processes, args.output))
+        if "eval" in summary:
+            scores = summary["eval"]
+            print(
+                f"agreement with the teacher on {scores['images']} held-out images: student zero-shot "
+                f"{scores['zero_shot']['accuracy']:.3f}, kept prompt {scores['best']['accuracy']:.3f}"
+            )
+    return summary
+
+
+def _class_names(classes: str | None) -> list[str] | None:
+    """`--classes` of `distill`: comma-separated names, or a text file of one name per line."""
+    if classes is None:
+        return None
+    if Path(classes).is_file():
+        return [line.strip() for line in Path(classes).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [name.strip() for name in classes.split(",") if name.strip()]
 
 
 def _adapter_model(args: argparse.Namespace):
@@ -237,6 +297,15 @@ def _field_options(p: argparse.ArgumentParser, fields: list[dataclasses.Field], 
             p.add_argument(flag, dest=field.name, type=kind, help=text)
 
 
+def _learning_options(p: argparse.ArgumentParser) -> None:
+    """The adapter's and the recipe's flags (the preset's values unless given), and --resume."""
+    fields = {f.name: f for f in dataclasses.fields(PromptEmbeddingConfig)}
+    _field_options(p, [fields[name] for name in ADAPTER_OPTIONS], ADAPTER_FLAGS)
+    fields = {f.name: f for f in dataclasses.fields(TrainingArguments)}
+    _field_options(p, [fields[name] for name in TRAINING_OPTIONS], {})
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="peft-prompt-clip", description="Learned prompts for CLIP, as PEFT adapters."
@@ -288,12 +357,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="a paper's adapter and recipe, each setting overridable by its own flag (default: %(default)s; see "
         "docs/methods)",
     )
-    fields = {f.name: f for f in dataclasses.fields(PromptEmbeddingConfig)}
-    _field_options(p, [fields[name] for name in ADAPTER_OPTIONS], ADAPTER_FLAGS)
-    fields = {f.name: f for f in dataclasses.fields(TrainingArguments)}
-    _field_options(p, [fields[name] for name in TRAINING_OPTIONS], {})
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output")
+    _learning_options(p)
     p.set_defaults(run=train)
+
+    p = commands.add_parser(
+        "distill", parents=[output], help="learn a prompt adapter from a teacher, without labels",
+        description=distill.__doc__,
+    )  # fmt: skip
+    p.add_argument("--teacher", required=True, help="a prompt adapter (folder or Hub id) or a model (zero-shot)")
+    p.add_argument("--revision", help="branch, tag or commit of the teacher adapter's Hub repo")
+    p.add_argument(
+        "--teacher-templates", default="imagenet", choices=["clip", "imagenet"], help="a model teacher's prompt(s)"
+    )
+    p.add_argument("--model", required=True, help="the student: base CLIP model, folder or Hub id")
+    p.add_argument("--data", required=True, help="unlabeled images: a folder (flat or nested) or a CSV with 'path'")
+    p.add_argument("--classes", help="comma-separated class names, or a file of one per line (default: the teacher's)")
+    p.add_argument("--output", required=True, help="folder for the adapter, its checkpoint and the teacher's cache")
+    p.add_argument("--seed", type=int, default=1, help="seed of the held-out images, context and batch order")
+    p.add_argument(
+        "--val-images", type=int, help="held-out images choosing the epoch kept by agreement (default: a tenth)"
+    )
+    p.add_argument(
+        "--self-train", type=int, metavar="K", help="learn the teacher's K most confident guesses per class instead"
+    )
+    p.add_argument("--method", default="coop", choices=list(METHODS), help="the student's preset (default: coop)")
+    _learning_options(p)
+    p.set_defaults(run=distill)
 
     p = commands.add_parser(
         "eval", parents=[output], help="accuracy of an adapter vs zero-shot", description=eval_.__doc__

@@ -156,3 +156,41 @@ def pseudo_labeled(
             chosen += mine[order[:per_class]].tolist()
         keep = sorted(chosen)
     return LabeledImages(list(class_names), [images[i] for i in keep], [int(labels[i]) for i in keep])
+
+
+def load_teacher(
+    source: str, class_names: list[str] | None, templates: Sequence[str], revision: str | None = None
+) -> Teacher:
+    """
+    The teacher `source` names: a prompt adapter (a folder or Hub repo with `adapter_config.json`; its base model is
+    loaded too, and it classifies with its learned prompt), or else a model (folder or Hub id), which classifies with
+    the zero-shot prompt(s) `templates`. `class_names` default to the adapter's; given, they must be its (in any
+    order its prompts allow: a class-specific adapter knows only its own classes).
+    """
+    from .loading import load_base_model, load_prompt_model, read_adapter_config, resolve_adapter
+
+    try:
+        folder = resolve_adapter(source, revision=revision)
+    except FileNotFoundError:  # no prompt adapter there: a model
+        folder = None
+    if folder is None:
+        if not class_names:
+            raise ValueError(f"The teacher {source} is a model, which knows no classes: pass --classes.")
+        model, processor = load_base_model(source)
+        classifier = PromptClassifier(model, processor, class_names, list(templates), use_adapter=False)
+        return Teacher(classifier, f"{source}, zero-shot with {len(templates)} template(s)")
+    config = read_adapter_config(folder)
+    own = config.class_names
+    if class_names and own and sorted(class_names) != sorted(own):
+        raise ValueError(
+            f"The teacher adapter {source} was learned for the classes {own}, not {class_names}; drop --classes to "
+            "use its classes, or give a teacher of these classes."
+        )
+    names = class_names or own
+    if not names:
+        raise ValueError(f"The teacher adapter {source} records no class names: pass --classes.")
+    if not config.base_model_name_or_path:
+        raise ValueError(f"The teacher adapter {source} does not name its base model.")
+    base, processor = load_base_model(config.base_model_name_or_path)
+    model = load_prompt_model(base, folder)
+    return Teacher(PromptClassifier(model, processor, names), f"{source} (a {config.method} adapter)")

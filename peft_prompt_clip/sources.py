@@ -5,6 +5,7 @@ record which images a run used, and the images an adapter has not seen."""
 
 from __future__ import annotations
 
+import csv
 import functools
 import re
 from collections.abc import Callable
@@ -261,3 +262,32 @@ class DataSource:
                 "images it has not seen (another folder, or a test/ folder)."
             )
         return left, f"{where}, less the {len(data) - len(unseen)} images the adapter was trained and validated on"
+
+
+def unlabeled_images(data: str) -> tuple[list[Path], str]:
+    """
+    The images of `data` for learning without labels, and what was used in words: every image file under a folder,
+    flat or nested (class folders' names are not used: the note says so), or the paths of a CSV with a `path` column
+    (relative to the CSV's folder; other columns, labels included, not used).
+    """
+    path = Path(data)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not files:
+            raise ValueError(f"{data} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))}).")
+        nested = any(p.parent != path for p in files)
+        ignored = "; the folders they are in are not used as labels" if nested else ""
+        return files, f"unlabeled images: {len(files)} image files under {data}{ignored}"
+    if path.suffix.lower() == ".csv" and path.is_file():
+        try:
+            with open(path, newline="", encoding="utf-8-sig") as f:
+                rows = list(csv.DictReader(f))
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path} is not UTF-8 text ({exc.reason}); save the CSV as UTF-8.") from None
+        if not rows or "path" not in rows[0] or not all(r.get("path") for r in rows):
+            raise ValueError(f"{path} needs a header with a 'path' column and a path on every row.")
+        files = [Path(r["path"]) if Path(r["path"]).is_absolute() else path.parent / r["path"] for r in rows]
+        others = [c for c in rows[0] if c != "path"]
+        ignored = f"; its other columns ({', '.join(others)}) are not used" if others else ""
+        return files, f"unlabeled images: {len(files)} paths from {data}{ignored}"
+    raise FileNotFoundError(f"--data {data}: no folder of images or CSV of paths there.")

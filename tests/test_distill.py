@@ -4,6 +4,7 @@ image and resumed after a kill, self-training's selection, and a student learnin
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -181,3 +182,52 @@ def test_resume_with_a_teacher_is_exact_and_refuses_another_teacher(clip_dir, te
         ).train()
     PromptTrainer(model, processor, data, args(tmp_path / "cut", resume=True, **recipe), teacher_logits=logits).train()
     assert torch.equal(context(model), full)
+
+
+def test_distill_from_the_command_line(clip_dir, images, tmp_path):
+    """`distill` on a nested folder of unlabeled images, a CLIP prompt adapter teaching a SigLIP student: the notes
+    say what was used, the teacher runs once (a resumed run reads its cache), and the student is an adapter."""
+    import json
+
+    from PIL import Image
+    from test_cli import run
+
+    teacher_dir = tmp_path / "teacher"
+    model = get_peft_model(
+        CLIPModel.from_pretrained(clip_dir).eval(),
+        PromptEmbeddingConfig(n_ctx=4, class_specific=True, class_names=CLASSES, init_seed=9),
+    )
+    model.save_pretrained(teacher_dir)
+    folder = tmp_path / "unlabeled"
+    for n, image in enumerate(images[:40]):
+        path = folder / ("some folder" if n % 2 else "") / f"{n}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(path)
+    student = save_tiny_siglip(tmp_path / "siglip")
+    out = tmp_path / "student"
+    common = ("--teacher", teacher_dir, "--model", student, "--data", folder, "--output", out)
+    result = run("distill", *common, "--epochs", "2", "--batch-size", "12", "--n-ctx", "2")
+    assert f"unlabeled images: 40 image files under {folder}; the folders they are in are not used" in result.stdout
+    assert f"teacher: {teacher_dir} (a CoOp with class-specific context (CSC) adapter), 6 classes" in result.stdout
+    assert "train: 36 images; held out: 4 images" in result.stdout
+    assert "agreement with the teacher on 4 held-out images: student zero-shot" in result.stdout
+    cached = sorted((out / "teacher-cache").glob("logits-*.safetensors"))
+    assert len(cached) == 1 and (out / "adapter_model.safetensors").is_file()
+    log = json.loads((out / "training_log.json").read_text())
+    assert log["data"]["teacher"].startswith(str(teacher_dir)) and len(log["data"]["images"]) == 36
+    stamp = cached[0].stat().st_mtime_ns
+    run("distill", *common, "--epochs", "3", "--batch-size", "12", "--n-ctx", "2", "--resume")
+    assert cached[0].stat().st_mtime_ns == stamp  # the teacher's logits came from the cache
+    wrong = run("distill", *common[:-1], tmp_path / "other", "--classes", "cat,dog", check=False)
+    assert wrong.returncode == 2 and "was learned for the classes" in wrong.stderr
+    unnamed = run("distill", "--teacher", clip_dir, *common[2:-1], tmp_path / "other", check=False)
+    assert unnamed.returncode == 2 and "is a model, which knows no classes: pass --classes" in unnamed.stderr
+    names = tmp_path / "classes.txt"
+    names.write_text("cat\ndog\nred car\n")
+    self_trained = run(
+        "distill", "--teacher", clip_dir, "--classes", names, *common[2:-1], tmp_path / "self", "--self-train", "3",
+        "--epochs", "1", "--val-images", "0",
+    )  # fmt: skip
+    assert "zero-shot with 7 template(s), 3 classes" in self_trained.stdout
+    chosen = int(re.search(r"train: (\d+) images; held out: 0 images", self_trained.stdout).group(1))
+    assert 3 <= chosen <= 9  # the teacher's 3 most confident guesses of each class it guessed
