@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from accelerate import PartialState
 from safetensors import SafetensorError
 
 from . import __version__
@@ -90,6 +91,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     data, val = run.train, run.val
     model, processor = load_base_model(args.model)
     adapter, settings = method_fields(args, len(data.class_names), model)
+    if settings.get("distill_weight"):
+        raise ValueError("--distill-weight learns a teacher's probabilities: use `peft-prompt-clip distill`.")
     config = PromptEmbeddingConfig(**adapter, class_names=data.class_names, init_seed=args.seed)
     model = get_prompt_model(model, config)
     training = TrainingArguments(
@@ -116,32 +119,44 @@ def distill(args: argparse.Namespace) -> dict[str, Any]:
     """Learn a student's prompt adapter from a teacher's class probabilities on unlabeled `--data` (PromptKD), or
     from its most confident guesses (`--self-train`), and save it in `--output`."""
     _check_output_folder(args.output)
+    for given in (args.teacher, args.model, args.data):  # the adapter saved there would replace an input
+        if Path(given).exists() and Path(given).resolve() == Path(args.output).resolve():
+            raise ValueError(f"--output {args.output} is an input of this command ({given}); give another folder.")
+    if args.self_train is not None and args.self_train < 1:
+        raise ValueError(f"--self-train takes the K >= 1 most confident images per class, got {args.self_train}.")
     images, note = unlabeled_images(args.data)
     _say(note)
-    names = _class_names(args.classes)
+    count = len(images) // 10 if args.val_images is None else args.val_images
+    if not 0 <= count < len(images):
+        raise ValueError(f"--val-images must be from 0 to {len(images) - 1} (of {len(images)} images), got {count}.")
     templates = IMAGENET_TEMPLATES if args.teacher_templates == "imagenet" else CLIP_TEMPLATE
-    teacher = load_teacher(args.teacher, names, templates, revision=args.revision)
-    _say(f"teacher: {teacher.name}, {len(teacher.class_names)} classes")
-    logits = teacher.logits(images, cache=Path(args.output) / "teacher-cache")
+    teacher = load_teacher(args.teacher, _class_names(args.classes), templates, revision=args.revision)
+    teacher_name, class_names = teacher.name, teacher.class_names
+    _say(f"teacher: {teacher_name}, {len(class_names)} classes")
+    with PartialState().main_process_first():  # one process runs the teacher; the others read its cache
+        logits = teacher.logits(images, cache=Path(args.output) / "teacher-cache")
+    del teacher  # its model is not needed past its logits
     order = list(range(len(images)))
     random.Random(args.seed).shuffle(order)
-    count = len(images) // 10 if args.val_images is None else args.val_images
     held, kept = sorted(order[:count]), sorted(order[count:])
     train_images, val_images = [images[i] for i in kept], [images[i] for i in held]
     model, processor = load_base_model(args.model)
-    adapter, settings = method_fields(args, len(teacher.class_names), model)
-    if args.self_train:  # the teacher's most confident guesses as labels
-        data = pseudo_labeled(train_images, teacher.class_names, logits[kept], per_class=args.self_train)
+    adapter, settings = method_fields(args, len(class_names), model)
+    if args.self_train is not None:  # the teacher's most confident guesses as labels
+        data = pseudo_labeled(train_images, class_names, logits[kept], per_class=args.self_train)
         teacher_logits = None
     else:
-        data = pseudo_labeled(train_images, teacher.class_names, logits[kept])
+        data = pseudo_labeled(train_images, class_names, logits[kept])
         settings = {"label_weight": 0.0, "distill_weight": 1.0, **settings}
         teacher_logits = logits[kept]
-    val = pseudo_labeled(val_images, teacher.class_names, logits[held]) if held else None
+    val = pseudo_labeled(val_images, class_names, logits[held]) if held else None
     _say(f"train: {len(data)} images; held out: {len(held)} images, to keep the epoch agreeing best with the teacher")
+    unguessed = data.empty_classes() if args.self_train is not None else []
+    if unguessed:
+        _say(f"warning: the teacher guessed no image as {unguessed}: the student learns nothing of those classes")
     config = PromptEmbeddingConfig(**adapter, class_names=data.class_names, init_seed=args.seed)
     training = TrainingArguments(output_dir=args.output, seed=args.seed, resume=args.resume, **settings)
-    record = {"source": str(args.data), "teacher": teacher.name, "images": sorted(map(str, train_images))}
+    record = {"source": str(Path(args.data).resolve()), "teacher": teacher_name, "images": sorted(map(str, images))}
     trainer = PromptTrainer(
         get_prompt_model(model, config), processor, data, training, val, record, teacher_logits=teacher_logits
     )

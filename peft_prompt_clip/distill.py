@@ -25,9 +25,12 @@ CHUNK = 64
 
 
 def _image_key(image: Any) -> bytes:
-    """What identifies an image source in a cache's fingerprint: its path, or its pixels."""
+    """What identifies an image source in a cache's fingerprint: a file by its absolute path, size and modification
+    time (a file replaced under the same name is another image), an image in memory by its pixels."""
     if isinstance(image, str | Path):
-        return str(image).encode()
+        path = Path(image).resolve()
+        stat = path.stat() if path.exists() else None
+        return f"{path}|{stat and stat.st_size}|{stat and stat.st_mtime_ns}".encode()
     return np.asarray(image).tobytes()
 
 
@@ -118,7 +121,7 @@ def _claim_cache(folder: Path, fingerprint: str, count: int, name: str) -> None:
                 f"{folder} caches another teacher's logits or other images; give a new cache folder, or delete it."
             )
         return
-    if folder.exists() and any(folder.iterdir()):
+    if folder.exists() and any(p.suffix not in (".lock", ".tmp") for p in folder.iterdir()):  # not a claim's leftovers
         raise ValueError(f"{folder} is not empty and holds no teacher cache; give a new or empty folder.")
     folder.mkdir(parents=True, exist_ok=True)
     write_json(record, {"fingerprint": fingerprint, "images": count, "teacher": name, "chunk": CHUNK})
@@ -167,18 +170,24 @@ def load_teacher(
     the zero-shot prompt(s) `templates`. `class_names` default to the adapter's; given, they must be its (in any
     order its prompts allow: a class-specific adapter knows only its own classes).
     """
-    from .loading import load_base_model, load_prompt_model, read_adapter_config, resolve_adapter
+    from accelerate import PartialState
+
+    from .loading import WEIGHTS_NAME, load_base_model, load_prompt_model, read_adapter_config, resolve_adapter
+    from .storage import file_sha256
 
     try:
         folder = resolve_adapter(source, revision=revision)
     except FileNotFoundError:  # no prompt adapter there: a model
         folder = None
+    device = PartialState().device
     if folder is None:
+        if revision is not None:
+            raise ValueError(f"--revision is for a teacher adapter on the Hub; {source} is a model (or not found).")
         if not class_names:
             raise ValueError(f"The teacher {source} is a model, which knows no classes: pass --classes.")
         model, processor = load_base_model(source)
-        classifier = PromptClassifier(model, processor, class_names, list(templates), use_adapter=False)
-        return Teacher(classifier, f"{source}, zero-shot with {len(templates)} template(s)")
+        classifier = PromptClassifier(model.to(device), processor, class_names, list(templates), use_adapter=False)
+        return Teacher(classifier, f"{source}, zero-shot with {len(templates)} template(s): {list(templates)}")
     config = read_adapter_config(folder)
     own = config.class_names
     if class_names and own and sorted(class_names) != sorted(own):
@@ -192,5 +201,6 @@ def load_teacher(
     if not config.base_model_name_or_path:
         raise ValueError(f"The teacher adapter {source} does not name its base model.")
     base, processor = load_base_model(config.base_model_name_or_path)
-    model = load_prompt_model(base, folder)
-    return Teacher(PromptClassifier(model, processor, names), f"{source} (a {config.method} adapter)")
+    model = load_prompt_model(base, folder).to(device)
+    weights = file_sha256(Path(folder) / WEIGHTS_NAME)[:16]  # a retrained or updated adapter is another teacher
+    return Teacher(PromptClassifier(model, processor, names), f"{source} (a {config.method} adapter, {weights})")

@@ -266,11 +266,17 @@ class DataSource:
 
 def unlabeled_images(data: str) -> tuple[list[Path], str]:
     """
-    The images of `data` for learning without labels, and what was used in words: every image file under a folder,
-    flat or nested (class folders' names are not used: the note says so), or the paths of a CSV with a `path` column
-    (relative to the CSV's folder; other columns, labels included, not used).
+    The images of `data` for learning without labels (absolute paths; those that do not open are left out with a
+    warning naming them), and what was used in words: every image file under a folder, flat or nested (class
+    folders' names are not used: the note says so), or the paths of a CSV with a `path` column (relative to the
+    CSV's folder; other columns, labels included, not used).
     """
-    path = Path(data)
+    files, note = _unlabeled_files(Path(data).resolve() if Path(data).exists() else Path(data), data)
+    readable = drop_unreadable(LabeledImages(["images"], files, [0] * len(files))).images  # no labels: one class
+    return readable, note
+
+
+def _unlabeled_files(path: Path, data: str) -> tuple[list[Path], str]:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not files:

@@ -208,18 +208,30 @@ def test_distill_from_the_command_line(clip_dir, images, tmp_path):
     common = ("--teacher", teacher_dir, "--model", student, "--data", folder, "--output", out)
     result = run("distill", *common, "--epochs", "2", "--batch-size", "12", "--n-ctx", "2")
     assert f"unlabeled images: 40 image files under {folder}; the folders they are in are not used" in result.stdout
-    assert f"teacher: {teacher_dir} (a CoOp with class-specific context (CSC) adapter), 6 classes" in result.stdout
+    teacher_line = re.search(r"teacher: (.*), 6 classes\n", result.stdout).group(1)
+    assert teacher_line.startswith(f"{teacher_dir} (a CoOp with class-specific context (CSC) adapter, ")
     assert "train: 36 images; held out: 4 images" in result.stdout
     assert "agreement with the teacher on 4 held-out images: student zero-shot" in result.stdout
     cached = sorted((out / "teacher-cache").glob("logits-*.safetensors"))
     assert len(cached) == 1 and (out / "adapter_model.safetensors").is_file()
     log = json.loads((out / "training_log.json").read_text())
-    assert log["data"]["teacher"].startswith(str(teacher_dir)) and len(log["data"]["images"]) == 36
+    assert log["data"]["teacher"].startswith(str(teacher_dir)) and len(log["data"]["images"]) == 40  # held out too
     stamp = cached[0].stat().st_mtime_ns
     run("distill", *common, "--epochs", "3", "--batch-size", "12", "--n-ctx", "2", "--resume")
     assert cached[0].stat().st_mtime_ns == stamp  # the teacher's logits came from the cache
     wrong = run("distill", *common[:-1], tmp_path / "other", "--classes", "cat,dog", check=False)
     assert wrong.returncode == 2 and "was learned for the classes" in wrong.stderr
+    for flags, message in [
+        (("--val-images", "-1"), "--val-images must be from 0 to 39 (of 40 images), got -1"),
+        (("--self-train", "0"), "--self-train takes the K >= 1 most confident images per class, got 0"),
+    ]:
+        bad = run("distill", *common, *flags, check=False)
+        assert bad.returncode == 2 and message in bad.stderr, bad.stderr
+    onto = run("distill", *common[:-1], teacher_dir, check=False)
+    assert onto.returncode == 2 and "is an input of this command" in onto.stderr
+    Image.fromarray(images[0][::-1].copy()).save(folder / "0.png")  # an image replaced under the same name
+    replaced = run("distill", *common, "--resume", check=False)
+    assert replaced.returncode == 2 and "caches another teacher's logits or other images" in replaced.stderr
     unnamed = run("distill", "--teacher", clip_dir, *common[2:-1], tmp_path / "other", check=False)
     assert unnamed.returncode == 2 and "is a model, which knows no classes: pass --classes" in unnamed.stderr
     names = tmp_path / "classes.txt"
@@ -228,6 +240,6 @@ def test_distill_from_the_command_line(clip_dir, images, tmp_path):
         "distill", "--teacher", clip_dir, "--classes", names, *common[2:-1], tmp_path / "self", "--self-train", "3",
         "--epochs", "1", "--val-images", "0",
     )  # fmt: skip
-    assert "zero-shot with 7 template(s), 3 classes" in self_trained.stdout
+    assert re.search(r"teacher: .* zero-shot with 7 template\(s\): \['.*'\], 3 classes\n", self_trained.stdout)
     chosen = int(re.search(r"train: (\d+) images; held out: 0 images", self_trained.stdout).group(1))
     assert 3 <= chosen <= 9  # the teacher's 3 most confident guesses of each class it guessed

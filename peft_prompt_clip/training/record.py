@@ -46,7 +46,7 @@ def fingerprint(
     teacher_logits: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """What a checkpoint must share with a run to be resumed by it: the adapter's config and the training arguments,
-    less the fields named resumable, the data's classes and image counts, and the teacher's logits (a hash)."""
+    less the fields named resumable, the data's classes, image counts and labels, and the teacher's logits (hashes)."""
     run = {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_CONFIG_FIELDS}
     run.update({k: v for k, v in asdict(args).items() if k not in RESUMABLE_ARGUMENTS})
     if not args.augment:
@@ -56,6 +56,7 @@ def fingerprint(
     run.update(
         class_names=list(data.class_names),
         images=len(data),
+        labels=hashlib.sha256(str(list(data.labels)).encode()).hexdigest(),  # another teacher's guesses, too
         eval_images=0 if eval_data is None else len(eval_data),
     )
     if teacher_logits is not None:
