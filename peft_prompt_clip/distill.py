@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from .classifier import PromptClassifier
 from .data import LabeledImages, image_batches
@@ -64,12 +64,9 @@ class Teacher:
     def class_names(self) -> list[str]:
         return list(self.classifier.class_names)
 
-    def fingerprint(self, images: Sequence[Any]) -> str:
-        """What a cache of this teacher's logits of `images` must match: the teacher, its classes and the images."""
-        digest = hashlib.sha256(json.dumps([self.name, self.class_names, CHUNK]).encode())
-        for image in images:
-            digest.update(hashlib.sha256(_image_key(image)).digest())
-        return digest.hexdigest()
+    def fingerprint(self) -> str:
+        """What a cache of this teacher's logits must match: the teacher and its classes."""
+        return hashlib.sha256(json.dumps([self.name, self.class_names]).encode()).hexdigest()
 
     @torch.no_grad()
     def logits(self, images: Sequence[Any], cache: str | Path | None = None, num_workers: int = 0) -> torch.Tensor:
@@ -77,39 +74,40 @@ class Teacher:
         The teacher's logits `(images, classes)` (float32, on the CPU) of `images` (paths, PIL images or arrays),
         computed in chunks of [`CHUNK`] with a progress bar.
 
-        With `cache` (a folder), each chunk's logits are written there atomically as it finishes, beside the
-        fingerprint of the teacher and the images: a pass that was killed resumes at the first missing chunk, and a
-        second run with the same teacher and images reads them all without running the teacher. A cache of another
-        teacher or other images is an error, not reused.
+        With `cache` (a folder kept for this teacher), each chunk's logits are written there atomically as it
+        finishes, each row under its image's key (a file's absolute path, size and modification time, or an image's
+        pixels): a pass that was killed resumes with the images it had not reached, a second run reads every image it
+        has seen (any order, images added or removed) without running the teacher, and a replaced file is run again.
+        A cache of another teacher is an error, not reused.
         """
         if not len(images):
             raise ValueError("The teacher got no images.")
+        keys = [hashlib.sha256(_image_key(image)).hexdigest() for image in images]
         folder = None if cache is None else Path(cache)
-        fingerprint = self.fingerprint(images)
+        known: dict[str, torch.Tensor] = {}
         if folder is not None:
-            _claim_cache(folder, fingerprint, len(images), self.name)
+            _claim_cache(folder, self.fingerprint(), self.name)
+            for path in sorted(folder.glob("logits-*.safetensors")):
+                known.update(_read_chunk(path))
+        missing = [i for i, key in enumerate(keys) if key not in known]
         # the images' labels are the teacher's to give: a placeholder until then
         data = LabeledImages(self.class_names, list(images), [0] * len(images))
-        starts = list(range(0, len(images), CHUNK))
-        parts: dict[int, torch.Tensor] = {}
-        for start in starts:
-            part = None if folder is None else _read_chunk(folder / f"logits-{start:09d}.safetensors")
-            if part is not None and len(part) == min(CHUNK, len(images) - start):
-                parts[start] = part
-        missing = [s for s in starts if s not in parts]
-        batches = [list(range(s, min(s + CHUNK, len(images)))) for s in missing]
+        batches = [missing[k : k + CHUNK] for k in range(0, len(missing), CHUNK)]
         inputs = image_batches(self.classifier.processor, data, batches, num_workers=num_workers)
-        bar = progress(zip(missing, inputs, strict=True), total=len(missing), desc="teacher")
-        for start, batch in bar:
-            parts[start] = self.classifier.logits(**batch).float().cpu()
+        written = len(list(folder.glob("logits-*.safetensors"))) if folder is not None else 0
+        for n, batch_inputs in enumerate(progress(inputs, total=len(batches), desc="teacher")):
+            batch = batches[n]
+            logits = self.classifier.logits(**batch_inputs).float().cpu()
+            known.update({keys[i]: row for i, row in zip(batch, logits, strict=True)})
             if folder is not None:
-                with atomic_path(folder / f"logits-{start:09d}.safetensors") as tmp:
-                    save_file({"logits": parts[start].contiguous()}, str(tmp))
-        return torch.cat([parts[s] for s in starts])
+                metadata = {"keys": json.dumps([keys[i] for i in batch])}
+                with atomic_path(folder / f"logits-{written + n:09d}.safetensors") as tmp:
+                    save_file({"logits": logits.contiguous()}, str(tmp), metadata)
+        return torch.stack([known[key] for key in keys])
 
 
-def _claim_cache(folder: Path, fingerprint: str, count: int, name: str) -> None:
-    """Use `folder` as the cache of this teacher's logits of these images: new, or one they wrote."""
+def _claim_cache(folder: Path, fingerprint: str, name: str) -> None:
+    """Use `folder` as the cache of this teacher's logits: new, or one it wrote."""
     record = folder / "teacher.json"
     if record.exists():
         try:
@@ -117,22 +115,25 @@ def _claim_cache(folder: Path, fingerprint: str, count: int, name: str) -> None:
         except (OSError, ValueError):
             kept = None
         if not isinstance(kept, dict) or kept.get("fingerprint") != fingerprint:
-            raise ValueError(
-                f"{folder} caches another teacher's logits or other images; give a new cache folder, or delete it."
-            )
+            raise ValueError(f"{folder} caches another teacher's logits; give a new cache folder, or delete it.")
         return
     if folder.exists() and any(p.suffix not in (".lock", ".tmp") for p in folder.iterdir()):  # not a claim's leftovers
         raise ValueError(f"{folder} is not empty and holds no teacher cache; give a new or empty folder.")
     folder.mkdir(parents=True, exist_ok=True)
-    write_json(record, {"fingerprint": fingerprint, "images": count, "teacher": name, "chunk": CHUNK})
+    write_json(record, {"fingerprint": fingerprint, "teacher": name})
 
 
-def _read_chunk(path: Path) -> torch.Tensor | None:
-    """A cached chunk's logits, or None when it is missing or unreadable (it is then computed again)."""
+def _read_chunk(path: Path) -> dict[str, torch.Tensor]:
+    """A cached chunk's logits by image key; none when it is unreadable (its images are then run again)."""
     try:
-        return load_file(path)["logits"]
-    except (OSError, SafetensorError, KeyError):
-        return None
+        with safe_open(path, framework="pt") as f:
+            keys = json.loads((f.metadata() or {}).get("keys", "[]"))
+            logits = f.get_tensor("logits")
+    except (OSError, SafetensorError, ValueError):
+        return {}
+    if not isinstance(keys, list) or len(keys) != len(logits):
+        return {}
+    return dict(zip(keys, logits, strict=True))
 
 
 def pseudo_labeled(

@@ -88,8 +88,13 @@ def test_the_teacher_runs_once_per_image_and_resumes_after_a_kill(teacher, image
     assert torch.equal(resumed, expected)
     again = teacher.logits(images, cache=tmp_path / "cache")
     assert teacher.classifier.seen == len(images) and torch.equal(again, expected)  # all from the cache
-    with pytest.raises(ValueError, match="caches another teacher's logits or other images"):
-        teacher.logits(images[1:], cache=tmp_path / "cache")
+    fewer = teacher.logits(images[:0:-1], cache=tmp_path / "cache")  # one removed, the rest reversed
+    assert teacher.classifier.seen == len(images) and torch.equal(fewer, expected[1:].flip(0))
+    changed = [images[0][::-1].copy(), *images[1:]]  # one image replaced
+    assert torch.equal(teacher.logits(changed, cache=tmp_path / "cache")[1:], expected[1:])
+    assert teacher.classifier.seen == len(images) + 1  # only the new one ran
+    with pytest.raises(ValueError, match="caches another teacher's logits"):
+        Teacher(teacher.classifier, "another teacher").logits(images, cache=tmp_path / "cache")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="not empty and holds no teacher cache"):
@@ -230,8 +235,10 @@ def test_distill_from_the_command_line(clip_dir, images, tmp_path):
     onto = run("distill", *common[:-1], teacher_dir, check=False)
     assert onto.returncode == 2 and "is an input of this command" in onto.stderr
     Image.fromarray(images[0][::-1].copy()).save(folder / "0.png")  # an image replaced under the same name
-    replaced = run("distill", *common, "--resume", check=False)
-    assert replaced.returncode == 2 and "caches another teacher's logits or other images" in replaced.stderr
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "teacher-cache").glob("logits-*.safetensors")}
+    run("distill", *common, "--epochs", "1", "--batch-size", "12", "--n-ctx", "2")  # another run: its labels differ
+    added = [p for p in (out / "teacher-cache").glob("logits-*.safetensors") if p not in stamps]
+    assert len(added) == 1 and all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # the new image alone ran
     unnamed = run("distill", "--teacher", clip_dir, *common[2:-1], tmp_path / "other", check=False)
     assert unnamed.returncode == 2 and "is a model, which knows no classes: pass --classes" in unnamed.stderr
     names = tmp_path / "classes.txt"
