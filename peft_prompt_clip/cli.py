@@ -16,16 +16,14 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate import PartialState
 from safetensors import SafetensorError
 
 from . import __version__
 from .classifier import CLIP_TEMPLATE, IMAGENET_TEMPLATES, PromptClassifier
 from .config import PromptEmbeddingConfig, printable
-from .data import (
-    drop_unreadable,
-    open_image,
-)
+from .data import LabeledImages, drop_unreadable, open_image
 from .distill import load_teacher, pseudo_labeled
 from .errors import TrainingDivergedError
 from .evaluation import against_zero_shot
@@ -35,7 +33,8 @@ from .methods import METHODS, method_settings
 from .progress import disable_progress_bars, enable_progress_bars, progress
 from .report import save_results
 from .sources import DataSource, unlabeled_images
-from .training import PromptTrainer, TrainingArguments
+from .training import PromptTrainer, TrainingArguments, bounded_epochs, coop_epochs
+from .training.arguments import STEP_BUDGET
 from .training.record import describe_held_out, describe_run, read_log, valid_log
 from .variants import VARIANTS
 
@@ -124,7 +123,7 @@ def distill(args: argparse.Namespace) -> dict[str, Any]:
             raise ValueError(f"--output {args.output} is an input of this command ({given}); give another folder.")
     if args.self_train is not None and args.self_train < 1:
         raise ValueError(f"--self-train takes the K >= 1 most confident images per class, got {args.self_train}.")
-    images, note = unlabeled_images(args.data)
+    images, note = unlabeled_images(args.data, args.dataset_config, args.image_column)
     _say(note)
     count = len(images) // 10 if args.val_images is None else args.val_images
     if not 0 <= count < len(images):
@@ -133,22 +132,38 @@ def distill(args: argparse.Namespace) -> dict[str, Any]:
     teacher = load_teacher(args.teacher, _class_names(args.classes), templates, revision=args.revision)
     teacher_name, class_names = teacher.name, teacher.class_names
     _say(f"teacher: {teacher_name}, {len(class_names)} classes")
+    shots = _labelled(args.labeled, "train", class_names, "--labeled") if args.labeled else None
+    labelled = _labelled(args.eval_data, "test", class_names, "--eval-data") if args.eval_data else None
+    known = [data for data in (shots, labelled) if data is not None]
     with PartialState().main_process_first():  # one process runs the teacher; the others read its cache
-        logits = teacher.logits(images, cache=Path(args.output) / "teacher-cache")
+        everything = [*images, *(image for data in known for image in data.images)]
+        logits = teacher.logits(everything, cache=Path(args.output) / "teacher-cache")
     del teacher  # its model is not needed past its logits
+    logits, shot_logits, eval_logits = logits.split([len(images), len(shots or []), len(labelled or [])])
     order = list(range(len(images)))
     random.Random(args.seed).shuffle(order)
     held, kept = sorted(order[:count]), sorted(order[count:])
     train_images, val_images = [images[i] for i in kept], [images[i] for i in held]
-    model, processor = load_base_model(args.model)
-    adapter, settings = method_fields(args, len(class_names), model)
+    labeled = teacher_logits = None
     if args.self_train is not None:  # the teacher's most confident guesses as labels
         data = pseudo_labeled(train_images, class_names, logits[kept], per_class=args.self_train)
-        teacher_logits = None
     else:
         data = pseudo_labeled(train_images, class_names, logits[kept])
-        settings = {"label_weight": 0.0, "distill_weight": 1.0, **settings}
-        teacher_logits = logits[kept]
+        teacher_logits = torch.cat([logits[kept], shot_logits])
+        if shots is not None:  # their labels are true: the cross-entropy's
+            labeled = torch.arange(len(data) + len(shots)) >= len(data)
+    if shots is not None:
+        data = LabeledImages(class_names, [*data.images, *shots.images], [*data.labels, *shots.labels])
+    if args.epochs is None:  # the recipe's epochs, fewer on many images
+        preset = METHODS[args.method].training
+        recipe = preset.get("epochs") or coop_epochs(max(data.counts()))
+        args.epochs = bounded_epochs(recipe, len(data), args.batch_size or preset.get("batch_size", 32))
+        if args.epochs < recipe:
+            _say(f"epochs: {args.epochs} (about {STEP_BUDGET:,} steps; the recipe's {recipe} on {len(data)} images)")
+    model, processor = load_base_model(args.model)
+    adapter, settings = method_fields(args, len(class_names), model)
+    if teacher_logits is not None:
+        settings = {"label_weight": 0.0 if shots is None else 1.0, "distill_weight": 1.0, **settings}
     val = pseudo_labeled(val_images, class_names, logits[held]) if held else None
     _say(f"train: {len(data)} images; held out: {len(held)} images, to keep the epoch agreeing best with the teacher")
     unguessed = data.empty_classes() if args.self_train is not None else []
@@ -156,20 +171,49 @@ def distill(args: argparse.Namespace) -> dict[str, Any]:
         _say(f"warning: the teacher guessed no image as {unguessed}: the student learns nothing of those classes")
     config = PromptEmbeddingConfig(**adapter, class_names=data.class_names, init_seed=args.seed)
     training = TrainingArguments(output_dir=args.output, seed=args.seed, resume=args.resume, **settings)
-    record = {"source": str(Path(args.data).resolve()), "teacher": teacher_name, "images": sorted(map(str, images))}
+    used = [*images, *(shots.images if shots else [])]
+    record = {"source": _source_key(args.data), "teacher": teacher_name, "images": sorted(map(str, used))}
     trainer = PromptTrainer(
-        get_prompt_model(model, config), processor, data, training, val, record, teacher_logits=teacher_logits
+        get_prompt_model(model, config), processor, data, training, val, record, teacher_logits, labeled
     )
     summary = trainer.train()
-    if trainer.accelerator.is_main_process:
-        print(describe_run(summary, data, trainer.accelerator.num_processes, args.output))
-        if "eval" in summary:
-            scores = summary["eval"]
-            print(
-                f"agreement with the teacher on {scores['images']} held-out images: student zero-shot "
-                f"{scores['zero_shot']['accuracy']:.3f}, kept prompt {scores['best']['accuracy']:.3f}"
-            )
+    if not trainer.accelerator.is_main_process:
+        return summary
+    print(describe_run(summary, data, trainer.accelerator.num_processes, args.output))
+    if "eval" in summary:
+        scores = summary["eval"]
+        print(
+            f"agreement with the teacher on {scores['images']} held-out images: student zero-shot "
+            f"{scores['zero_shot']['accuracy']:.3f}, kept prompt {scores['best']['accuracy']:.3f}"
+        )
+    if labelled is not None:
+        results = against_zero_shot(trainer.model, processor, labelled, CLIP_TEMPLATE)
+        teacher_top1 = (eval_logits.argmax(-1) == torch.tensor(labelled.labels)).float().mean().item()
+        summary["eval_data"] = {"teacher": {"top1": teacher_top1}, **results}
+        print(f"accuracy on {len(labelled)} labelled images of --eval-data {args.eval_data} (top-1):")
+        _report({name: {"top1": row["top1"]} for name, row in summary["eval_data"].items()}, ["top1"])
     return summary
+
+
+def _source_key(data: str) -> str:
+    return str(Path(data).resolve()) if Path(data).exists() else data
+
+
+def _labelled(data: str, split: str, class_names: list[str], flag: str) -> LabeledImages:
+    """Labelled images of `distill` (its `split`, else all of it), by `class_names` (the teacher's, in its order):
+    `--labeled` of some of them, `--eval-data` of all."""
+    images, where, _ = DataSource(data).split(split)
+    unknown = sorted(set(images.class_names) - set(class_names))
+    if unknown or (flag == "--eval-data" and sorted(images.class_names) != sorted(class_names)):
+        raise ValueError(
+            f"{flag} {data} has the classes {images.class_names}, the teacher {class_names}; give labelled images of "
+            f"{'some of ' if flag == '--labeled' else ''}the teacher's classes"
+            f"{' (or run `peft-prompt-clip eval` on the adapter for others)' if flag == '--eval-data' else ''}."
+        )
+    images = drop_unreadable(images)
+    index = [class_names.index(name) for name in images.class_names]
+    _say(f"{flag}: {len(images)} labelled images from {where}")
+    return LabeledImages(list(class_names), images.images, [index[y] for y in images.labels])
 
 
 def _class_names(classes: str | None) -> list[str] | None:
@@ -385,7 +429,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--teacher-templates", default="imagenet", choices=["clip", "imagenet"], help="a model teacher's prompt(s)"
     )
     p.add_argument("--model", required=True, help="the student: base CLIP model, folder or Hub id")
-    p.add_argument("--data", required=True, help="unlabeled images: a folder (flat or nested) or a CSV with 'path'")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="unlabeled images: a folder (flat or nested), a CSV with a 'path' column, or a Hugging Face dataset (Hub "
+        "id or local folder; its train split, its image column)",
+    )
+    p.add_argument("--dataset-config", help="the Hugging Face dataset's configuration (its name)")
+    p.add_argument("--image-column", help="the dataset's image column (default: its first Image column)")
     p.add_argument("--classes", help="comma-separated class names, or a file of one per line (default: the teacher's)")
     p.add_argument("--output", required=True, help="folder for the adapter, its checkpoint and the teacher's cache")
     p.add_argument("--seed", type=int, default=1, help="seed of the held-out images, context and batch order")
@@ -396,6 +447,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--self-train", type=int, metavar="K", help="learn the teacher's K most confident guesses per class instead"
     )
     p.add_argument("--method", default="coop", choices=list(METHODS), help="the student's preset (default: coop)")
+    p.add_argument(
+        "--labeled",
+        help="labelled images of some of the classes (as train's --data; its train split, else all of it), learned "
+        "with the cross-entropy as well (--label-weight, default 1) beside the unlabeled ones",
+    )
+    p.add_argument(
+        "--eval-data",
+        help="labelled images of the same classes (as eval's --data; its test split, else all of it): the teacher's, "
+        "the student's zero-shot and its learned accuracy at the end",
+    )
     _learning_options(p)
     p.set_defaults(run=distill)
 

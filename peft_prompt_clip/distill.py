@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .classifier import PromptClassifier
-from .data import LabeledImages, image_batches
+from .data import DatasetImage, LabeledImages, image_batches
 from .progress import progress
 from .storage import atomic_path, write_json
 
@@ -26,7 +26,10 @@ CHUNK = 64
 
 def _image_key(image: Any) -> bytes:
     """What identifies an image source in a cache's fingerprint: a file by its absolute path, size and modification
-    time (a file replaced under the same name is another image), an image in memory by its pixels."""
+    time (a file replaced under the same name is another image), a dataset's row by the dataset's fingerprint (of its
+    content, as `datasets` computes it) and index, an image in memory by its pixels."""
+    if isinstance(image, DatasetImage):
+        return f"{image.dataset._fingerprint}|{image.index}|{image.column}".encode()
     if isinstance(image, str | Path):
         path = Path(image).resolve()
         stat = path.stat() if path.exists() else None

@@ -264,16 +264,46 @@ class DataSource:
         return left, f"{where}, less the {len(data) - len(unseen)} images the adapter was trained and validated on"
 
 
-def unlabeled_images(data: str) -> tuple[list[Path], str]:
+def unlabeled_images(
+    data: str, dataset_config: str | None = None, image_column: str | None = None
+) -> tuple[list[Path | DatasetImage], str]:
     """
-    The images of `data` for learning without labels (absolute paths; those that do not open are left out with a
-    warning naming them), and what was used in words: every image file under a folder, flat or nested (class
-    folders' names are not used: the note says so), or the paths of a CSV with a `path` column (relative to the
-    CSV's folder; other columns, labels included, not used).
+    The images of `data` for learning without labels (absolute paths, or a dataset's rows; those that do not open are
+    left out with a warning naming them), and what was used in words: every image file under a folder, flat or nested
+    (class folders' names are not used: the note says so), the paths of a CSV with a `path` column (relative to the
+    CSV's folder; other columns, labels included, not used), or the image column of a Hugging Face dataset (a folder
+    or Hub id; its `train` split if it has splits; `image_column` by default its first `Image` column; other columns,
+    labels included, not used).
     """
-    files, note = _unlabeled_files(Path(data).resolve() if Path(data).exists() else Path(data), data)
+    if is_hf_dataset(data):
+        files, note = _unlabeled_rows(data, dataset_config, image_column)
+    else:
+        files, note = _unlabeled_files(Path(data).resolve() if Path(data).exists() else Path(data), data)
     readable = drop_unreadable(LabeledImages(["images"], files, [0] * len(files))).images  # no labels: one class
     return readable, note
+
+
+def _unlabeled_rows(data: str, config: str | None, image_column: str | None) -> tuple[list[DatasetImage], str]:
+    found = load_hf_dataset(str(Path(data).resolve()) if Path(data).exists() else data, config)
+    where = data
+    if hasattr(found, "keys") and not hasattr(found, "features"):  # splits: the training images
+        split = "train" if "train" in found else next(iter(found), None) if len(found) == 1 else None
+        if split is None:
+            raise ValueError(f"{data} has the splits {list(found)} and none is 'train'; save the images as one.")
+        found, where = found[split], f"{data}, its {split!r} split"
+    kinds = {name: type(feature).__name__ for name, feature in found.features.items()}
+    column = image_column or next((c for c in found.column_names if kinds.get(c) == "Image"), None)
+    if column not in found.column_names:
+        raise ValueError(
+            f"{data} has no image column {column!r}; its columns are {found.column_names}: --image-column."
+        )
+    others = [c for c in found.column_names if c != column]
+    ignored = f"; its other columns ({', '.join(others)}) are not used" if others else ""
+    images = found.select_columns([column])
+    rows = [DatasetImage(images, i, column) for i in range(len(images))]
+    if not rows:
+        raise ValueError(f"{data} has no rows.")
+    return rows, f"unlabeled images: {len(rows)} rows of {where}, column {column!r}{ignored}"
 
 
 def _unlabeled_files(path: Path, data: str) -> tuple[list[Path], str]:

@@ -35,6 +35,11 @@ def test_the_distillation_term_is_the_tempered_kl_from_the_teacher():
     assert per_image.item() == pytest.approx(0.5 * distillation_kl(student, teacher, 2.0).item())
     with pytest.raises(ValueError, match="no term"):
         PromptLoss(label_weight=0.0)
+    # labelled shots mixed in: the cross-entropy on the images whose labels are true, the KL on all
+    labeled = StepOutputs(**{**step.__dict__, "labeled": torch.tensor([False, True])})
+    per_image, _ = PromptLoss(label_weight=2.0, temperature=2.0, distill_weight=0.5)(labeled)
+    ce_of_second = -student[1].log_softmax(-1)[0].item()  # its label is 0
+    assert per_image.item() == pytest.approx(2.0 * ce_of_second + 0.5 * distillation_kl(student, teacher, 2.0).item())
 
 
 @pytest.fixture(scope="module")
@@ -250,3 +255,69 @@ def test_distill_from_the_command_line(clip_dir, images, tmp_path):
     assert re.search(r"teacher: .* zero-shot with 7 template\(s\): \['.*'\], 3 classes\n", self_trained.stdout)
     chosen = int(re.search(r"train: (\d+) images; held out: 0 images", self_trained.stdout).group(1))
     assert 3 <= chosen <= 9  # the teacher's 3 most confident guesses of each class it guessed
+
+
+def test_distill_from_a_dataset_reports_accuracy_on_eval_data(clip_dir, images, tmp_path, monkeypatch):
+    """A saved Hugging Face dataset as unlabeled images (its train split, its image column; its labels unused, and
+    the note says so), and --eval-data: the teacher's accuracy there is its classifier's, the student's are eval's."""
+    import json
+
+    import datasets
+    import numpy as np
+    from PIL import Image
+    from test_cli import run
+
+    from peft_prompt_clip.data import load_data
+    from peft_prompt_clip.evaluation import evaluate
+    from peft_prompt_clip.loading import load_prompt_model
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    features = datasets.Features({"picture": datasets.Image(), "kind": datasets.ClassLabel(names=CLASSES)})
+    rows = {"picture": [Image.fromarray(np.asarray(image)) for image in images[:30]], "kind": [0] * 30}
+    splits = datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows, features=features)})
+    splits["test"] = splits["train"].select(range(3))
+    splits.save_to_disk(str(tmp_path / "saved"))
+    for n, image in enumerate(images[100:136]):  # other images, each class's
+        path = tmp_path / "labeled" / CLASSES[n % len(CLASSES)] / f"{n}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(path)
+    teacher_dir = tmp_path / "teacher"
+    config = PromptEmbeddingConfig(n_ctx=4, class_names=CLASSES, init_seed=9)
+    get_peft_model(CLIPModel.from_pretrained(clip_dir).eval(), config).save_pretrained(teacher_dir)
+    common = ("--teacher", teacher_dir, "--model", clip_dir, "--data", tmp_path / "saved", "--epochs", "2")
+    result = run("distill", *common, "--output", tmp_path / "student", "--eval-data", tmp_path / "labeled")
+    assert f"unlabeled images: 30 rows of {tmp_path / 'saved'}, its 'train' split, column 'picture'; its other " in (
+        result.stdout
+    )
+    assert "columns (kind) are not used" in result.stdout and "train: 27 images; held out: 3 images" in result.stdout
+    model = load_prompt_model(CLIPModel.from_pretrained(clip_dir).eval(), teacher_dir)
+    data = load_data(tmp_path / "labeled")  # sorted folder order, not the teacher's
+    teacher_top1 = evaluate(PromptClassifier(model, AutoProcessor.from_pretrained(clip_dir), data.class_names), data)
+    table = dict(re.findall(r"^(teacher|zero-shot|learned prompt) +([\d.]+)$", result.stdout, re.MULTILINE))
+    assert float(table["teacher"]) == pytest.approx(teacher_top1["top1"], abs=1e-3)
+    student = load_prompt_model(CLIPModel.from_pretrained(clip_dir).eval(), tmp_path / "student")
+    learned = evaluate(PromptClassifier(student, AutoProcessor.from_pretrained(clip_dir), data.class_names), data)
+    assert float(table["learned prompt"]) == pytest.approx(learned["top1"], abs=1e-3)
+    shots = run(
+        "distill", *common, "--output", tmp_path / "mixed", "--labeled", tmp_path / "labeled", "--classes",
+        ",".join(CLASSES),
+    )  # fmt: skip
+    assert f"--labeled: 36 labelled images from {tmp_path / 'labeled'}" in shots.stdout
+    assert "train: 63 images; held out: 3 images" in shots.stdout  # 27 unlabeled and the 36 shots
+    log = json.loads((tmp_path / "mixed" / "training_log.json").read_text())
+    assert str(tmp_path / "labeled" / "cat" / "0.png") in log["data"]["images"]
+    (tmp_path / "labeled" / "cat").rename(tmp_path / "cats")  # a class fewer
+    fewer = run("distill", *common, "--output", tmp_path / "other", "--eval-data", tmp_path / "labeled", check=False)
+    assert fewer.returncode == 2 and "give labelled images of the teacher's classes (or run" in fewer.stderr
+    (tmp_path / "labeled" / "horse").mkdir()
+    Image.fromarray(images[0]).save(tmp_path / "labeled" / "horse" / "0.png")
+    other = run("distill", *common, "--output", tmp_path / "other", "--labeled", tmp_path / "labeled", check=False)
+    assert other.returncode == 2 and "give labelled images of some of the teacher's classes." in other.stderr
+
+
+def test_a_run_on_many_images_is_bounded_in_steps():
+    from peft_prompt_clip.training import bounded_epochs
+
+    assert bounded_epochs(200, 9000, 32) == 36  # 10,000 unlabeled images less the held-out tenth: 36 x 282 steps
+    assert bounded_epochs(200, 900, 32) == 200  # 29 steps an epoch: the recipe's epochs
+    assert bounded_epochs(10, 10**7, 32) == 1

@@ -37,6 +37,17 @@ def coop_epochs(shots: int) -> int:
     return 50 if shots <= 1 else 100 if shots <= 4 else 200
 
 
+#: The optimizer steps a run on many images takes at most by default ([`bounded_epochs`])
+STEP_BUDGET = 10_000
+
+
+def bounded_epochs(epochs: int, images: int, batch_size: int, steps: int = STEP_BUDGET) -> int:
+    """`epochs`, or fewer on many images: as many as take about `steps` optimizer steps over `images` in batches of
+    `batch_size` (at least one). A few-shot recipe's epochs on an unlabeled set of 10,000 images would take 56,000
+    steps; measured on faded Fashion-MNIST (benchmarks/distill.py), 10,000 steps keep most of the gain."""
+    return max(1, min(epochs, round(steps * batch_size / images)))
+
+
 @dataclass
 class TrainingArguments:
     """

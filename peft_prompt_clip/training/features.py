@@ -61,6 +61,18 @@ def check_teacher_logits(logits: torch.Tensor | None, data: LabeledImages, neede
     return logits.detach()
 
 
+def check_labeled(labeled: torch.Tensor | None, data: LabeledImages, label_weight: float) -> torch.Tensor | None:
+    """Which of `data`'s labels are true, checked: a boolean per image, some true, and a cross-entropy to use them."""
+    if labeled is None:
+        return None
+    labeled = torch.as_tensor(labeled)
+    if labeled.dtype != torch.bool or tuple(labeled.shape) != (len(data),):
+        raise ValueError(f"labeled must be {len(data)} booleans (one per training image), got {tuple(labeled.shape)}.")
+    if not labeled.any() or not label_weight:
+        raise ValueError("labeled names no image with a label, or label_weight is 0: nothing would use the labels.")
+    return labeled
+
+
 class TrainingImages:
     """
     The image features of a run's training images, and of its held-out images.

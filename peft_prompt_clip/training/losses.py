@@ -26,6 +26,8 @@ class StepOutputs:
             come from a prompted image tower (vision prompts); otherwise `image_features` are the base model's.
         teacher_logits (`torch.Tensor`, *optional*): a teacher's logits `(images, classes)` of the step's images, for
             distillation.
+        labeled (`torch.Tensor`, *optional*): which images' labels are true (booleans `(images,)`), the ones the
+            cross-entropy uses; by default all.
     """
 
     logits: torch.Tensor
@@ -35,6 +37,7 @@ class StepOutputs:
     logit_scale: torch.Tensor
     frozen_image_features: torch.Tensor | None = None
     teacher_logits: torch.Tensor | None = None
+    labeled: torch.Tensor | None = None
 
     @property
     def zero_shot_image_features(self) -> torch.Tensor:
@@ -208,7 +211,10 @@ class PromptLoss:
         """`(per_image, per_batch)`: the sum of the per-image terms over the images, and the per-batch terms."""
         per_image = step.logits.new_zeros(())
         if self.label_weight:
-            per_image = self.label_weight * F.cross_entropy(step.logits, step.labels, reduction="sum")
+            cross_entropy = F.cross_entropy(step.logits, step.labels, reduction="none")
+            if step.labeled is not None:
+                cross_entropy = cross_entropy[step.labeled]
+            per_image = self.label_weight * cross_entropy.sum()
         per_batch = step.logits.new_zeros(())
         if self.needs_hand and self.hand_features is None:
             needing = [term.weight for term, _ in self.terms if term.needs_hand]

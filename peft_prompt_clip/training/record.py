@@ -44,9 +44,11 @@ def fingerprint(
     data: LabeledImages,
     eval_data: LabeledImages | None,
     teacher_logits: torch.Tensor | None = None,
+    labeled: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """What a checkpoint must share with a run to be resumed by it: the adapter's config and the training arguments,
-    less the fields named resumable, the data's classes, image counts and labels, and the teacher's logits (hashes)."""
+    less the fields named resumable, the data's classes, image counts and labels, the teacher's logits and which labels
+    are true (hashes)."""
     run = {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_CONFIG_FIELDS}
     run.update({k: v for k, v in asdict(args).items() if k not in RESUMABLE_ARGUMENTS})
     if not args.augment:
@@ -61,6 +63,8 @@ def fingerprint(
     )
     if teacher_logits is not None:
         run["teacher"] = hashlib.sha256(teacher_logits.detach().float().cpu().numpy().tobytes()).hexdigest()
+    if labeled is not None:
+        run["labeled"] = hashlib.sha256(torch.as_tensor(labeled).cpu().numpy().tobytes()).hexdigest()
     return json.loads(json.dumps(run))  # as the checkpoint stores it (enums as their values, tuples as lists)
 
 

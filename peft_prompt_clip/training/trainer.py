@@ -25,7 +25,7 @@ from ..storage import save_adapter
 from .arguments import TrainingArguments, coop_epochs
 from .callbacks import BestEpoch, GaussianAverage
 from .checkpoints import CHECKPOINT_NAME, check_finite, load_checkpoint, save_checkpoint
-from .features import CHUNK, TrainingImages, check_teacher_logits, check_training_data
+from .features import CHUNK, TrainingImages, check_labeled, check_teacher_logits, check_training_data
 from .losses import StepOutputs
 from .record import fingerprint, write_log
 
@@ -54,6 +54,7 @@ class _EpochStats:
             "accuracy": self.correct / self.seen,
             "lr": lr,
             "skipped_steps": self.skipped,
+            "seconds": round(sum(self.step_seconds), 3),  # the epoch's steps
         }
 
 
@@ -77,6 +78,9 @@ class PromptTrainer:
             in the run's log under `"data"`, so that an evaluation can leave those images out.
         teacher_logits (`torch.Tensor`, *optional*): a teacher's logits `(images, classes)` of `train_data`'s images,
             for the distillation term (`TrainingArguments.distill_weight`); see [`Teacher`].
+        labeled (`torch.Tensor`, *optional*): which of `train_data`'s images have true labels (booleans, one per
+            image): the cross-entropy (`TrainingArguments.label_weight`) is on those alone, the others' labels being
+            a teacher's guesses (labelled shots mixed in with distillation). By default every label is used.
     """
 
     def __init__(
@@ -88,6 +92,7 @@ class PromptTrainer:
         eval_data: LabeledImages | None = None,
         data_record: dict[str, Any] | None = None,
         teacher_logits: torch.Tensor | None = None,
+        labeled: torch.Tensor | None = None,
     ) -> None:
         if not isinstance(model, PeftModel) or find_prompt_layer(model) is None:
             raise TypeError("model must be a PeftModel with a prompt adapter (see get_prompt_model).")
@@ -128,10 +133,12 @@ class PromptTrainer:
         self.best = BestEpoch(self.params, self.evaluate) if eval_data is not None else None
         self.labels = torch.tensor(train_data.labels, device=self.accelerator.device)
         self.teacher_logits = check_teacher_logits(teacher_logits, train_data, self.loss.needs_teacher)
-        if self.teacher_logits is not None:
-            self.teacher_logits = self.teacher_logits.to(self.accelerator.device)
+        self.labeled = check_labeled(labeled, train_data, args.label_weight)
+        self.teacher_logits, self.labeled = (
+            None if t is None else t.to(self.accelerator.device) for t in (self.teacher_logits, self.labeled)
+        )
         config = model.peft_config[self.adapter_name]
-        self.run = fingerprint(config, args, self.epochs, train_data, eval_data, teacher_logits)
+        self.run = fingerprint(config, args, self.epochs, train_data, eval_data, teacher_logits, labeled)
         self.optimizer = self.accelerator.prepare(args.make_optimizer(self.params))
 
     def hand_features(self) -> torch.Tensor:
@@ -162,11 +169,12 @@ class PromptTrainer:
         global_count: int,
         frozen_image_features: torch.Tensor | None = None,
         teacher_logits: torch.Tensor | None = None,
+        labeled: torch.Tensor | None = None,
     ) -> tuple[float, int]:
         """Forward and backward of this process's share of a batch of `global_count` images (over all processes);
         returns its summed loss and its correct count. The gradient is accumulated, not applied. With vision prompts,
         `image_features` come from the prompted tower (with autograd) and `frozen_image_features` from the frozen
-        one, and `teacher_logits` are the teacher's of the images."""
+        one; `teacher_logits` are the teacher's of the images, `labeled` which of their labels are true."""
         with self.accelerator.autocast():
             text = self.encoder.class_features(
                 self.class_tokens,
@@ -177,7 +185,9 @@ class PromptTrainer:
             )
         logits = self.encoder.logits(image_features, text)
         scale = self.encoder.base.logit_scale.exp()
-        outputs = StepOutputs(logits, labels, text, image_features, scale, frozen_image_features, teacher_logits)
+        outputs = StepOutputs(
+            logits, labels, text, image_features, scale, frozen_image_features, teacher_logits, labeled
+        )
         per_image, per_batch = self.loss(outputs)
         # every process sums its images' terms over the global batch, and adds its share of the batch terms, so the
         # gradients summed over processes (see _sync_gradients) are exactly those of the whole batch
@@ -228,8 +238,8 @@ class PromptTrainer:
                 loss, correct = 0.0, 0
             else:
                 features, frozen = next(features_of_shares)
-                teacher = None if self.teacher_logits is None else self.teacher_logits[mine]
-                loss, correct = self.step(features, self.labels[mine], len(batch), frozen, teacher)
+                teacher, known = (None if t is None else t[mine] for t in (self.teacher_logits, self.labeled))
+                loss, correct = self.step(features, self.labels[mine], len(batch), frozen, teacher, known)
             totals = acc.reduce(torch.tensor([loss, correct, len(mine)], device=acc.device), "sum")
             if not math.isfinite(totals[0].item()):  # e.g. fp16 overflow: drop this step's gradient, keep going
                 self.optimizer.zero_grad(set_to_none=True)
