@@ -116,7 +116,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
 def distill(args: argparse.Namespace) -> dict[str, Any]:
     """Learn a student's prompt adapter from a teacher's class probabilities on unlabeled `--data` (PromptKD), or
-    from its most confident guesses (`--self-train`), and save it in `--output`."""
+    from its most confident guesses (`--self-train`), and save it in `--output`. Unless `--epochs` is given, the
+    recipe's epochs, fewer on many images: about 10,000 steps at most."""
     _check_output_folder(args.output)
     for given in (args.teacher, args.model, args.data):  # the adapter saved there would replace an input
         if Path(given).exists() and Path(given).resolve() == Path(args.output).resolve():
@@ -186,6 +187,11 @@ def distill(args: argparse.Namespace) -> dict[str, Any]:
             f"agreement with the teacher on {scores['images']} held-out images: student zero-shot "
             f"{scores['zero_shot']['accuracy']:.3f}, kept prompt {scores['best']['accuracy']:.3f}"
         )
+        if scores["best"]["accuracy"] < scores["zero_shot"]["accuracy"]:
+            print(
+                "warning: the kept prompt agrees with the teacher less than the student's zero-shot prompt does: more "
+                "images, more --epochs, or another --lr"
+            )
     if labelled is not None:
         results = against_zero_shot(trainer.model, processor, labelled, CLIP_TEMPLATE)
         teacher_top1 = (eval_logits.argmax(-1) == torch.tensor(labelled.labels)).float().mean().item()
@@ -380,6 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--revision", help="branch, tag or commit of the adapter's Hub repo")
         p.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
 
+    def dataset_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--dataset-config", help="the Hugging Face dataset's configuration (its name)")
+        p.add_argument("--image-column", help="the dataset's image column (default: its first Image column)")
+
     def data_options(p: argparse.ArgumentParser) -> None:
         p.add_argument(
             "--data",
@@ -387,8 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="folder of class folders (used as given, or under train/val/test), CSV (path,label), or a Hugging "
             "Face dataset: a Hub id or a local dataset folder",
         )
-        p.add_argument("--dataset-config", help="the Hugging Face dataset's configuration (its name)")
-        p.add_argument("--image-column", help="the dataset's image column (default: its first Image column)")
+        dataset_options(p)
         p.add_argument("--label-column", help="the dataset's label column (default: its first ClassLabel column)")
         p.add_argument("--classes", help="'base', 'novel' (CoCoOp's halves), 'all', or comma-separated class names")
 
@@ -435,8 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="unlabeled images: a folder (flat or nested), a CSV with a 'path' column, or a Hugging Face dataset (Hub "
         "id or local folder; its train split, its image column)",
     )
-    p.add_argument("--dataset-config", help="the Hugging Face dataset's configuration (its name)")
-    p.add_argument("--image-column", help="the dataset's image column (default: its first Image column)")
+    dataset_options(p)
     p.add_argument("--classes", help="comma-separated class names, or a file of one per line (default: the teacher's)")
     p.add_argument("--output", required=True, help="folder for the adapter, its checkpoint and the teacher's cache")
     p.add_argument("--seed", type=int, default=1, help="seed of the held-out images, context and batch order")

@@ -290,6 +290,10 @@ def test_distill_from_a_dataset_reports_accuracy_on_eval_data(clip_dir, images, 
         result.stdout
     )
     assert "columns (kind) are not used" in result.stdout and "train: 27 images; held out: 3 images" in result.stdout
+    zero_shot, kept = map(
+        float, re.search(r"student zero-shot ([\d.]+), kept prompt ([\d.]+)", result.stdout).groups()
+    )
+    assert ("warning: the kept prompt agrees with the teacher less" in result.stdout) == (kept < zero_shot)
     model = load_prompt_model(CLIPModel.from_pretrained(clip_dir).eval(), teacher_dir)
     data = load_data(tmp_path / "labeled")  # sorted folder order, not the teacher's
     teacher_top1 = evaluate(PromptClassifier(model, AutoProcessor.from_pretrained(clip_dir), data.class_names), data)
