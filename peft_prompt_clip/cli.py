@@ -33,7 +33,7 @@ from .methods import METHODS, method_settings
 from .progress import disable_progress_bars, enable_progress_bars, progress
 from .report import save_results
 from .sources import DataSource, unlabeled_images
-from .training import PromptTrainer, TrainingArguments, bounded_epochs, coop_epochs
+from .training import PromptTrainer, TrainingArguments, bounded_epochs, coop_epochs, view_seeds
 from .training.arguments import STEP_BUDGET
 from .training.record import describe_held_out, describe_run, read_log, valid_log
 from .variants import VARIANTS
@@ -136,10 +136,9 @@ def distill(args: argparse.Namespace) -> dict[str, Any]:
     shots = _labelled(args.labeled, "train", class_names, "--labeled") if args.labeled else None
     labelled = _labelled(args.eval_data, "test", class_names, "--eval-data") if args.eval_data else None
     known = [data for data in (shots, labelled) if data is not None]
+    cache = Path(args.output) / "teacher-cache"
     with PartialState().main_process_first():  # one process runs the teacher; the others read its cache
-        everything = [*images, *(image for data in known for image in data.images)]
-        logits = teacher.logits(everything, cache=Path(args.output) / "teacher-cache")
-    del teacher  # its model is not needed past its logits
+        logits = teacher.logits([*images, *(image for data in known for image in data.images)], cache=cache)
     logits, shot_logits, eval_logits = logits.split([len(images), len(shots or []), len(labelled or [])])
     order = list(range(len(images)))
     random.Random(args.seed).shuffle(order)
@@ -172,6 +171,16 @@ def distill(args: argparse.Namespace) -> dict[str, Any]:
         _say(f"warning: the teacher guessed no image as {unguessed}: the student learns nothing of those classes")
     config = PromptEmbeddingConfig(**adapter, class_names=data.class_names, init_seed=args.seed)
     training = TrainingArguments(output_dir=args.output, seed=args.seed, resume=args.resume, **settings)
+    if teacher_logits is not None and training.augment and training.augment_views and not config.prompts_images:
+        with PartialState().main_process_first():  # each cached view taught by the teacher's logits of that crop
+            seeds = view_seeds(training.seed, training.augment_views)
+            teacher_logits = torch.stack([teacher.logits(data.images, cache, augment_seed=seed) for seed in seeds])
+    elif teacher_logits is not None and training.augment:
+        _say(
+            "note: the student's crops learn the teacher's logits of the whole images (with --augment-views V and no "
+            "vision prompts, of each crop)"
+        )
+    del teacher  # its model is not needed past its logits
     used = [*images, *(shots.images if shots else [])]
     record = {"source": _source_key(args.data), "teacher": teacher_name, "images": sorted(map(str, used))}
     trainer = PromptTrainer(
@@ -226,7 +235,11 @@ def _class_names(classes: str | None) -> list[str] | None:
     """`--classes` of `distill`: comma-separated names, or a text file of one name per line."""
     if classes is None:
         return None
-    if Path(classes).is_file():
+    try:
+        names_file = Path(classes).is_file()
+    except OSError:  # e.g. a hundred names: too long for a file name
+        names_file = False
+    if names_file:
         return [line.strip() for line in Path(classes).read_text(encoding="utf-8").splitlines() if line.strip()]
     return [name.strip() for name in classes.split(",") if name.strip()]
 

@@ -24,17 +24,19 @@ from .storage import atomic_path, write_json
 CHUNK = 64
 
 
-def _image_key(image: Any) -> bytes:
+def _image_key(image: Any, crop: str | None = None) -> bytes:
     """What identifies an image source in a cache's fingerprint: a file by its absolute path, size and modification
     time (a file replaced under the same name is another image), a dataset's row by the dataset's fingerprint (of its
-    content, as `datasets` computes it) and index, an image in memory by its pixels."""
+    content, as `datasets` computes it) and index, an image in memory by its pixels; and of an augmented crop, the
+    name of the random stream it is drawn from."""
+    crop_key = b"" if crop is None else f"|crop {crop}".encode()
     if isinstance(image, DatasetImage):
-        return f"{image.dataset._fingerprint}|{image.index}|{image.column}".encode()
+        return f"{image.dataset._fingerprint}|{image.index}|{image.column}".encode() + crop_key
     if isinstance(image, str | Path):
         path = Path(image).resolve()
         stat = path.stat() if path.exists() else None
-        return f"{path}|{stat and stat.st_size}|{stat and stat.st_mtime_ns}".encode()
-    return np.asarray(image).tobytes()
+        return f"{path}|{stat and stat.st_size}|{stat and stat.st_mtime_ns}".encode() + crop_key
+    return np.asarray(image).tobytes() + crop_key
 
 
 class Teacher:
@@ -72,10 +74,18 @@ class Teacher:
         return hashlib.sha256(json.dumps([self.name, self.class_names]).encode()).hexdigest()
 
     @torch.no_grad()
-    def logits(self, images: Sequence[Any], cache: str | Path | None = None, num_workers: int = 0) -> torch.Tensor:
+    def logits(
+        self,
+        images: Sequence[Any],
+        cache: str | Path | None = None,
+        num_workers: int = 0,
+        augment_seed: str | None = None,
+    ) -> torch.Tensor:
         """
         The teacher's logits `(images, classes)` (float32, on the CPU) of `images` (paths, PIL images or arrays),
-        computed in chunks of [`CHUNK`] with a progress bar.
+        computed in chunks of [`CHUNK`] with a progress bar. With `augment_seed`, of the images' augmented crops, the
+        same a student's training draws with that seed (image `i` from the stream `"{augment_seed}-{i}"`; a cached
+        view's seed is from [`view_seeds`]), so that each view is taught by the teacher's probabilities of itself.
 
         With `cache` (a folder kept for this teacher), each chunk's logits are written there atomically as it
         finishes, each row under its image's key (a file's absolute path, size and modification time, or an image's
@@ -85,7 +95,8 @@ class Teacher:
         """
         if not len(images):
             raise ValueError("The teacher got no images.")
-        keys = [hashlib.sha256(_image_key(image)).hexdigest() for image in images]
+        crops = [None if augment_seed is None else f"{augment_seed}-{i}" for i in range(len(images))]
+        keys = [hashlib.sha256(_image_key(image, crop)).hexdigest() for image, crop in zip(images, crops, strict=True)]
         folder = None if cache is None else Path(cache)
         known: dict[str, torch.Tensor] = {}
         if folder is not None:
@@ -96,7 +107,7 @@ class Teacher:
         # the images' labels are the teacher's to give: a placeholder until then
         data = LabeledImages(self.class_names, list(images), [0] * len(images))
         batches = [missing[k : k + CHUNK] for k in range(0, len(missing), CHUNK)]
-        inputs = image_batches(self.classifier.processor, data, batches, num_workers=num_workers)
+        inputs = image_batches(self.classifier.processor, data, batches, augment_seed, num_workers=num_workers)
         written = len(list(folder.glob("logits-*.safetensors"))) if folder is not None else 0
         for n, batch_inputs in enumerate(progress(inputs, total=len(batches), desc="teacher")):
             batch = batches[n]

@@ -106,6 +106,49 @@ def test_the_teacher_runs_once_per_image_and_resumes_after_a_kill(teacher, image
         teacher.logits(images, cache=tmp_path / "other")
 
 
+def test_each_cached_view_is_taught_by_the_teachers_logits_of_that_crop(clip_dir, teacher, images, tmp_path):
+    """With cached augmented views, the teacher classifies each view's crop (the student's: the same random stream)
+    once, cached apart from the whole image, and every step pairs an image's features with the teacher's logits of
+    the view those features are of."""
+    from test_trainer import student
+
+    from peft_prompt_clip.data import image_inputs
+    from peft_prompt_clip.training import view_seeds
+
+    few, seeds = images[:20], view_seeds(1, 3)
+    per_view = torch.stack([teacher.logits(few, cache=tmp_path / "cache", augment_seed=seed) for seed in seeds])
+    assert teacher.classifier.seen == 3 * len(few)
+    again = teacher.logits(few, cache=tmp_path / "cache", augment_seed=seeds[2])
+    assert teacher.classifier.seen == 3 * len(few) and torch.equal(again, per_view[2])  # from the cache
+    whole = teacher.logits(few, cache=tmp_path / "cache")
+    assert teacher.classifier.seen == 4 * len(few)  # a crop's row is not the image's
+    assert all((whole - crops).abs().max() > 1e-3 for crops in per_view)
+    data = pseudo_labeled(few, CLASSES, whole)
+    crops = image_inputs(teacher.classifier.processor, data, range(len(few)), augment_seed=seeds[1])
+    torch.testing.assert_close(per_view[1], teacher.classifier.logits(**crops))  # the student's crops of view 1
+
+    model, processor = student(clip_dir)
+    recipe = dict(epochs=3, batch_size=8, augment=True, augment_views=3, distill_weight=1.0, label_weight=0.0)
+    trainer = PromptTrainer(model, processor, data, args(tmp_path / "run", **recipe), teacher_logits=per_view)
+    pairs, step = [], trainer.step
+
+    def spy(features, labels, count, frozen=None, teacher_rows=None, labeled=None):
+        pairs.append((features.detach().clone(), teacher_rows.clone()))
+        return step(features, labels, count, frozen, teacher_rows, labeled)
+
+    trainer.step = spy
+    trainer.train()
+    cache, used = trainer.images.cache, set()
+    for features, teacher_rows in pairs:
+        for row, taught in zip(features, teacher_rows, strict=True):
+            (view, index), *others = (cache == row).all(-1).nonzero().tolist()
+            assert not others and torch.equal(taught, per_view[view, index])
+            used.add(view)
+    assert used == {0, 1, 2}
+    with pytest.raises(ValueError, match=r"or \(views, images, classes\) = \(3, 20, 6\)"):
+        PromptTrainer(model, processor, data, args(tmp_path / "bad", **recipe), teacher_logits=per_view[:2])
+
+
 def test_self_training_keeps_the_most_confident_guesses_of_each_class():
     logits = torch.tensor([[3.0, 0.0], [1.0, 0.0], [0.0, 2.0], [5.0, 0.0], [0.0, 0.1]])
     everything = pseudo_labeled(list("abcde"), ["x", "y"], logits)
@@ -244,6 +287,11 @@ def test_distill_from_the_command_line(clip_dir, images, tmp_path):
     run("distill", *common, "--epochs", "1", "--batch-size", "12", "--n-ctx", "2")  # another run: its labels differ
     added = [p for p in (out / "teacher-cache").glob("logits-*.safetensors") if p not in stamps]
     assert len(added) == 1 and all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # the new image alone ran
+    views = run("distill", *common, "--epochs", "1", "--n-ctx", "2", "--augment", "--augment-views", "2")
+    crops = [p for p in (out / "teacher-cache").glob("logits-*.safetensors") if p not in stamps and p not in added]
+    assert len(crops) == 2 and "learn the teacher's logits of the whole images" not in views.stdout  # one per view
+    fresh = run("distill", *common[:-1], tmp_path / "fresh", "--epochs", "1", "--n-ctx", "2", "--augment")
+    assert "note: the student's crops learn the teacher's logits of the whole images" in fresh.stdout
     unnamed = run("distill", "--teacher", clip_dir, *common[2:-1], tmp_path / "other", check=False)
     assert unnamed.returncode == 2 and "is a model, which knows no classes: pass --classes" in unnamed.stderr
     names = tmp_path / "classes.txt"
@@ -255,6 +303,13 @@ def test_distill_from_the_command_line(clip_dir, images, tmp_path):
     assert re.search(r"teacher: .* zero-shot with 7 template\(s\): \['.*'\], 3 classes\n", self_trained.stdout)
     chosen = int(re.search(r"train: (\d+) images; held out: 0 images", self_trained.stdout).group(1))
     assert 3 <= chosen <= 9  # the teacher's 3 most confident guesses of each class it guessed
+
+
+def test_many_class_names_on_the_command_line_are_names_not_a_path():
+    from peft_prompt_clip.cli import _class_names
+
+    names = [f"ankle boot {n}" for n in range(100)]  # longer than a file name may be
+    assert _class_names(",".join(names)) == names
 
 
 def test_distill_from_a_dataset_reports_accuracy_on_eval_data(clip_dir, images, tmp_path, monkeypatch):

@@ -4,7 +4,16 @@ record (`record.py`: its log and resume fingerprint), checkpoints, and the loop 
 
 from .arguments import TrainingArguments, bounded_epochs, coop_epochs
 from .checkpoints import CHECKPOINT_NAME
+from .features import view_seeds
 from .record import LOG_NAME
 from .trainer import PromptTrainer
 
-__all__ = ["CHECKPOINT_NAME", "LOG_NAME", "PromptTrainer", "TrainingArguments", "bounded_epochs", "coop_epochs"]
+__all__ = [
+    "CHECKPOINT_NAME",
+    "LOG_NAME",
+    "PromptTrainer",
+    "TrainingArguments",
+    "bounded_epochs",
+    "coop_epochs",
+    "view_seeds",
+]

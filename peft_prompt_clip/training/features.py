@@ -42,9 +42,18 @@ def check_training_data(data: LabeledImages, held_out: LabeledImages | None) -> 
         )
 
 
-def check_teacher_logits(logits: torch.Tensor | None, data: LabeledImages, needed: bool) -> torch.Tensor | None:
-    """A teacher's logits of `data`'s images, checked: one row per image and one column per class, finite; refused
-    where no loss term uses them, required where one does."""
+def view_seeds(seed: int, views: int) -> list[str]:
+    """The augmentation seeds of the `views` cached augmented views of each training image (`augment_views`): view
+    `v` of image `i` is its crop drawn from the stream `"{seed}-view{v}-{i}"` (see [`image_inputs`])."""
+    return [f"{seed}-view{v}" for v in range(views)]
+
+
+def check_teacher_logits(
+    logits: torch.Tensor | None, data: LabeledImages, needed: bool, views: int | None
+) -> torch.Tensor | None:
+    """A teacher's logits of `data`'s images, checked: one row per image and one column per class, finite, or with
+    cached augmented views (`views`), optionally one such table per view; refused where no loss term uses them,
+    required where one does."""
     if logits is None:
         if needed:
             raise ValueError("distill_weight needs the teacher's logits of the training images: pass teacher_logits.")
@@ -52,9 +61,11 @@ def check_teacher_logits(logits: torch.Tensor | None, data: LabeledImages, neede
     if not needed:
         raise ValueError("teacher_logits are given, but no loss term uses them: set distill_weight above 0.")
     shape = (len(data), len(data.class_names))
-    if tuple(logits.shape) != shape:
+    if tuple(logits.shape) not in (shape, (views, *shape)):
+        per_view = f", or (views, images, classes) = {(views, *shape)}" if views else ""
         raise ValueError(
-            f"teacher_logits must be (images, classes) = {shape} for the training data, got {tuple(logits.shape)}."
+            f"teacher_logits must be (images, classes) = {shape}{per_view} for the training data, got "
+            f"{tuple(logits.shape)}."
         )
     if not torch.isfinite(logits).all():
         raise ValueError("teacher_logits hold NaN or infinite values.")
@@ -114,6 +125,12 @@ class TrainingImages:
         self.cache: torch.Tensor | None = None
 
     @property
+    def cached_views(self) -> int | None:
+        """How many cached augmented views of each image the epochs draw from (`augment_views`, where the features are
+        computed once); None where each epoch sees the images themselves or fresh crops."""
+        return self.views if self.cacheable else None
+
+    @property
     def cacheable(self) -> bool:
         """Whether the features are computed once (no vision prompts; no augmentation, or views of it)."""
         return not self.prompted and (not self.args.augment or self.views is not None)
@@ -142,10 +159,9 @@ class TrainingImages:
 
     def cached(self, views: int | None = None) -> torch.Tensor:
         """Features of every training image from the frozen image tower, computed in chunks: unaugmented `(images,
-        dim)`, or of `views` augmented views of each `(views, images, dim)` (view `v` drawn with the seed
-        `"{seed}-view{v}"`)."""
+        dim)`, or of `views` augmented views of each `(views, images, dim)` (see [`view_seeds`])."""
         order = list(range(len(self.data)))
-        seeds = [None] if views is None else [f"{self.args.seed}-view{v}" for v in range(views)]
+        seeds = [None] if views is None else view_seeds(self.args.seed, views)
         chunks = [order[i : i + CHUNK] for i in range(0, len(order), CHUNK)]
         parts = []
         with torch.no_grad(), self.autocast():
@@ -196,7 +212,12 @@ class TrainingImages:
                 yield self.features(inputs)
             return
         for share in filter(None, shares):
-            if self.cache.dim() == 3:  # cached augmented views: one per image and epoch
-                yield self.cache[[self.view_of(epoch, i) for i in share], share], None
-            else:
-                yield self.cache[share], None
+            yield self.rows(self.cache, epoch, share), None
+
+    def rows(self, table: torch.Tensor, epoch: int, share: list[int]) -> torch.Tensor:
+        """The rows of `share` of a per-image `table` (features, a teacher's logits) in epoch `epoch`: of `(images,
+        ...)` the image's, of per-view `(views, images, ...)` its cached augmented view's of that epoch (see
+        [`view_of`])."""
+        if table.dim() == 3:
+            return table[[self.view_of(epoch, i) for i in share], share]
+        return table[share]

@@ -77,7 +77,9 @@ class PromptTrainer:
         data_record (`dict`, *optional*): what `train_data` is (its source and the ids of the images used), recorded
             in the run's log under `"data"`, so that an evaluation can leave those images out.
         teacher_logits (`torch.Tensor`, *optional*): a teacher's logits `(images, classes)` of `train_data`'s images,
-            for the distillation term (`TrainingArguments.distill_weight`); see [`Teacher`].
+            for the distillation term (`TrainingArguments.distill_weight`); see [`Teacher`]. With cached augmented
+            views (`augment_views`), `(views, images, classes)` gives each view its own, the teacher's of the same
+            crop (`Teacher.logits(..., augment_seed=)` with [`view_seeds`]).
         labeled (`torch.Tensor`, *optional*): which of `train_data`'s images have true labels (booleans, one per
             image): the cross-entropy (`TrainingArguments.label_weight`) is on those alone, the others' labels being
             a teacher's guesses (labelled shots mixed in with distillation). By default every label is used.
@@ -132,7 +134,8 @@ class PromptTrainer:
         self.average = GaussianAverage(self.params, gpa_weights) if gpa_weights else None
         self.best = BestEpoch(self.params, self.evaluate) if eval_data is not None else None
         self.labels = torch.tensor(train_data.labels, device=self.accelerator.device)
-        self.teacher_logits = check_teacher_logits(teacher_logits, train_data, self.loss.needs_teacher)
+        views, needs_teacher = self.images.cached_views, self.loss.needs_teacher
+        self.teacher_logits = check_teacher_logits(teacher_logits, train_data, needs_teacher, views)
         self.labeled = check_labeled(labeled, train_data, args.label_weight)
         self.teacher_logits, self.labeled = (
             None if t is None else t.to(self.accelerator.device) for t in (self.teacher_logits, self.labeled)
@@ -238,7 +241,10 @@ class PromptTrainer:
                 loss, correct = 0.0, 0
             else:
                 features, frozen = next(features_of_shares)
-                teacher, known = (None if t is None else t[mine] for t in (self.teacher_logits, self.labeled))
+                teacher, known = (
+                    None if t is None else self.images.rows(t, epoch, mine)
+                    for t in (self.teacher_logits, self.labeled)
+                )
                 loss, correct = self.step(features, self.labels[mine], len(batch), frozen, teacher, known)
             totals = acc.reduce(torch.tensor([loss, correct, len(mine)], device=acc.device), "sum")
             if not math.isfinite(totals[0].item()):  # e.g. fp16 overflow: drop this step's gradient, keep going
