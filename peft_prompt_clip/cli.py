@@ -31,9 +31,10 @@ from .hub import RESULTS_NAME
 from .loading import get_prompt_model, load_base_model, load_prompt_model, read_adapter_config, resolve_adapter
 from .methods import METHODS, method_settings
 from .progress import disable_progress_bars, enable_progress_bars, progress
-from .report import save_results
+from .report import report_path, save_results
 from .sources import DataSource, unlabeled_images
-from .training import PromptTrainer, TrainingArguments, bounded_epochs, coop_epochs, view_seeds
+from .storage import check_output
+from .training import CHECKPOINT_NAME, PromptTrainer, TrainingArguments, bounded_epochs, coop_epochs, view_seeds
 from .training.arguments import STEP_BUDGET
 from .training.record import describe_held_out, describe_run, read_log, valid_log
 from .variants import VARIANTS
@@ -68,9 +69,16 @@ def _data_source(args: argparse.Namespace) -> DataSource:
     return DataSource(args.data, args.dataset_config, args.image_column, args.label_column, args.classes)
 
 
-def _check_output_folder(output: str) -> None:
-    if not output.strip() or (Path(output).exists() and not Path(output).is_dir()):
-        raise ValueError(f"--output {output!r} must name a folder (new, or one this command wrote).")
+def _training_output(args: argparse.Namespace, reads: list[tuple[str, Any]]) -> None:
+    """`train`'s and `distill`'s `--output`: a folder, in none of what the command `reads`, and without a run in it
+    unless `--resume` continues it or `--overwrite` replaces it."""
+    output = check_output(args.output, reads, folder=True)
+    previous = [name for name in ("adapter_model.safetensors", CHECKPOINT_NAME) if (output / name).exists()]
+    if previous and not (args.resume or args.overwrite):
+        raise ValueError(
+            f"--output {args.output} holds a run ({previous[0]}); pass --resume to continue it, --overwrite to "
+            "replace it, or give another folder."
+        )
 
 
 def method_fields(args: argparse.Namespace, num_classes: int, model: Any) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -82,7 +90,7 @@ def method_fields(args: argparse.Namespace, num_classes: int, model: Any) -> tup
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
     """Learn a prompt adapter on `--data` and save it in `--output`."""
-    _check_output_folder(args.output)
+    _training_output(args, [("--data", args.data), ("--model", args.model)])
     source = _data_source(args)
     run = source.training(args.shots, args.val_shots, args.seed)
     for note in run.notes:
@@ -118,10 +126,8 @@ def distill(args: argparse.Namespace) -> dict[str, Any]:
     """Learn a student's prompt adapter from a teacher's class probabilities on unlabeled `--data` (PromptKD), or
     from its most confident guesses (`--self-train`), and save it in `--output`. Unless `--epochs` is given, the
     recipe's epochs, fewer on many images: about 10,000 steps at most."""
-    _check_output_folder(args.output)
-    for given in (args.teacher, args.model, args.data):  # the adapter saved there would replace an input
-        if Path(given).exists() and Path(given).resolve() == Path(args.output).resolve():
-            raise ValueError(f"--output {args.output} is an input of this command ({given}); give another folder.")
+    flags = ("--teacher", "--model", "--data", "--labeled", "--eval-data")
+    _training_output(args, [(flag, getattr(args, flag[2:].replace("-", "_"))) for flag in flags])
     if args.self_train is not None and args.self_train < 1:
         raise ValueError(f"--self-train takes the K >= 1 most confident images per class, got {args.self_train}.")
     images, note = unlabeled_images(args.data, args.dataset_config, args.image_column)
@@ -244,12 +250,16 @@ def _class_names(classes: str | None) -> list[str] | None:
     return [name.strip() for name in classes.split(",") if name.strip()]
 
 
-def _adapter_model(args: argparse.Namespace):
-    folder = resolve_adapter(args.adapter, revision=args.revision)
+def _base_model_name(args: argparse.Namespace, folder: str) -> str:
     base_name = args.model or read_adapter_config(folder).base_model_name_or_path  # validated before use
     if not base_name:
         raise ValueError("The adapter does not name its base model; pass --model.")
-    base, processor = load_base_model(base_name)
+    return base_name
+
+
+def _adapter_model(args: argparse.Namespace, folder: str | None = None):
+    folder = folder or resolve_adapter(args.adapter, revision=args.revision)
+    base, processor = load_base_model(_base_model_name(args, folder))
     return load_prompt_model(base, folder), processor, folder
 
 
@@ -259,9 +269,26 @@ def _report(rows: dict[str, dict[str, float]], columns: list[str]) -> None:
         print(f"{name:22}" + "".join(f"{values[c]:>10.3f}" for c in columns))
 
 
+def _results_output(args: argparse.Namespace, folder: str) -> Path | None:
+    """Where `eval` writes its results: `--output`, else beside a local adapter's files (never into the Hub cache,
+    never silently into the current folder); checked with its report beside it, before any work: never over the
+    adapter's other files, the data or the model."""
+    if not args.output and not Path(args.adapter).is_dir():
+        return None
+    out = Path(args.output or Path(folder) / RESULTS_NAME)
+    own = {RESULTS_NAME, report_path(Path(RESULTS_NAME)).name}
+    reads = [("--data", args.data), ("--model", _base_model_name(args, folder))]
+    reads += [("--adapter", path) for path in Path(folder).iterdir() if path.name not in own]
+    for path in (out, report_path(out)):
+        check_output(path, reads)
+    return out
+
+
 def eval_(args: argparse.Namespace) -> dict[str, Any]:
     """Accuracy of the learned prompt against the zero-shot prompt on `--data`."""
-    model, processor, folder = _adapter_model(args)
+    folder = resolve_adapter(args.adapter, revision=args.revision)
+    out = _results_output(args, folder)
+    model, processor, folder = _adapter_model(args, folder)
     templates = IMAGENET_TEMPLATES if args.templates == "imagenet" else CLIP_TEMPLATE
     # a class-specific adapter scores any of its classes (the classifier checks)
     source = _data_source(args)
@@ -286,9 +313,7 @@ def eval_(args: argparse.Namespace) -> dict[str, Any]:
         print(json.dumps(results, indent=2))
     else:
         _report(table, columns)
-    local = Path(args.adapter).is_dir()
-    out = Path(args.output) if args.output else Path(folder) / RESULTS_NAME if local else None
-    if out is None:  # never into the Hub cache, never silently into the current folder
+    if out is None:
         _say("results not saved: the adapter is a Hub repo; pass --output FILE to save them")
     else:
         page = save_results(out, results, log if valid_log(log) else None, f"{args.adapter} on {where}")
@@ -354,7 +379,7 @@ def demo(args: argparse.Namespace) -> dict[str, Any]:
     """The whole flow offline on the embedded default model and data."""
     from .demo import run_demo
 
-    return run_demo(Path(args.output), shots=args.shots, seed=args.seed)
+    return run_demo(check_output(args.output, [], folder=True), shots=args.shots, seed=args.seed)
 
 
 def _field_options(p: argparse.ArgumentParser, fields: list[dataclasses.Field], flags: dict[str, str]) -> None:
@@ -382,6 +407,7 @@ def _learning_options(p: argparse.ArgumentParser) -> None:
     fields = {f.name: f for f in dataclasses.fields(TrainingArguments)}
     _field_options(p, [fields[name] for name in TRAINING_OPTIONS], {})
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in --output (its adapter, checkpoint)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,9 +21,15 @@ def save_results(path: Path, results: dict[str, Any], log: dict[str, Any] | None
     """Write `results` to `path` as JSON and their report beside it (`.html`; `.report.html` where `path` is one),
     with the training curve of `log` (None: none); returns the report's path. Both atomically."""
     write_json(path, results)
-    page = path.with_suffix(".report.html" if path.suffix == ".html" else ".html")
+    page = report_path(path)
     write_report(page, results, log, title)
     return page
+
+
+def report_path(path: Path) -> Path:
+    """Where the report of results written to `path` goes: beside it, as `.html` (`.report.html` where `path` is
+    one)."""
+    return path.with_suffix(".report.html" if path.suffix == ".html" else ".html")
 
 
 def write_report(path: str | Path, results: dict[str, Any], log: dict[str, Any] | None, title: str) -> None:

@@ -10,14 +10,17 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 LOCK_NAME = ".peft-prompt-clip.lock"
+#: The lock a training run holds on its output folder for the whole run (apart from `LOCK_NAME`, which each save takes)
+RUN_LOCK_NAME = ".peft-prompt-clip.run.lock"
+_SPECIAL = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}
 
 
 def file_mode() -> int:
@@ -40,11 +43,55 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _kind(mode: int) -> str:
+    """What a file of `mode` is, in words, where it is not a regular file, a folder or a link."""
+    return _SPECIAL.get(stat.S_IFMT(mode), "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+
+
+def check_output(output: str | Path, reads: Iterable[tuple[str, Any]], folder: bool = False) -> Path:
+    """
+    `output`, checked before a command does any work: a folder output (`folder`) is a folder or new; a file output is
+    a regular file, a link (replaced, never written through) or new, never a folder or a special file (a FIFO, a
+    device, a socket); and neither is, or is inside, what the command reads (`reads`: `(flag, path)` pairs; a folder
+    read is written nowhere inside, a file read is not written; paths that do not exist here, such as Hub ids, are
+    skipped).
+
+    Raises:
+        `ValueError`: one line naming the output, and the input it would write into.
+    """
+    path = Path(output)
+    what = "folder" if folder else "file"
+    if not str(output).strip():
+        raise ValueError(f"--output {str(output)!r} is empty; give a {what}.")
+    if os.path.lexists(path):
+        mode = os.stat(path).st_mode if folder else os.lstat(path).st_mode
+        if folder and not stat.S_ISDIR(mode):
+            kind = "a file" if stat.S_ISREG(mode) else _kind(mode)
+            raise ValueError(f"--output {output} is {kind}, not a folder; give a new folder or one it wrote.")
+        if not folder and not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+            kind = "a folder" if stat.S_ISDIR(mode) else _kind(mode)
+            raise ValueError(f"--output {output} is {kind}, not a regular file; give a file path.")
+    target = path.resolve()
+    for flag, given in reads:
+        if given is None or not os.path.exists(given):
+            continue
+        source = Path(given).resolve()
+        if target == source or source in target.parents:
+            raise ValueError(
+                f"--output {output} would write into {flag} {given}, which this command reads; give an output "
+                "outside it."
+            )
+    return path
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; once the block has written it, it replaces `path` in one step. If the
     block fails (disk full, crash), `path` keeps its previous content and the temporary file is removed; one left by
-    a process killed while writing is removed by the next write. Writers of one folder take turns (its lock)."""
+    a process killed while writing is removed by the next write. Writers of one folder take turns (its lock). A
+    special file at `path` (a FIFO, a device) is refused, never replaced."""
+    if os.path.lexists(path) and not (stat.S_ISREG(mode := os.lstat(path).st_mode) or stat.S_ISLNK(mode)):
+        raise OSError(f"{path} is {_kind(mode)}, not a regular file: refusing to replace it; write elsewhere.")
     with locked(path.parent):
         for stale in path.parent.glob(f".{path.name}.*.tmp"):  # no live writer holds one: we hold the lock
             stale.unlink(missing_ok=True)
@@ -93,6 +140,27 @@ def locked(folder: Path, shared: bool = False) -> Iterator[None]:
             raise
         yield  # a folder read-only to us (permissions, a read-only mount)
         return
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+@contextmanager
+def run_lock(folder: Path) -> Iterator[None]:
+    """Hold `folder` for one training run, in this or any process: a second run into it is refused at once rather
+    than mixing its files with this one's."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / RUN_LOCK_NAME
+    if os.path.lexists(path) and not stat.S_ISREG(os.lstat(path).st_mode):
+        raise OSError(f"{path} is not a regular file; remove it and try again.")
+    lock = FileLock(str(path), mode=file_mode(), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise BlockingIOError(
+            f"{folder} is the output of another training run in progress; wait for it to end, or give another output."
+        ) from None
     try:
         yield
     finally:

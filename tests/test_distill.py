@@ -278,16 +278,20 @@ def test_distill_from_the_command_line(clip_dir, images, tmp_path):
         (("--val-images", "-1"), "--val-images must be from 0 to 39 (of 40 images), got -1"),
         (("--self-train", "0"), "--self-train takes the K >= 1 most confident images per class, got 0"),
     ]:
-        bad = run("distill", *common, *flags, check=False)
+        bad = run("distill", *common, "--overwrite", *flags, check=False)
         assert bad.returncode == 2 and message in bad.stderr, bad.stderr
     onto = run("distill", *common[:-1], teacher_dir, check=False)
-    assert onto.returncode == 2 and "is an input of this command" in onto.stderr
+    assert (
+        onto.returncode == 2 and f"would write into --teacher {teacher_dir}, which this command reads" in onto.stderr
+    )
     Image.fromarray(images[0][::-1].copy()).save(folder / "0.png")  # an image replaced under the same name
     stamps = {p: p.stat().st_mtime_ns for p in (out / "teacher-cache").glob("logits-*.safetensors")}
-    run("distill", *common, "--epochs", "1", "--batch-size", "12", "--n-ctx", "2")  # another run: its labels differ
+    run("distill", *common, "--epochs", "1", "--batch-size", "12", "--n-ctx", "2", "--overwrite")  # labels differ
     added = [p for p in (out / "teacher-cache").glob("logits-*.safetensors") if p not in stamps]
     assert len(added) == 1 and all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # the new image alone ran
-    views = run("distill", *common, "--epochs", "1", "--n-ctx", "2", "--augment", "--augment-views", "2")
+    views = run(
+        "distill", *common, "--epochs", "1", "--n-ctx", "2", "--augment", "--augment-views", "2", "--overwrite"
+    )
     crops = [p for p in (out / "teacher-cache").glob("logits-*.safetensors") if p not in stamps and p not in added]
     assert len(crops) == 2 and "learn the teacher's logits of the whole images" not in views.stdout  # one per view
     fresh = run("distill", *common[:-1], tmp_path / "fresh", "--epochs", "1", "--n-ctx", "2", "--augment")

@@ -5,6 +5,7 @@ of this package."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import time
@@ -21,7 +22,7 @@ from ..data import LabeledImages
 from ..encoder import PromptEncoder
 from ..layer import find_prompt_layer
 from ..progress import progress
-from ..storage import save_adapter
+from ..storage import run_lock, save_adapter
 from .arguments import TrainingArguments, coop_epochs
 from .callbacks import BestEpoch, GaussianAverage
 from .checkpoints import CHECKPOINT_NAME, check_finite, load_checkpoint, save_checkpoint
@@ -267,11 +268,14 @@ class PromptTrainer:
         """Run the training; returns a summary: epochs, the last epoch's loss and accuracy, the median seconds per
         step, and with `eval_data` the evaluations (`"eval"`: the zero-shot prompt's, the best candidate's and the end
         of training's; see [`TrainingArguments`]). The per-epoch log is saved as `training_log.json` beside the
-        adapter."""
+        adapter. The main process holds the output folder for the run: a second run into it is refused
+        (`BlockingIOError`)."""
+        output = Path(self.args.output_dir)
+        with run_lock(output) if self.accelerator.is_main_process else contextlib.nullcontext():
+            return self._train(output)
+
+    def _train(self, output: Path) -> dict[str, Any]:
         acc, args = self.accelerator, self.args
-        output = Path(args.output_dir)
-        if acc.is_main_process:
-            output.mkdir(parents=True, exist_ok=True)
         checkpoint = output / CHECKPOINT_NAME
         kept = {GaussianAverage.name: self.average, BestEpoch.name: self.best}  # their buffers go into the checkpoint
         buffers = {name: None if keeper is None else keeper.buffer for name, keeper in kept.items()}
