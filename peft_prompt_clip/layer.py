@@ -245,6 +245,14 @@ class PromptEmbeddingLayer(nn.Module, BaseTunerLayer):
             )
         return self.active_adapters[0]
 
+    def embedding_tables(self) -> dict[str, torch.Tensor]:
+        """The embeddings of each tower this layer writes tokens into, whose lengths bound a loaded adapter's tokens:
+        the text tower's token embeddings, and the image tower's position embeddings where it has one."""
+        tables = {"text": self.token_embedding.weight}
+        if self._vision is not None:
+            tables["vision"] = self._vision.embeddings.position_embedding.weight
+        return tables
+
     def is_conditional(self, adapter_name: str) -> bool:
         """Whether adapter `adapter_name`'s context depends on the image (CoCoOp)."""
         return any(v.conditional for v in self.prompt_variants[adapter_name])

@@ -255,7 +255,6 @@ class PromptEmbeddingModel(TunerPrivateHooks):
         own = model.state_dict()
         names = PromptEmbeddingLayer.adapter_layer_names
         mine = [k for k in own if any(k.endswith(f"{n}.{adapter_name}") or f"{n}.{adapter_name}." in k for n in names)]
-        bounded = [v.store for v in variants_of(config) if v.bounded]  # token vectors of the text tower
         # saved from another layout of the same towers (CLIPModel vs CLIPTextModel, transformers 4 vs 5): the keys
         # differ only before the layer's parameter names; PEFT passes on keys it could not map as saved (no adapter)
         # release 0.1.0 saved a module's keys with the adapter name inside (`prompt_embedding_coupling.<saved name>.0.
@@ -290,9 +289,7 @@ class PromptEmbeddingModel(TunerPrivateHooks):
                 f"{tuple(param.shape)}: the adapter was learned on another base model "
                 f"({config.base_model_name_or_path or 'unknown'})."
             )
-        for key in mine:
-            if any(store in key for store in bounded):
-                _check_magnitude(remapped[key], model)
+        _check_magnitudes(config, {key: remapped[key] for key in mine}, model)
         return remapped
 
 
@@ -301,21 +298,32 @@ def _tail(key: str) -> str:
     return key[key.find(PromptEmbeddingModel.prefix) :]
 
 
-#: A loaded context vector may be this many times longer than the longest token embedding of its model, and no more:
-#: a finite but far longer one overflows the text tower (NaN features) instead of failing at load
-MAX_CONTEXT_SCALE = 100.0
+#: A token a loaded adapter writes may be this many times longer than the longest embedding of the tower it goes into
+#: (its token embeddings; the image tower's position embeddings), and no more: a finite but far longer one overflows
+#: the tower (NaN features, every class scored alike) instead of failing at load
+MAX_TOKEN_SCALE = 100.0
 
 
-def _check_magnitude(context: torch.Tensor, model: nn.Module) -> None:
-    layer = next(m for m in model.modules() if isinstance(m, PromptEmbeddingLayer))
-    table = layer.token_embedding.weight.detach().float().norm(dim=-1).max()
-    longest = context.detach().float().norm(dim=-1).max()
-    if not bool(longest <= MAX_CONTEXT_SCALE * table):
-        raise InvalidAdapterError(
-            f"The adapter's context has a vector of length {float(longest):.3g}, {float(longest / table):.3g} times "
-            f"the longest token embedding of this model ({float(table):.3g}; at most {MAX_CONTEXT_SCALE:g} times is "
-            "accepted): it would overflow the text tower. The file is damaged or was not learned for this model."
-        )
+def _check_magnitudes(config: PromptEmbeddingConfig, tensors: dict[str, torch.Tensor], model: nn.Module) -> None:
+    """Refuse an adapter whose parts can write tokens far longer than their tower's own embeddings (see
+    `PromptVariant.longest_token`), part by part, the text tokens first (MaPLe's maps take them)."""
+    tables = next(m for m in model.modules() if isinstance(m, PromptEmbeddingLayer)).embedding_tables()
+    text_token = 0.0
+    for variant in variants_of(config):
+        if variant.bound is None:
+            continue
+        mine = {key: t for key, t in tensors.items() if f"{variant.store}." in key}
+        longest = variant.longest_token(mine, text_token)
+        table = float(tables[variant.bound].detach().float().norm(dim=-1).max())
+        if not longest <= MAX_TOKEN_SCALE * table:  # NaN too
+            raise InvalidAdapterError(
+                f"The adapter's {variant.title} can write a token of length {longest:.3g}, {longest / table:.3g} "
+                f"times the longest {variant.bound} embedding of this model ({table:.3g}; at most "
+                f"{MAX_TOKEN_SCALE:g} times is accepted): it would overflow the {variant.bound} tower. The file is "
+                "damaged or was not learned for this model."
+            )
+        if variant.bound == "text":
+            text_token = max(text_token, longest)
 
 
 def text_pooling(family: TextFamily, text_config: Any) -> Pooling:

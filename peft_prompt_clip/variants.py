@@ -88,8 +88,8 @@ class PromptVariant:
         deep (`bool`): it writes tokens before text layers past the input (`text_tokens`).
         prepare_texts (`bool`): it needs something of each call's texts (`prepare`).
         prompts_images (`bool`): it writes tokens into the image tower.
-        bounded (`bool`): its tensor is token vectors of the text tower, whose length a loaded file may not exceed
-            far (see `MAX_CONTEXT_SCALE`).
+        bound (`str`, *optional*): the tower its tokens go into, `"text"` or `"vision"`, whose own embeddings bound
+            the length of the tokens a loaded file can make it write (see `longest_token` and `MAX_TOKEN_SCALE`).
     """
 
     title: ClassVar[str]
@@ -102,7 +102,7 @@ class PromptVariant:
     deep: ClassVar[bool] = False
     prepare_texts: ClassVar[bool] = False
     prompts_images: ClassVar[bool] = False
-    bounded: ClassVar[bool] = False
+    bound: ClassVar[str | None] = None
 
     @classmethod
     def applies(cls, config: PromptEmbeddingConfig) -> bool:
@@ -129,6 +129,12 @@ class PromptVariant:
         cls, tensors: Mapping[str, torch.Tensor], config: PromptEmbeddingConfig, where: str, width: int
     ) -> None:
         """Refuse saved tensors of this part whose shapes disagree with `config` (`width`: the context's)."""
+
+    @classmethod
+    def longest_token(cls, tensors: Mapping[str, torch.Tensor], text_token: float) -> float:
+        """The length of the longest token the part's loaded `tensors` can write (an upper bound): by default they are
+        the tokens; a map bounds it by its weights (`text_token`: the longest of the text tokens it may map)."""
+        return max(float(t.detach().float().norm(dim=-1).max()) for t in tensors.values())
 
     @classmethod
     def input_context(
@@ -165,7 +171,7 @@ class PromptVariant:
 
 class _Context(PromptVariant):
     store = CONTEXT
-    bounded = True
+    bound = "text"
 
     @classmethod
     def shape(cls, config: PromptEmbeddingConfig) -> tuple[int, ...]:
@@ -267,6 +273,11 @@ class MetaNet(PromptVariant):
     store = "prompt_embedding_meta_net"
     is_module = alone = conditional = True
     fields = ("conditional", "meta_net_reduction")
+    bound = "text"
+
+    @classmethod
+    def longest_token(cls, tensors: Mapping[str, torch.Tensor], text_token: float) -> float:
+        return _map_bound(tensors, 1.0, chained=True)  # of normalised image features: the bias it adds
 
     @classmethod
     def applies(cls, config: PromptEmbeddingConfig) -> bool:
@@ -315,7 +326,8 @@ class DeepText(PromptVariant):
     title = "deep text prompts"
     store = "prompt_embedding_deep_ctx"
     fields = ("prompt_depth",)
-    deep = bounded = True
+    deep = True
+    bound = "text"
 
     @classmethod
     def applies(cls, config: PromptEmbeddingConfig) -> bool:
@@ -363,6 +375,7 @@ class VisionTokens(PromptVariant):
     store = "prompt_embedding_vision_ctx"
     fields = ("vision_n_ctx", "vision_prompt_depth")
     prompts_images = True
+    bound = "vision"
 
     @classmethod
     def applies(cls, config: PromptEmbeddingConfig) -> bool:
@@ -372,6 +385,12 @@ class VisionTokens(PromptVariant):
     def create(cls, build: Build) -> torch.Tensor:
         config = build.config
         _check_vision_depth(build, config.vision_prompt_depth, "vision_prompt_depth")
+        positions = build.vision.embeddings.position_embedding.num_embeddings
+        if config.vision_n_ctx > positions:  # each token costs attention over the whole sequence, in every layer
+            raise ValueError(
+                f"vision_n_ctx={config.vision_n_ctx} is more than the image tower's own {positions} positions; vision "
+                "prompts use a few tokens (IVLP and PromptSRC: 4)."
+            )
         shape = (config.vision_prompt_depth, config.vision_n_ctx, build.vision.embeddings.embed_dim)
         return (torch.randn(*shape, generator=build.stream) * INIT_STD).to(build.device)
 
@@ -404,6 +423,11 @@ class Coupling(PromptVariant):
     store = "prompt_embedding_coupling"
     is_module = prompts_images = True
     fields = ("coupled",)
+    bound = "vision"
+
+    @classmethod
+    def longest_token(cls, tensors: Mapping[str, torch.Tensor], text_token: float) -> float:
+        return _map_bound(tensors, text_token, chained=False)  # a map per layer, of that layer's text tokens
 
     @classmethod
     def applies(cls, config: PromptEmbeddingConfig) -> bool:
@@ -457,6 +481,11 @@ class ClassTokens(PromptVariant):
     store = "prompt_embedding_class_tokens"
     is_module = alone = per_class = deep = prepare_texts = True
     fields = ("class_prompt_layer",)
+    bound = "text"
+
+    @classmethod
+    def longest_token(cls, tensors: Mapping[str, torch.Tensor], text_token: float) -> float:
+        return _map_bound(tensors, 1.0, chained=True)  # of a class's normalised text embedding
 
     @classmethod
     def applies(cls, config: PromptEmbeddingConfig) -> bool:
@@ -502,6 +531,24 @@ class ClassTokenMap(nn.Sequential):
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
         tokens = super().forward(embeddings.to(self[0].weight.dtype))
         return tokens.view(tokens.shape[0], -1, self.width)
+
+
+def _map_bound(tensors: Mapping[str, torch.Tensor], length: float, chained: bool) -> float:
+    """An upper bound on the output length of the loaded Linear layers `tensors` (`<index>.weight`, `<index>.bias`)
+    on inputs of `length`: each layer's spectral norm times its input's length plus its bias's length (a ReLU between
+    them shortens nothing); `chained`: applied in turn, else each on the input alone (the longest of them)."""
+    layers: dict[int, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        index, kind = key.rsplit(".", 2)[-2:]
+        layers.setdefault(int(index), {})[kind] = tensor.detach().float()
+    outputs = []
+    for index in sorted(layers):
+        weight, bias = layers[index]["weight"], layers[index].get("bias")
+        out = float(torch.linalg.matrix_norm(weight, ord=2)) * length + (float(bias.norm()) if bias is not None else 0)
+        if chained:
+            length = out
+        outputs.append(out)
+    return outputs[-1] if chained else max(outputs)
 
 
 #: Every variant, in the order their tensors are created and their input contexts composed.

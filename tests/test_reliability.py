@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import threading
 import warnings
@@ -16,6 +17,7 @@ import torch
 from conftest import write_image_folder
 from peft import get_peft_model
 from PIL import Image
+from routes import METHODS, adapted
 from safetensors.torch import load_file, save_file
 from transformers import CLIPModel
 
@@ -23,6 +25,7 @@ import peft_prompt_clip.storage as storage
 from peft_prompt_clip import InvalidAdapterError, PromptEmbeddingConfig, load_prompt_model
 from peft_prompt_clip.data import drop_unreadable, load_image_folder, open_image
 from peft_prompt_clip.storage import save_adapter
+from peft_prompt_clip.variants import variants_of
 
 
 @pytest.fixture
@@ -109,8 +112,36 @@ def test_an_overflowing_context_is_refused(clip_dir, adapter):
     tensors = load_file(weights)
     save_file({k: torch.full_like(v, 3e38) for k, v in tensors.items()}, weights)
     edit_config(adapter, weights_sha256=None)
-    with pytest.raises(InvalidAdapterError, match="times the longest token embedding of this model"):
+    with pytest.raises(InvalidAdapterError, match="shared context can write a token .* times the longest text embed"):
         load_prompt_model(CLIPModel.from_pretrained(clip_dir), str(adapter))
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_tensor_of_every_method_is_bounded(method, clip_dir, tmp_path):
+    """Each tensor of each method's adapter (contexts, vision prompts, MaPLe's maps, CoCoOp's meta-net, TCP's map),
+    made huge but finite in the file, is refused at load, naming its part; as learned, the adapter loads."""
+    model = adapted(method, clip_dir)
+    save_adapter(model, tmp_path / "adapter")
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    edit_config(tmp_path / "adapter", weights_sha256=None)
+    load_prompt_model(CLIPModel.from_pretrained(clip_dir), str(tmp_path / "adapter"))
+    parts = variants_of(model.peft_config["default"])
+    for key in tensors:
+        save_file({**tensors, key: torch.full_like(tensors[key], 1e30)}, weights)
+        title = next(v.title for v in parts if key.endswith(v.store) or f"{v.store}." in key)
+        with pytest.raises(InvalidAdapterError, match=rf"{re.escape(title)} can write a token of length"):
+            load_prompt_model(CLIPModel.from_pretrained(clip_dir), str(tmp_path / "adapter"))
+
+
+def test_vision_prompts_are_at_most_the_image_towers_own_length(clip_dir):
+    model = CLIPModel.from_pretrained(clip_dir)
+    positions = model.vision_model.embeddings.position_embedding.num_embeddings
+    get_peft_model(model, PromptEmbeddingConfig(n_ctx=2, vision_n_ctx=positions))
+    with pytest.raises(
+        ValueError, match=f"vision_n_ctx={positions + 1} is more than the image tower's own {positions}"
+    ):
+        get_peft_model(CLIPModel.from_pretrained(clip_dir), PromptEmbeddingConfig(n_ctx=2, vision_n_ctx=positions + 1))
 
 
 def test_a_save_interrupted_between_the_renames_is_refused(clip_dir, adapter, monkeypatch):
