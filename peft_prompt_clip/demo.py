@@ -26,10 +26,11 @@ import torch
 import torch.nn.functional as F
 
 from .data import LabeledImages, few_shot
+from .loading import EMBEDDED_MODELS
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 ASSETS = Path(__file__).parent / "assets"
-MODEL_DIR = ASSETS / "fashion-clip"
+MODEL_DIR = EMBEDDED_MODELS["fashion-clip"]
 SUBSET = ASSETS / "fashion-mnist-subset.npz"
 
 CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]

@@ -47,15 +47,22 @@ def get_prompt_model(model: nn.Module, config: PromptEmbeddingConfig, adapter_na
     return get_peft_model(model, config, adapter_name=adapter_name)
 
 
+#: Models shipped in the package, by the name that loads them without a download (`--model fashion-clip`)
+EMBEDDED_MODELS = {"fashion-clip": Path(__file__).parent / "assets" / "fashion-clip"}
+
+
 def load_base_model(model_name: str) -> tuple[nn.Module, Any]:
     """
     A CLIP-family model of a supported family (CLIP, SigLIP, SigLIP 2, GroupViT, OWL-ViT), in eval mode, and its
-    processor: from a local folder (recorded by its absolute path, which an adapter saves as its base model) or a Hub
+    processor: from a local folder (recorded by its absolute path, which an adapter saves as its base model), an
+    embedded model by its name ([`EMBEDDED_MODELS`]: `"fashion-clip"`, unless a folder of that name is here) or a Hub
     id. Anything else (a missing folder, a model without an image tower or of another family) is an error naming it.
     """
     from transformers import AutoModel, AutoProcessor
 
     path = Path(model_name).expanduser()
+    if not path.is_dir() and model_name in EMBEDDED_MODELS:
+        path = EMBEDDED_MODELS[model_name]
     if path.is_dir():
         model_name = str(path.resolve())
     elif model_name.startswith((".", "/", "~")) or model_name.count("/") > 1 or "\\" in model_name:
