@@ -8,11 +8,14 @@ import argparse
 import contextlib
 import dataclasses
 import enum
+import functools
 import json
 import os
 import random
+import shutil
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +36,7 @@ from .methods import METHODS, method_settings
 from .progress import disable_progress_bars, enable_progress_bars, progress
 from .report import report_path, save_results
 from .sources import DataSource, unlabeled_images
-from .storage import check_output
+from .storage import check_output, run_lock
 from .training import CHECKPOINT_NAME, PromptTrainer, TrainingArguments, bounded_epochs, coop_epochs, view_seeds
 from .training.arguments import STEP_BUDGET
 from .training.record import describe_held_out, describe_run, read_log, valid_log
@@ -42,6 +45,9 @@ from .variants import VARIANTS
 #: What the CLI reports in one line: the package's own errors and the user mistakes the libraries signal (a bad value,
 #: a missing file or model, a damaged safetensors file). Anything else is a bug, and shows its traceback.
 USER_ERRORS = (ValueError, OSError, TrainingDivergedError, SafetensorError)
+
+#: A command: its parsed arguments in, its results out
+Command = Callable[[argparse.Namespace], Any]
 
 #: The `train` options that set a `PromptEmbeddingConfig` field: the fields of the adapter's parts (their help text is
 #: the field's); unset ones take `--method`'s.
@@ -69,16 +75,31 @@ def _data_source(args: argparse.Namespace) -> DataSource:
     return DataSource(args.data, args.dataset_config, args.image_column, args.label_column, args.classes)
 
 
-def _training_output(args: argparse.Namespace, reads: list[tuple[str, Any]]) -> None:
-    """`train`'s and `distill`'s `--output`: a folder, in none of what the command `reads`, and without a run in it
-    unless `--resume` continues it or `--overwrite` replaces it."""
-    output = check_output(args.output, reads, folder=True)
-    previous = [name for name in ("adapter_model.safetensors", CHECKPOINT_NAME) if (output / name).exists()]
-    if previous and not (args.resume or args.overwrite):
-        raise ValueError(
-            f"--output {args.output} holds a run ({previous[0]}); pass --resume to continue it, --overwrite to "
-            "replace it, or give another folder."
-        )
+def _holds_output(*reads: str) -> Callable[[Command], Command]:
+    """A training command's `--output`, checked and held for the command's whole run (see [`run_lock`]): a folder,
+    in none of what the command reads (the flags `reads`), and without a run in it unless `--resume` continues it or
+    `--overwrite` replaces it."""
+
+    def holding(command: Command) -> Command:
+        @functools.wraps(command)
+        def run(args: argparse.Namespace) -> Any:
+            output = check_output(
+                args.output, [(flag, getattr(args, flag[2:].replace("-", "_"))) for flag in reads], True
+            )
+            with run_lock(output):
+                previous = [
+                    name for name in ("adapter_model.safetensors", CHECKPOINT_NAME) if (output / name).exists()
+                ]
+                if previous and not (args.resume or args.overwrite):
+                    raise ValueError(
+                        f"--output {args.output} holds a run ({previous[0]}); pass --resume to continue it, "
+                        "--overwrite to replace it, or give another folder."
+                    )
+                return command(args)
+
+        return run
+
+    return holding
 
 
 def method_fields(args: argparse.Namespace, num_classes: int, model: Any) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -88,9 +109,9 @@ def method_fields(args: argparse.Namespace, num_classes: int, model: Any) -> tup
     return method_settings(args.method, num_classes, model, args.epochs, given)
 
 
+@_holds_output("--data", "--model")
 def train(args: argparse.Namespace) -> dict[str, Any]:
     """Learn a prompt adapter on `--data` and save it in `--output`."""
-    _training_output(args, [("--data", args.data), ("--model", args.model)])
     source = _data_source(args)
     run = source.training(args.shots, args.val_shots, args.seed)
     for note in run.notes:
@@ -122,12 +143,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
+@_holds_output("--teacher", "--model", "--data", "--labeled", "--eval-data")
 def distill(args: argparse.Namespace) -> dict[str, Any]:
     """Learn a student's prompt adapter from a teacher's class probabilities on unlabeled `--data` (PromptKD), or
     from its most confident guesses (`--self-train`), and save it in `--output`. Unless `--epochs` is given, the
     recipe's epochs, fewer on many images: about 10,000 steps at most."""
-    flags = ("--teacher", "--model", "--data", "--labeled", "--eval-data")
-    _training_output(args, [(flag, getattr(args, flag[2:].replace("-", "_"))) for flag in flags])
     if args.self_train is not None and args.self_train < 1:
         raise ValueError(f"--self-train takes the K >= 1 most confident images per class, got {args.self_train}.")
     images, note = unlabeled_images(args.data, args.dataset_config, args.image_column)
@@ -144,7 +164,11 @@ def distill(args: argparse.Namespace) -> dict[str, Any]:
     known = [data for data in (shots, labelled) if data is not None]
     cache = Path(args.output) / "teacher-cache"
     with PartialState().main_process_first():  # one process runs the teacher; the others read its cache
+        if args.overwrite and PartialState().is_main_process and not teacher.owns(cache):
+            shutil.rmtree(cache, ignore_errors=True)  # another teacher's, of the run being replaced
         logits = teacher.logits([*images, *(image for data in known for image in data.images)], cache=cache)
+    if not (args.augment and args.augment_views and args.self_train is None):
+        teacher = None  # its model is not needed past its logits (with cached views, of their crops too: below)
     logits, shot_logits, eval_logits = logits.split([len(images), len(shots or []), len(labelled or [])])
     order = list(range(len(images)))
     random.Random(args.seed).shuffle(order)
@@ -186,7 +210,7 @@ def distill(args: argparse.Namespace) -> dict[str, Any]:
             "note: the student's crops learn the teacher's logits of the whole images (with --augment-views V and no "
             "vision prompts, of each crop)"
         )
-    del teacher  # its model is not needed past its logits
+    teacher = None
     used = [*images, *(shots.images if shots else [])]
     record = {"source": _source_key(args.data), "teacher": teacher_name, "images": sorted(map(str, used))}
     trainer = PromptTrainer(
@@ -279,8 +303,9 @@ def _results_output(args: argparse.Namespace, folder: str) -> Path | None:
     own = {RESULTS_NAME, report_path(Path(RESULTS_NAME)).name}
     reads = [("--data", args.data), ("--model", _base_model_name(args, folder))]
     reads += [("--adapter", path) for path in Path(folder).iterdir() if path.name not in own]
+    name = "--output" if args.output else "the results file (eval's default; --output FILE puts it elsewhere)"
     for path in (out, report_path(out)):
-        check_output(path, reads)
+        check_output(path, reads, name=name)
     return out
 
 
@@ -406,8 +431,9 @@ def _learning_options(p: argparse.ArgumentParser) -> None:
     _field_options(p, [fields[name] for name in ADAPTER_OPTIONS], ADAPTER_FLAGS)
     fields = {f.name: f for f in dataclasses.fields(TrainingArguments)}
     _field_options(p, [fields[name] for name in TRAINING_OPTIONS], {})
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output")
-    p.add_argument("--overwrite", action="store_true", help="replace the run in --output (its adapter, checkpoint)")
+    run = p.add_mutually_exclusive_group()
+    run.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output")
+    run.add_argument("--overwrite", action="store_true", help="replace the run in --output (its adapter, checkpoint)")
 
 
 def build_parser() -> argparse.ArgumentParser:

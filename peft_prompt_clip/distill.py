@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from safetensors.torch import save_file
 from .classifier import PromptClassifier
 from .data import DatasetImage, LabeledImages, image_batches
 from .progress import progress
-from .storage import atomic_path, write_json
+from .storage import atomic_path, read_json, write_json
 
 #: Images per call of the teacher, and per file of its cache
 CHUNK = 64
@@ -73,6 +74,11 @@ class Teacher:
         """What a cache of this teacher's logits must match: the teacher and its classes."""
         return hashlib.sha256(json.dumps([self.name, self.class_names]).encode()).hexdigest()
 
+    def owns(self, cache: str | Path) -> bool:
+        """Whether the folder `cache` holds a cache of this teacher's logits."""
+        record = read_json(Path(cache) / "teacher.json")
+        return isinstance(record, dict) and record.get("fingerprint") == self.fingerprint()
+
     @torch.no_grad()
     def logits(
         self,
@@ -101,8 +107,9 @@ class Teacher:
         known: dict[str, torch.Tensor] = {}
         if folder is not None:
             _claim_cache(folder, self.fingerprint(), self.name)
-            for path in sorted(folder.glob("logits-*.safetensors")):
-                known.update(_read_chunk(path))
+            wanted = set(keys)
+            for path in sorted(folder.glob("logits-*.safetensors")):  # the rows of these images alone
+                known.update((key, row) for key, row in _read_chunk(path).items() if key in wanted)
         missing = [i for i, key in enumerate(keys) if key not in known]
         # the images' labels are the teacher's to give: a placeholder until then
         data = LabeledImages(self.class_names, list(images), [0] * len(images))
@@ -123,11 +130,8 @@ class Teacher:
 def _claim_cache(folder: Path, fingerprint: str, name: str) -> None:
     """Use `folder` as the cache of this teacher's logits: new, or one it wrote."""
     record = folder / "teacher.json"
-    if record.exists():
-        try:
-            kept = json.loads(record.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            kept = None
+    if os.path.lexists(record):
+        kept = read_json(record)
         if not isinstance(kept, dict) or kept.get("fingerprint") != fingerprint:
             raise ValueError(f"{folder} caches another teacher's logits; give a new cache folder, or delete it.")
         return

@@ -3,7 +3,6 @@ files (loading by repo id is `load_prompt_model` / `PeftModel.from_pretrained`).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import warnings
@@ -13,6 +12,7 @@ from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, Mo
 
 from .config import printable
 from .loading import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config, resolve_adapter
+from .storage import read_json
 
 RESULTS_NAME = "eval_results.json"
 #: A Hub repo id: `name` or `owner/name`
@@ -45,7 +45,7 @@ def model_card(
     """
     folder = Path(folder)
     config = read_adapter_config(folder)
-    results = json.loads((folder / RESULTS_NAME).read_text()) if (folder / RESULTS_NAME).is_file() else None
+    results = read_json(folder / RESULTS_NAME)
     if base_model is not None and hub_model_id(base_model) is None:
         raise ValueError(
             f"base_model must be a Hub model id such as 'openai/clip-vit-base-patch32', got {base_model!r}."

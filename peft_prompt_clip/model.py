@@ -300,8 +300,10 @@ def _tail(key: str) -> str:
 
 #: A token a loaded adapter writes may be this many times longer than the longest embedding of the tower it goes into
 #: (its token embeddings; the image tower's position embeddings), and no more: a finite but far longer one overflows
-#: the tower (NaN features, every class scored alike) instead of failing at load
-MAX_TOKEN_SCALE = 100.0
+#: the tower (NaN features, every class scored alike) instead of failing at load. Generous, as a map's bound is an
+#: upper one (spectral norms) and learned prompts grow past the embeddings (contexts drawn at std 1 reach 150 times);
+#: a LayerNorm overflows in float16 from about 256 * sqrt(width) (5,800 at width 512), in float32 from about 1e19
+MAX_TOKEN_SCALE = 1000.0
 
 
 def _check_magnitudes(config: PromptEmbeddingConfig, tensors: dict[str, torch.Tensor], model: nn.Module) -> None:

@@ -48,7 +48,9 @@ def _kind(mode: int) -> str:
     return _SPECIAL.get(stat.S_IFMT(mode), "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
 
 
-def check_output(output: str | Path, reads: Iterable[tuple[str, Any]], folder: bool = False) -> Path:
+def check_output(
+    output: str | Path, reads: Iterable[tuple[str, Any]], folder: bool = False, name: str = "--output"
+) -> Path:
     """
     `output`, checked before a command does any work: a folder output (`folder`) is a folder or new; a file output is
     a regular file, a link (replaced, never written through) or new, never a folder or a special file (a FIFO, a
@@ -57,28 +59,28 @@ def check_output(output: str | Path, reads: Iterable[tuple[str, Any]], folder: b
     skipped).
 
     Raises:
-        `ValueError`: one line naming the output, and the input it would write into.
+        `ValueError`: one line naming the output (as `name` calls it), and the input it would write into.
     """
     path = Path(output)
     what = "folder" if folder else "file"
     if not str(output).strip():
-        raise ValueError(f"--output {str(output)!r} is empty; give a {what}.")
+        raise ValueError(f"{name} {str(output)!r} is empty; give a {what}.")
     if os.path.lexists(path):
         mode = os.stat(path).st_mode if folder else os.lstat(path).st_mode
         if folder and not stat.S_ISDIR(mode):
             kind = "a file" if stat.S_ISREG(mode) else _kind(mode)
-            raise ValueError(f"--output {output} is {kind}, not a folder; give a new folder or one it wrote.")
+            raise ValueError(f"{name} {output} is {kind}, not a folder; give a new folder or one it wrote.")
         if not folder and not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
             kind = "a folder" if stat.S_ISDIR(mode) else _kind(mode)
-            raise ValueError(f"--output {output} is {kind}, not a regular file; give a file path.")
-    target = path.resolve()
+            raise ValueError(f"{name} {output} is {kind}, not a regular file; give a file path.")
+    target = path.resolve() if folder else path.parent.resolve() / path.name  # a file's link is replaced, not followed
     for flag, given in reads:
         if given is None or not os.path.exists(given):
             continue
         source = Path(given).resolve()
         if target == source or source in target.parents:
             raise ValueError(
-                f"--output {output} would write into {flag} {given}, which this command reads; give an output "
+                f"{name} {output} would write into {flag} {given}, which this command reads; give an output "
                 "outside it."
             )
     return path
@@ -107,6 +109,29 @@ def atomic_path(path: Path) -> Iterator[Path]:
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
+
+
+#: The largest JSON file this package reads beside an adapter (a training log lists every image a run used: about
+#: 100 bytes each, so 64 MiB holds half a million)
+MAX_JSON_BYTES = 64 * 2**20
+
+
+def read_json(path: str | Path) -> Any:
+    """The JSON in the regular file `path`, or None where there is none: missing, not a regular file (a FIFO is not
+    waited on, a link to a device not read), over [`MAX_JSON_BYTES`], unreadable, not UTF-8, not JSON, or nested too
+    deep to parse."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        status = os.fstat(f.fileno())
+        if not stat.S_ISREG(status.st_mode) or status.st_size > MAX_JSON_BYTES:
+            return None
+        try:
+            return json.loads(f.read(MAX_JSON_BYTES + 1).decode("utf-8"))
+        except (OSError, ValueError, RecursionError):
+            return None
 
 
 def write_json(path: str | Path, data: Any) -> None:
@@ -148,23 +173,37 @@ def locked(folder: Path, shared: bool = False) -> Iterator[None]:
 
 @contextmanager
 def run_lock(folder: Path) -> Iterator[None]:
-    """Hold `folder` for one training run, in this or any process: a second run into it is refused at once rather
-    than mixing its files with this one's."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / RUN_LOCK_NAME
-    if os.path.lexists(path) and not stat.S_ISREG(os.lstat(path).st_mode):
-        raise OSError(f"{path} is not a regular file; remove it and try again.")
-    lock = FileLock(str(path), mode=file_mode(), timeout=0)
-    try:
-        lock.acquire()
-    except Timeout:
-        raise BlockingIOError(
-            f"{folder} is the output of another training run in progress; wait for it to end, or give another output."
-        ) from None
+    """Hold `folder` for one training run: a second run into it, in this or another process, is refused at once
+    (`BlockingIOError`) rather than mixing its files with this one's. Under several processes (`accelerate launch`)
+    the main one holds it and all learn whether it could, so that all stop together. Re-entrant in a process: a
+    command holds it for its whole run, and its trainer takes it again."""
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    state = PartialState()
+    lock, refused = None, None
+    if state.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / RUN_LOCK_NAME
+        if os.path.lexists(path) and not stat.S_ISREG(os.lstat(path).st_mode):
+            refused = f"{path} is not a regular file; remove it and try again."
+        else:
+            lock = FileLock(str(path), mode=file_mode(), timeout=0, is_singleton=True)
+            try:
+                lock.acquire()
+            except Timeout:
+                lock = None
+                refused = f"{folder} is the output of another training run in progress; wait for it to end, or give "
+                refused += "another output."
+    if state.num_processes > 1:
+        refused = broadcast_object_list([refused])[0]
+    if refused:
+        raise BlockingIOError(refused)
     try:
         yield
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
 
 
 def save_adapter(model: Any, folder: str | Path) -> None:

@@ -277,7 +277,7 @@ class MetaNet(PromptVariant):
 
     @classmethod
     def longest_token(cls, tensors: Mapping[str, torch.Tensor], text_token: float) -> float:
-        return _map_bound(tensors, 1.0, chained=True)  # of normalised image features: the bias it adds
+        return text_token + _map_bound(tensors, 1.0, chained=True)  # the context, plus its bias of an image feature
 
     @classmethod
     def applies(cls, config: PromptEmbeddingConfig) -> bool:
@@ -385,12 +385,7 @@ class VisionTokens(PromptVariant):
     def create(cls, build: Build) -> torch.Tensor:
         config = build.config
         _check_vision_depth(build, config.vision_prompt_depth, "vision_prompt_depth")
-        positions = build.vision.embeddings.position_embedding.num_embeddings
-        if config.vision_n_ctx > positions:  # each token costs attention over the whole sequence, in every layer
-            raise ValueError(
-                f"vision_n_ctx={config.vision_n_ctx} is more than the image tower's own {positions} positions; vision "
-                "prompts use a few tokens (IVLP and PromptSRC: 4)."
-            )
+        _check_vision_count(build, config.vision_n_ctx)
         shape = (config.vision_prompt_depth, config.vision_n_ctx, build.vision.embeddings.embed_dim)
         return (torch.randn(*shape, generator=build.stream) * INIT_STD).to(build.device)
 
@@ -448,6 +443,7 @@ class Coupling(PromptVariant):
     @classmethod
     def create(cls, build: Build) -> nn.Module:
         _check_vision_depth(build, build.config.prompt_depth, "prompt_depth")
+        _check_vision_count(build, build.config.n_ctx)
         width, vision_width = build.width, build.vision.embeddings.embed_dim
         with build.drawing():
             coupling = nn.ModuleList(nn.Linear(width, vision_width) for _ in range(build.config.prompt_depth))
@@ -531,6 +527,17 @@ class ClassTokenMap(nn.Sequential):
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
         tokens = super().forward(embeddings.to(self[0].weight.dtype))
         return tokens.view(tokens.shape[0], -1, self.width)
+
+
+def _check_vision_count(build: Build, count: int) -> None:
+    """Vision prompts are at most as many as the image tower's own positions: each costs attention over the whole
+    sequence in every layer, and a loaded config could ask for any number."""
+    positions = build.vision.embeddings.position_embedding.num_embeddings
+    if count > positions:
+        raise ValueError(
+            f"vision_n_ctx={count} is more than the image tower's own {positions} positions; vision prompts use a few "
+            "tokens (IVLP and PromptSRC: 4, MaPLe: 2)."
+        )
 
 
 def _map_bound(tensors: Mapping[str, torch.Tensor], length: float, chained: bool) -> float:

@@ -370,3 +370,18 @@ def test_what_counts_as_a_hugging_face_dataset(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", unavailable)
     with pytest.raises(OSError, match="--data owner/name: no such folder or CSV here, and not loadable .* 503"):
         load_hf_dataset("owner/name", None)
+
+
+def test_the_embedded_model_by_name(image_folder, tmp_path):
+    """`--model fashion-clip` is the model shipped in the package (no download; the adapter records its folder),
+    unless a folder of that name is where the command runs."""
+    from peft_prompt_clip.demo import MODEL_DIR
+
+    out = tmp_path / "adapter"
+    common = ("--data", image_folder, "--epochs", "1", "--n-ctx", "2", "--shots", "2")
+    run("train", "--model", "fashion-clip", *common, "--output", out, cwd=tmp_path)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(MODEL_DIR.resolve())
+    (tmp_path / "fashion-clip").mkdir()  # a folder of that name, not a model: it is what the user means
+    result = run("train", "--model", "fashion-clip", *common, "--output", tmp_path / "b", cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr

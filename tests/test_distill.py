@@ -298,6 +298,10 @@ def test_distill_from_the_command_line(clip_dir, images, tmp_path):
     assert "note: the student's crops learn the teacher's logits of the whole images" in fresh.stdout
     unnamed = run("distill", "--teacher", clip_dir, *common[2:-1], tmp_path / "other", check=False)
     assert unnamed.returncode == 2 and "is a model, which knows no classes: pass --classes" in unnamed.stderr
+    another = ("--teacher", clip_dir, "--classes", ",".join(CLASSES), *common[2:], "--epochs", "1", "--n-ctx", "2")
+    refused = run("distill", *another, "--val-images", "0", check=False)
+    assert refused.returncode == 2 and "holds a run" in refused.stderr
+    run("distill", *another, "--val-images", "0", "--overwrite")  # the run replaced, its teacher's cache too
     names = tmp_path / "classes.txt"
     names.write_text("cat\ndog\nred car\n")
     self_trained = run(

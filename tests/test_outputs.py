@@ -1,6 +1,7 @@
 """Nothing a user gives the command line destroys data: outputs are checked before any work (never a special file,
 never inside an input), and a training run holds its output folder (a second run into it is refused at once, and a
-finished run is replaced only when asked). FIFOs are made in temporary folders, never at system paths."""
+finished run is replaced only when asked); and the JSON read beside an adapter (its training log) never hangs or
+crashes a command. FIFOs are made in temporary folders, never at system paths."""
 
 from __future__ import annotations
 
@@ -80,6 +81,23 @@ def test_training_never_writes_into_its_data_or_over_a_run(clip_dir, images, tmp
     assert (out / "adapter_model.safetensors").read_bytes() == weights
     run("train", *common, "--seed", "2", "--output", out, "--overwrite")
     assert (out / "adapter_model.safetensors").read_bytes() != weights
+    both = run("train", *common, "--output", out, "--resume", "--overwrite", check=False)
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr
+
+
+def test_a_link_as_output_is_checked_where_it_is_not_where_it_points(adapter, images, tmp_path):
+    """A link is replaced, not written through: one inside --data is refused, one pointing into --data is not (the
+    data keeps its file)."""
+    (images / "cat" / "r.json").symlink_to(tmp_path / "elsewhere.json")
+    result = run("eval", "--adapter", adapter, "--data", images, "--output", images / "cat" / "r.json", check=False)
+    one_line_error(result, "would write into --data")
+    (images / "cat" / "r.json").unlink()
+    kept = images / "kept.json"
+    kept.write_text("mine")
+    (tmp_path / "out.json").symlink_to(kept)
+    run("eval", "--adapter", adapter, "--data", images, "--output", tmp_path / "out.json")
+    assert kept.read_text() == "mine" and not (tmp_path / "out.json").is_symlink()
+    kept.unlink()
 
 
 def test_a_second_run_into_a_folder_in_use_is_refused_at_once(clip_dir, images, tmp_path):
@@ -88,10 +106,12 @@ def test_a_second_run_into_a_folder_in_use_is_refused_at_once(clip_dir, images, 
     with run_lock(out):  # as a run in another process holds it
         result = run("train", *common, "--output", out, check=False)
         one_line_error(result, f"{out} is the output of another training run in progress")
-        assert not (out / "checkpoint.safetensors").exists()
-        with pytest.raises(BlockingIOError):  # in this process too
-            with run_lock(out):
-                pass
+        teacher = ("--teacher", clip_dir, "--classes", "cat,dog,red car", "--epochs", "1", "--n-ctx", "2")
+        result = run("distill", *teacher, "--model", clip_dir, "--data", images, "--output", out, check=False)
+        one_line_error(result, f"{out} is the output of another training run in progress")
+        assert sorted(p.name for p in out.iterdir()) == [".peft-prompt-clip.run.lock"]  # refused before any work
+        with run_lock(out):  # re-entrant in its own process: a command holds it, its trainer takes it again
+            pass
     run("train", *common, "--output", out)  # released: the next run goes ahead
     assert (out / "adapter_model.safetensors").is_file()
 
@@ -108,3 +128,61 @@ def test_an_atomic_write_refuses_a_special_file(tmp_path):
     with atomic_path(link) as tmp:
         tmp.write_text("x")
     assert link.read_text() == "x" and not link.is_symlink() and stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+
+def test_json_beside_an_adapter_is_read_only_from_a_bounded_regular_file(tmp_path):
+    from peft_prompt_clip.storage import MAX_JSON_BYTES, read_json
+
+    (tmp_path / "good.json").write_text('{"history": []}')
+    assert read_json(tmp_path / "good.json") == {"history": []}
+    os.mkfifo(tmp_path / "fifo.json")  # no writer: opening it to read would block
+    huge = tmp_path / "huge.json"
+    with open(huge, "wb") as f:  # sparse: no disk used
+        f.truncate(MAX_JSON_BYTES + 1)
+    (tmp_path / "link.json").symlink_to(huge)
+    (tmp_path / "deep.json").write_text("[" * 100_000)
+    (tmp_path / "latin1.json").write_bytes(b'{"a": "\xe9"}')
+    for name in ("fifo.json", "huge.json", "link.json", "deep.json", "latin1.json", "missing.json"):
+        assert read_json(tmp_path / name) is None, name
+
+
+@pytest.mark.parametrize(
+    "change, valid",
+    [
+        ({}, True),
+        ({"epoch": 0}, False),  # the report divides by the last epoch
+        ({"accuracy": "0.5"}, False),
+        ({"loss": float("nan")}, False),
+        ({"epoch": True}, False),
+        ({"eval_accuracy": [1]}, False),
+        ({"lr": None}, False),
+        ({"notes": "anything"}, True),  # a field nothing reads
+    ],
+)
+def test_the_training_log_has_a_schema(change, valid):
+    from peft_prompt_clip.report import report_html
+    from peft_prompt_clip.training.record import valid_log
+
+    entry = {"epoch": 1, "loss": 0.5, "accuracy": 0.5, "lr": 0.002, "skipped_steps": 0, "seconds": 0.1}
+    log = {"history": [{**entry, **change}], "best": {"epoch": 1, "accuracy": 0.5, "loss": 0.7}}
+    assert valid_log(log) is valid
+    if valid:  # what passes the schema, the report draws
+        top = {"top1": 0.5, "top5": 1.0, "per_class": {"cat": 0.5}, "n": 2}
+        assert "<svg" in report_html({"zero-shot": top, "learned prompt": top}, log, "title")
+        assert not valid_log({**log, "best": {"epoch": "first"}}) and valid_log({**log, "last": {"epoch": "average"}})
+
+
+def test_eval_reads_a_fifo_or_a_broken_log_without_hanging_or_crashing(adapter, images, tmp_path):
+    import shutil
+
+    copy = tmp_path / "adapter"
+    shutil.copytree(adapter, copy)
+    log = copy / "training_log.json"
+    log.unlink()
+    os.mkfifo(log)
+    result = run("eval", "--adapter", copy, "--data", images, "--output", tmp_path / "r.json")  # timeout: 300 s
+    assert "learned prompt" in result.stdout and (tmp_path / "r.html").is_file()
+    log.unlink()
+    log.write_text('{"history": [{"epoch": 0, "loss": 1, "accuracy": 0, "lr": 1}]}')
+    run("eval", "--adapter", copy, "--data", images, "--output", tmp_path / "s.json")
+    assert (tmp_path / "s.html").is_file()

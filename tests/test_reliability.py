@@ -25,6 +25,7 @@ import peft_prompt_clip.storage as storage
 from peft_prompt_clip import InvalidAdapterError, PromptEmbeddingConfig, load_prompt_model
 from peft_prompt_clip.data import drop_unreadable, load_image_folder, open_image
 from peft_prompt_clip.storage import save_adapter
+from peft_prompt_clip.tiny import clip_config
 from peft_prompt_clip.variants import variants_of
 
 
@@ -138,10 +139,12 @@ def test_vision_prompts_are_at_most_the_image_towers_own_length(clip_dir):
     model = CLIPModel.from_pretrained(clip_dir)
     positions = model.vision_model.embeddings.position_embedding.num_embeddings
     get_peft_model(model, PromptEmbeddingConfig(n_ctx=2, vision_n_ctx=positions))
-    with pytest.raises(
-        ValueError, match=f"vision_n_ctx={positions + 1} is more than the image tower's own {positions}"
-    ):
+    too_many = f"vision_n_ctx={positions + 1} is more than the image tower's own {positions}"
+    with pytest.raises(ValueError, match=too_many):
         get_peft_model(CLIPModel.from_pretrained(clip_dir), PromptEmbeddingConfig(n_ctx=2, vision_n_ctx=positions + 1))
+    longer_texts = CLIPModel(clip_config(max_positions=64))  # MaPLe's vision tokens are its text tokens
+    with pytest.raises(ValueError, match=too_many):
+        get_peft_model(longer_texts, PromptEmbeddingConfig(n_ctx=positions + 1, coupled=True))
 
 
 def test_a_save_interrupted_between_the_renames_is_refused(clip_dir, adapter, monkeypatch):

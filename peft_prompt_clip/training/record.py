@@ -16,7 +16,7 @@ import torch
 
 from ..config import PromptEmbeddingConfig
 from ..data import LabeledImages
-from ..storage import write_json
+from ..storage import read_json, write_json
 from .arguments import TrainingArguments
 
 #: The per-epoch log of a run (loss, accuracy, learning rate, evaluations, the data), saved beside the adapter.
@@ -105,11 +105,8 @@ def describe_held_out(scores: dict[str, Any], output: str, template: str | list[
 
 
 def read_log(folder: str | Path) -> Any:
-    """The `training_log.json` in `folder` as JSON, or None when there is none or it is not JSON."""
-    try:
-        return json.loads((Path(folder) / LOG_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # missing, unreadable, not UTF-8 or not JSON
-        return None
+    """The `training_log.json` in `folder` as JSON, or None when there is none (see [`read_json`])."""
+    return read_json(Path(folder) / LOG_NAME)
 
 
 def write_log(folders: Iterable[str | Path], log: dict[str, Any]) -> None:
@@ -119,16 +116,45 @@ def write_log(folders: Iterable[str | Path], log: dict[str, Any]) -> None:
             write_json(folder / LOG_NAME, log)
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _count(value: Any, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+#: The training log's schema: each per-epoch entry's fields (required, then optional), and each evaluation's; a field
+#: not named here may hold anything, and nothing reads it
+EPOCH_FIELDS = {"epoch": lambda v: _count(v, 1), "loss": _number, "accuracy": _number, "lr": _number}
+EPOCH_OPTIONAL = {
+    "eval_accuracy": _number,
+    "eval_loss": _number,
+    "skipped_steps": lambda v: _count(v, 0),
+    "seconds": _number,
+}
+EVALUATION_FIELDS = {
+    "accuracy": _number,
+    "loss": _number,
+    "epoch": lambda v: _count(v, 0) or v == "average",
+}
+
+
 def valid_log(log: Any) -> bool:
-    """Whether `log` is a run's log as the trainer writes it: a history of per-epoch numbers (each with its epoch,
-    loss, accuracy and learning rate), and evaluations with finite numbers."""
+    """Whether `log` is a run's log as the trainer writes it (see `EPOCH_FIELDS`): a history of epochs (1 on), each
+    with finite numbers for its loss, accuracy and learning rate, and evaluations (`zero_shot`, `initial`, `best`,
+    `last`) with finite numbers."""
     if not isinstance(log, dict) or not isinstance(log.get("history", []), list):
         return False
-    if not all(isinstance(e, dict) and {"epoch", "loss", "accuracy", "lr"} <= set(e) for e in log.get("history", [])):
-        return False
-    entries = [*log.get("history", []), *(log[k] for k in ("zero_shot", "initial", "best") if k in log)]
+    for entry in log.get("history", []):
+        if not isinstance(entry, dict) or not all(
+            name in entry and ok(entry[name]) for name, ok in EPOCH_FIELDS.items()
+        ):
+            return False
+        if not all(ok(entry[name]) for name, ok in EPOCH_OPTIONAL.items() if name in entry):
+            return False
+    evaluations = [log[k] for k in ("zero_shot", "initial", "best", "last") if k in log]
     return all(
-        isinstance(e, dict)
-        and all(isinstance(v, str) or (isinstance(v, int | float) and math.isfinite(v)) for v in e.values())
-        for e in entries
+        isinstance(e, dict) and all(ok(e[name]) for name, ok in EVALUATION_FIELDS.items() if name in e)
+        for e in evaluations
     )

@@ -5,7 +5,6 @@ of this package."""
 
 from __future__ import annotations
 
-import contextlib
 import math
 import shutil
 import time
@@ -268,10 +267,10 @@ class PromptTrainer:
         """Run the training; returns a summary: epochs, the last epoch's loss and accuracy, the median seconds per
         step, and with `eval_data` the evaluations (`"eval"`: the zero-shot prompt's, the best candidate's and the end
         of training's; see [`TrainingArguments`]). The per-epoch log is saved as `training_log.json` beside the
-        adapter. The main process holds the output folder for the run: a second run into it is refused
-        (`BlockingIOError`)."""
+        adapter. The run holds the output folder: a second run into it is refused (`BlockingIOError`, see
+        [`run_lock`])."""
         output = Path(self.args.output_dir)
-        with run_lock(output) if self.accelerator.is_main_process else contextlib.nullcontext():
+        with run_lock(output):
             return self._train(output)
 
     def _train(self, output: Path) -> dict[str, Any]:
