@@ -86,7 +86,9 @@ def _holds_output(*reads: str) -> Callable[[Command], Command]:
             output = check_output(
                 args.output, [(flag, getattr(args, flag[2:].replace("-", "_"))) for flag in reads], True
             )
-            with run_lock(output):
+            with run_lock(
+                output, main=os.environ.get("RANK", "0") == "0"
+            ):  # the launcher's rank: accelerate is not started yet
                 previous = [
                     name for name in ("adapter_model.safetensors", CHECKPOINT_NAME) if (output / name).exists()
                 ]

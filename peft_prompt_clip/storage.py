@@ -172,38 +172,30 @@ def locked(folder: Path, shared: bool = False) -> Iterator[None]:
 
 
 @contextmanager
-def run_lock(folder: Path) -> Iterator[None]:
+def run_lock(folder: Path, main: bool = True) -> Iterator[None]:
     """Hold `folder` for one training run: a second run into it, in this or another process, is refused at once
-    (`BlockingIOError`) rather than mixing its files with this one's. Under several processes (`accelerate launch`)
-    the main one holds it and all learn whether it could, so that all stop together. Re-entrant in a process: a
-    command holds it for its whole run, and its trainer takes it again."""
-    from accelerate import PartialState
-    from accelerate.utils import broadcast_object_list
-
-    state = PartialState()
-    lock, refused = None, None
-    if state.is_main_process:
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / RUN_LOCK_NAME
-        if os.path.lexists(path) and not stat.S_ISREG(os.lstat(path).st_mode):
-            refused = f"{path} is not a regular file; remove it and try again."
-        else:
-            lock = FileLock(str(path), mode=file_mode(), timeout=0, is_singleton=True)
-            try:
-                lock.acquire()
-            except Timeout:
-                lock = None
-                refused = f"{folder} is the output of another training run in progress; wait for it to end, or give "
-                refused += "another output."
-    if state.num_processes > 1:
-        refused = broadcast_object_list([refused])[0]
-    if refused:
-        raise BlockingIOError(refused)
+    (`BlockingIOError`) rather than mixing its files with this one's. Of several processes of one run, the `main` one
+    holds it and the others nothing (a refused main process stops them all: the launcher ends the run's other
+    processes when one fails). Re-entrant in a process: a command holds it for its whole run, and its trainer takes
+    it again."""
+    if not main:
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / RUN_LOCK_NAME
+    if os.path.lexists(path) and not stat.S_ISREG(os.lstat(path).st_mode):
+        raise OSError(f"{path} is not a regular file; remove it and try again.")
+    lock = FileLock(str(path), mode=file_mode(), timeout=0, is_singleton=True)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise BlockingIOError(
+            f"{folder} is the output of another training run in progress; wait for it to end, or give another output."
+        ) from None
     try:
         yield
     finally:
-        if lock is not None:
-            lock.release()
+        lock.release()
 
 
 def save_adapter(model: Any, folder: str | Path) -> None:

@@ -270,7 +270,7 @@ class PromptTrainer:
         adapter. The run holds the output folder: a second run into it is refused (`BlockingIOError`, see
         [`run_lock`])."""
         output = Path(self.args.output_dir)
-        with run_lock(output):
+        with run_lock(output, main=self.accelerator.is_main_process):
             return self._train(output)
 
     def _train(self, output: Path) -> dict[str, Any]:
