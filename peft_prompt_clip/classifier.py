@@ -4,6 +4,7 @@ batch of images costs one pass of the image tower and a matrix product."""
 from __future__ import annotations
 
 import json
+import string
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,12 +38,13 @@ class PromptClassifier:
         model (`nn.Module`): a `CLIPModel`, or a `PeftModel` wrapping one with a prompt adapter.
         processor: the model's processor (`AutoProcessor.from_pretrained(...)`): tokenizer and image processor.
         class_names (`Sequence[str]`): the classes, in label order.
-        templates (`Sequence[str]`, *optional*, defaults to `("{}.",)`): texts with a `{}` for the class name; the
-            class feature is the normalised mean over templates (CLIP's prompt ensembling).
+        templates (`Sequence[str]`, *optional*, defaults to `("{}.",)`): texts with one `{}` for the class name (other
+            braces doubled, `{{`); the class feature is the normalised mean over templates (CLIP's prompt ensembling).
         use_adapter (`bool`, *optional*, defaults to `True`): `False` runs the base model (zero-shot baseline) even
             when `model` has an adapter.
         adapter_name (`str`, *optional*): the adapter to classify with; by default the model's active one.
-        chunk_size (`int`, *optional*, defaults to 256): at most this many prompts per call of the text tower.
+        chunk_size (`int`, *optional*, defaults to 256): at most this many prompts per call of the text tower (None:
+            all at once).
         share_prefix (`bool`, *optional*, defaults to `True`): encode the words all prompts of a template share once
             (see [`PromptEncoder`]).
 
@@ -64,8 +66,18 @@ class PromptClassifier:
         share_prefix: bool = True,
     ) -> None:
         check_class_names(list(class_names))
-        if any("{}" not in t for t in templates) or not templates:
-            raise ValueError(f"Every template needs a '{{}}' for the class name, got {list(templates)}.")
+        bad = [t for t in templates if not _one_slot(t)]
+        if bad or not templates:
+            raise ValueError(
+                f"Every template needs one '{{}}' for the class name (other braces doubled: '{{{{', '}}}}'), got "
+                f"{bad or list(templates)}."
+            )
+        if chunk_size is not None and (
+            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+        ):
+            raise ValueError(
+                f"chunk_size must be a positive number of prompts, or None for all at once; got {chunk_size!r}."
+            )
         self.model = model
         self.processor = processor
         self.class_names = list(class_names)
@@ -167,3 +179,12 @@ class PromptClassifier:
             )
         weight = (self.encoder.base.logit_scale.exp() * self.class_features()).float().cpu().contiguous()
         save_file({"weight": weight}, str(path), metadata={"class_names": json.dumps(self.class_names)})
+
+
+def _one_slot(template: Any) -> bool:
+    """Whether `template` is a string with exactly one empty `{}` field and nothing else to format."""
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except (ValueError, TypeError):  # an unmatched brace, or no string
+        return False
+    return fields == [""]

@@ -632,6 +632,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except USER_ERRORS as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if len(message) > 1000:  # a value echoed whole (a 50 MB ctx_init) is no one-line error
+            message = f"{message[:600]} ... ({len(message) - 900:,} characters left out) ... {message[-300:]}"
         print(f"peft-prompt-clip {args.command}: error: {message}", file=sys.stderr)
         return 2
     return 0

@@ -286,7 +286,7 @@ class PromptEmbeddingConfig(PeftConfig):
 
 
 def check_class_names(names: list[str]) -> None:
-    """The one check of a list of class names: non-empty, strings, none blank, none repeated.
+    """The one check of a list of class names: non-empty, valid text, none blank, none repeated (spaces aside).
 
     Raises:
         `TypeError` or `ValueError`: naming the offending entries.
@@ -298,11 +298,29 @@ def check_class_names(names: list[str]) -> None:
     blank = [i for i, n in enumerate(names) if not n.strip()]
     if blank:
         raise ValueError(f"class_names has empty names at positions {blank}; every class needs a name.")
+    unencodable = [i for i, n in enumerate(names) if not _encodable(n)]
+    if unencodable:
+        raise ValueError(
+            f"class_names has names that are no valid text (a lone surrogate) at positions {unencodable[:10]}; "
+            "write them as UTF-8 text."
+        )
     seen: dict[str, int] = {}
     for i, n in enumerate(names):
-        if n in seen:
-            raise ValueError(f"class_names repeats {n!r} (positions {seen[n]} and {i}); class names must be unique.")
-        seen[n] = i
+        words = " ".join(n.split())  # the tokenizer reads "cat", " cat" and "cat " as one word
+        if words in seen:
+            raise ValueError(
+                f"class_names repeats {printable(words)!r} (positions {seen[words]} and {i}, spaces aside); class "
+                "names must be unique."
+            )
+        seen[words] = i
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def printable(text: str) -> str:

@@ -181,18 +181,25 @@ def from_hf_dataset(
     features = dataset.features or {}  # a stream may not know its features: its first row names the columns
     columns = getattr(dataset, "column_names", None) or list(features) or list(next(iter(dataset), {}))
     kinds = {name: type(feature).__name__ for name, feature in features.items()}
-    image_column = image_column or next((c for c in columns if kinds.get(c) == "Image"), "image")
+    image_column = hf_image_column(dataset, image_column)
     label_column = label_column or next((c for c in columns if kinds.get(c) == "ClassLabel"), "label")
-    missing = [c for c in (image_column, label_column) if c not in columns]
-    if missing:
+    if label_column not in columns:
         raise ValueError(
-            f"The dataset has no column {missing}; its columns are {columns}. Name them (--image-column, "
-            "--label-column; image_column=, label_column=)."
+            f"The dataset has no label column {label_column!r}; its columns are {columns}. Name it (--label-column; "
+            "label_column=)."
         )
     names = list(features[label_column].names) if hasattr(features.get(label_column), "names") else None
     if not hasattr(dataset, "__len__"):  # a stream: read row by row, only as far as needed
         return _from_stream(dataset, image_column, label_column, names, shots)
     labels = list(dataset[label_column])  # the label column alone: no image is decoded
+    unlabeled = [i for i, y in enumerate(labels) if y is None or (names is not None and not 0 <= y < len(names))]
+    if unlabeled:
+        raise ValueError(
+            f"{len(unlabeled)} row(s) have no class in the label column {label_column!r} (rows {unlabeled[:5]}: "
+            f"{sorted({repr(labels[i]) for i in unlabeled})}; -1 is datasets' 'no label'); use a split with labels, "
+            f"or drop those rows (dataset.filter(lambda row: row[{label_column!r}] is not None and "
+            f"row[{label_column!r}] >= 0))."
+        )
     if names is None:
         names = sorted({str(y) for y in labels})
         index = {name: i for i, name in enumerate(names)}
@@ -204,13 +211,42 @@ def from_hf_dataset(
     return few_shot(data, shots, seed) if shots is not None else data
 
 
+def hf_image_column(dataset: Any, image_column: str | None = None) -> str:
+    """The image column of a Hugging Face dataset: `image_column` (checked to hold images or image paths), by default
+    its first `Image` column, else `"image"`.
+
+    Raises:
+        `ValueError`: naming the columns, when the column is missing or holds no images.
+    """
+    features = dataset.features or {}
+    columns = getattr(dataset, "column_names", None) or list(features) or list(next(iter(dataset), {}))
+    kinds = {name: type(feature).__name__ for name, feature in features.items()}
+    column = image_column or next((c for c in columns if kinds.get(c) == "Image"), "image")
+    if column not in columns:
+        raise ValueError(
+            f"The dataset has no image column {column!r}; its columns are {columns}. Name it (--image-column; "
+            "image_column=)."
+        )
+    dtype = getattr(features.get(column), "dtype", None)
+    if column in features and kinds[column] != "Image" and dtype not in ("string", "large_string"):
+        described = {c: kinds[c] if kinds[c] != "Value" else features[c].dtype for c in columns if c in kinds}
+        raise ValueError(
+            f"The dataset's column {column!r} holds {described[column]} values, not images or image paths; its "
+            f"columns are {described}. Name the image column (--image-column; image_column=)."
+        )
+    return column
+
+
 def _from_stream(
     stream: Any, image_column: str, label_column: str, names: list[str] | None, shots: int | None
 ) -> LabeledImages:
     shots = _checked_shots(shots) if shots is not None else None
     kept: dict[Any, list[Any]] = {}
     for row in stream.select_columns([image_column, label_column]):
-        images = kept.setdefault(row[label_column], [])
+        label = row[label_column]
+        if label is None or (names is not None and not 0 <= label < len(names)):
+            raise ValueError(f"The stream has a row without a class in its label column {label_column!r}: {label!r}.")
+        images = kept.setdefault(label, [])
         if shots is None or len(images) < shots:
             images.append(row[image_column])
         if shots is not None and names is not None and len(kept) == len(names):
@@ -356,6 +392,8 @@ def open_image(source: Any) -> Image.Image:
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise ValueError(f"refused, too many pixels to decode safely ({exc})") from None
     elif image is None:
+        if not hasattr(source, "__array_interface__"):
+            raise ValueError(f"not an image: a {type(source).__name__} value")
         image = Image.fromarray(source)
     try:
         image = ImageOps.exif_transpose(image)

@@ -112,17 +112,19 @@ class PromptEncoder:
         self, texts: Sequence[str], adapter_name: str | None = None, enabled: bool = True
     ) -> dict[str, torch.Tensor]:
         """`texts` tokenised as the family expects (padded to the longest, or to the model's length for families that
-        pool at the last position), on the model's device, checked to fit with the adapter's context.
+        pool at the last position), on the model's device, checked to fit with the adapter's context. Special tokens
+        spelled inside a text are read as text.
 
         Raises:
             `ValueError`: naming the texts too long for the model once the context is added.
         """
-        if self.family.pooling == Pooling.LAST:
-            tokens = self.tokenizer(
-                list(texts), padding="max_length", max_length=self.max_positions, return_tensors="pt"
-            )
-        else:
-            tokens = self.tokenizer(list(texts), padding=True, return_tensors="pt")
+        # text is text: a special token spelled inside a class name ('<|endoftext|>') is read as its characters
+        padding = (
+            {"padding": "max_length", "max_length": self.max_positions}
+            if self.family.pooling == Pooling.LAST
+            else {"padding": True}
+        )
+        tokens = self.tokenizer(list(texts), split_special_tokens=True, return_tensors="pt", **padding)
         tokens = {k: v.to(self.device) for k, v in tokens.items()}
         name = self.adapter(adapter_name, enabled)
         if name is not None:

@@ -3,6 +3,7 @@ files (loading by repo id is `load_prompt_model` / `PeftModel.from_pretrained`).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import warnings
@@ -100,7 +101,7 @@ def model_card(
     )  # fmt: skip
     names = [printable(n) for n in config.class_names or []]
     classes = f"{len(names)} classes: {', '.join(names[:20])}{', ...' if len(names) > 20 else ''}." if names else ""
-    load = base or config.base_model_name_or_path or "openai/clip-vit-base-patch32"
+    load = base or "BASE_MODEL_ID"  # a local path means nothing to the card's readers (and the Hub refuses it)
     position = config.class_token_position.value
     body = f"""
 # {repo_id}
@@ -139,7 +140,9 @@ def push_adapter(
 ) -> str:
     """
     Upload a saved adapter (`adapter_config.json`, `adapter_model.safetensors`, `eval_results.json` if present) and
-    its model card to the Hub repo `repo_id`, creating the repo if needed. Returns the commit URL.
+    its model card to the Hub repo `repo_id`, creating the repo if needed. Returns the commit URL. No local path is
+    sent: a base model or tokenizer named by a local folder becomes the base model's Hub id (`base_model`) or is left
+    out, and the evaluated data is named without its folders.
 
     Args:
         adapter (`str` or `Path`): the folder written by `save_pretrained` or `peft-prompt-clip train`.
@@ -155,26 +158,53 @@ def push_adapter(
     if not token:
         raise ValueError("Pushing needs a Hugging Face token with write access: run `hf auth login`, set HF_TOKEN, "
                          "or pass --token.")  # fmt: skip
+    card = model_card(folder, repo_id, datasets, base_model).encode()  # checks base_model and datasets first
+    base = base_model or hub_model_id(read_adapter_config(folder).base_model_name_or_path)
+    operations = [
+        CommitOperationAdd(path_in_repo=CONFIG_NAME, path_or_fileobj=_shared_config(folder, base)),
+        CommitOperationAdd(path_in_repo=WEIGHTS_NAME, path_or_fileobj=str(folder / WEIGHTS_NAME)),
+        CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card),
+    ]
+    results = read_json(folder / RESULTS_NAME)
+    if isinstance(results, dict):
+        results = {**results, "data": _no_local_paths(str(results.get("data", "")))}
+        operations.append(
+            CommitOperationAdd(path_in_repo=RESULTS_NAME, path_or_fileobj=json.dumps(results, indent=2).encode())
+        )
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
     except Exception as exc:  # the transport's own errors (httpx, requests) are no OSError
         raise _network_error(exc, f"create the Hub repo {repo_id!r}") from None
-    operations = [
-        CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name))
-        for name in (CONFIG_NAME, WEIGHTS_NAME, RESULTS_NAME)
-        if (folder / name).is_file()
-    ]
-    card = model_card(folder, repo_id, datasets, base_model).encode()
-    operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card))
     try:
         return api.create_commit(repo_id, operations, commit_message=commit_message).commit_url
     except Exception as exc:  # as above
         raise _network_error(exc, f"push to the Hub repo {repo_id!r}") from None
 
 
+#: The packages whose errors are the transport's (huggingface_hub has used requests, then httpx, then httpx2): any
+#: class in an exception's ancestry from one of them makes it a network error
+TRANSPORTS = re.compile(r"(requests|urllib3|httpx|httpcore|h11|h2|aiohttp)\d*")
+
+
 def _network_error(exc: Exception, doing: str) -> Exception:
     """`exc` as the CLI reports it in one line: the Hub's answers and the transport's failures become an OSError."""
-    if isinstance(exc, OSError) or type(exc).__module__.split(".")[0] in ("httpx", "requests", "urllib3", "httpcore"):
+    modules = {cls.__module__.split(".")[0] for cls in type(exc).__mro__}
+    if isinstance(exc, OSError) or any(TRANSPORTS.fullmatch(m) for m in modules):
         return OSError(f"Could not {doing}: {exc}")
     return exc
+
+
+def _shared_config(folder: Path, base: str | None) -> bytes:
+    """The adapter's config as pushed: `base_model_name_or_path` the Hub id `base` (None: none), and no local path
+    for its tokenizer."""
+    config = read_json(folder / CONFIG_NAME)
+    config["base_model_name_or_path"] = base
+    if config.get("tokenizer_name_or_path") and hub_model_id(config["tokenizer_name_or_path"]) is None:
+        config["tokenizer_name_or_path"] = None  # the base model's own tokenizer, wherever it is loaded from
+    return json.dumps(config, indent=2).encode()
+
+
+def _no_local_paths(text: str) -> str:
+    """`text` with the folders of its absolute paths left out: `/home/me/shapes (all)` -> `shapes (all)`."""
+    return re.sub(r"(?<![\w.~])(?:/[^/\s]+)*/(?=[^/\s])", "", text)

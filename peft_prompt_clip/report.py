@@ -9,7 +9,7 @@ import html
 from pathlib import Path
 from typing import Any
 
-from .storage import atomic_path, write_json
+from .storage import write_json, write_text
 
 #: The colours of the zero-shot and learned series (colour-blind safe: Okabe-Ito).
 COLORS = {"zero-shot": "#999999", "learned prompt": "#0072B2"}
@@ -19,10 +19,14 @@ MAX_MATRIX_CLASSES = 40
 
 def save_results(path: Path, results: dict[str, Any], log: dict[str, Any] | None, title: str) -> Path:
     """Write `results` to `path` as JSON and their report beside it (`.html`; `.report.html` where `path` is one),
-    with the training curve of `log` (None: none); returns the report's path. Both atomically."""
-    write_json(path, results)
+    with the training curve of `log` (None: none); returns the report's path. Each file is written atomically, and
+    an older report is removed before the new results are written: a run killed midway never leaves new results
+    beside an old report."""
     page = report_path(path)
-    write_report(page, results, log, title)
+    drawn = report_html(results, log, title)  # drawn first: a report that cannot be drawn writes nothing
+    page.unlink(missing_ok=True)
+    write_json(path, results)
+    write_text(page, drawn)
     return page
 
 
@@ -34,8 +38,7 @@ def report_path(path: Path) -> Path:
 
 def write_report(path: str | Path, results: dict[str, Any], log: dict[str, Any] | None, title: str) -> None:
     """Write [`report_html`] to `path` atomically."""
-    with atomic_path(Path(path)) as tmp:
-        tmp.write_text(report_html(results, log, title), encoding="utf-8")
+    write_text(path, report_html(results, log, title))
 
 
 def report_html(results: dict[str, Any], log: dict[str, Any] | None, title: str) -> str:

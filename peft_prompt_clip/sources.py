@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,11 +24,13 @@ from .data import (
     few_shot,
     from_hf_dataset,
     has_splits,
+    hf_image_column,
     hold_out,
     load_data,
     load_split,
     select_classes,
 )
+from .storage import read_json
 
 #: A Hugging Face dataset's split names, by the split they serve here.
 HF_SPLITS = {"train": ("train",), "val": ("validation", "val", "valid", "dev"), "test": ("test",)}
@@ -58,13 +61,43 @@ def load_hf_dataset(data: str, config: str | None) -> Any:
         raise ValueError(
             f"--data {data}: no such folder or CSV here; as a Hugging Face dataset it needs `pip install datasets`."
         ) from None
-    if _saved_dataset(Path(data)):
-        return datasets.load_from_disk(data)
+    folder = Path(data)
     try:
+        if _saved_dataset(folder):
+            return datasets.load_from_disk(data)
         return datasets.load_dataset(data, config)
     except OSError as exc:  # not found (DatasetNotFoundError), offline (ConnectionError): maybe a mistyped path
-        message = f"--data {data}: no such folder or CSV here, and not loadable as a Hugging Face dataset: {exc}"
-        raise OSError(message) from None
+        if not folder.is_dir():
+            message = f"--data {data}: no such folder or CSV here, and not loadable as a Hugging Face dataset: {exc}"
+            raise OSError(message) from None
+        raise OSError(f"--data {data}: cannot be read as a Hugging Face dataset: {_damage(folder, exc)}") from None
+    except Exception as exc:  # pyarrow's, json's and datasets' errors of a damaged file name no file
+        raise OSError(f"--data {data}: cannot be read as a Hugging Face dataset: {_damage(folder, exc)}") from None
+
+
+def _damage(folder: Path, exc: Exception) -> str:
+    """Why the dataset in `folder` did not load: the first of its files that does not read whole, or its splits saved
+    without rows (which `datasets` cannot load back), else `exc` itself."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for path in sorted(folder.rglob("*")) if folder.is_dir() else []:
+        if path.suffix not in (".arrow", ".parquet", ".json") or not path.is_file():
+            continue
+        try:
+            if path.suffix == ".json":
+                json.loads(path.read_text(encoding="utf-8"))
+            elif path.suffix == ".parquet":
+                pq.read_metadata(path)
+            else:
+                with pa.memory_map(str(path)) as source:
+                    pa.ipc.open_stream(source).read_all()
+        except Exception as error:  # whatever the format's reader raises
+            return f"{path} is damaged ({type(error).__name__}: {error}); write the dataset again."
+    empty = sorted(p.parent.name for p in folder.glob("*/state.json") if (read_json(p) or {}).get("_data_files") == [])
+    if empty:
+        return f"its splits {empty} have no rows, which datasets cannot load back; save the dataset without them."
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _saved_dataset(folder: Path) -> bool:
@@ -139,15 +172,17 @@ class DataSource:
         if is_hf_dataset(self.data):
             found = load_hf_dataset(str(source.resolve()) if source.exists() else self.data, self.dataset_config)
             if not hasattr(found, "keys") or hasattr(found, "features"):  # one dataset, no splits
-                return {"all": Part(lambda: self._rows(found), f"{self.data} (all of it: it has no splits)", "all")}
+                where = f"{self.data} (all of it: it has no splits)"
+                return {"all": Part(functools.partial(self._rows, found, where), where, "all")}
             names = {part: next((n for n in HF_SPLITS[part] if n in found), None) for part in HF_SPLITS}
             if not any(names.values()):
                 raise ValueError(
                     f"{self.data} has the splits {list(found)}, none of which is train, validation or test; save it "
                     "with those split names."
                 )
+            wheres = {name: f"{self.data}, its {name!r} split" for name in names.values() if name is not None}
             return {
-                part: Part(lambda n=name: self._rows(found[n]), f"{self.data}, its {name!r} split", name)
+                part: Part(functools.partial(self._rows, found[name], wheres[name]), wheres[name], name)
                 for part, name in names.items()
                 if name is not None
             }
@@ -160,8 +195,11 @@ class DataSource:
         where = f"{source} (all of it: it has no train/val/test folders)"
         return {"all": Part(functools.partial(load_data, source), where, "all")}
 
-    def _rows(self, dataset: Any) -> LabeledImages:
-        return from_hf_dataset(dataset, self.image_column, self.label_column)
+    def _rows(self, dataset: Any, where: str) -> LabeledImages:
+        try:
+            return from_hf_dataset(dataset, self.image_column, self.label_column)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
 
     def split(self, split: str | None = None, training: bool = False) -> tuple[LabeledImages, str, str]:
         """The images of `split` (default: test; data without splits: all of it, never split behind the user's back)
@@ -291,12 +329,10 @@ def _unlabeled_rows(data: str, config: str | None, image_column: str | None) -> 
         if split is None:
             raise ValueError(f"{data} has the splits {list(found)} and none is 'train'; save the images as one.")
         found, where = found[split], f"{data}, its {split!r} split"
-    kinds = {name: type(feature).__name__ for name, feature in found.features.items()}
-    column = image_column or next((c for c in found.column_names if kinds.get(c) == "Image"), None)
-    if column not in found.column_names:
-        raise ValueError(
-            f"{data} has no image column {column!r}; its columns are {found.column_names}: --image-column."
-        )
+    try:
+        column = hf_image_column(found, image_column)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
     others = [c for c in found.column_names if c != column]
     ignored = f"; its other columns ({', '.join(others)}) are not used" if others else ""
     images = found.select_columns([column])

@@ -134,11 +134,15 @@ def read_json(path: str | Path) -> Any:
             return None
 
 
+def write_text(path: str | Path, text: str) -> None:
+    """Write `text` (UTF-8) to `path` atomically; a link at `path` is replaced, never written through."""
+    with atomic_path(Path(path)) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
 def write_json(path: str | Path, data: Any) -> None:
-    """Write `data` as JSON to `path` atomically; a link at `path` is replaced, never written through."""
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
+    """Write `data` as JSON to `path` atomically (see [`write_text`])."""
+    write_text(path, json.dumps(data, indent=2))
 
 
 @contextmanager

@@ -98,14 +98,14 @@ def test_exported_head_reproduces_the_logits(adapted, processor, tmp_path):
 def test_bad_arguments_are_clear(clip, processor):
     with pytest.raises(ValueError, match="class_names is empty"):
         PromptClassifier(clip, processor, [])
-    with pytest.raises(ValueError, match=r"needs a '\{\}'"):
+    with pytest.raises(ValueError, match=r"needs one '\{\}'"):
         PromptClassifier(clip, processor, CLASSES, templates=["a photo"])
 
 
 def test_duplicate_and_too_long_class_names(clip, processor):
     with pytest.raises(ValueError, match=r"empty names at positions \[1\]"):
         PromptClassifier(clip, processor, ["cat", "  "])
-    with pytest.raises(ValueError, match=r"class_names repeats 'cat' \(positions 0 and 2\)"):
+    with pytest.raises(ValueError, match=r"class_names repeats 'cat' \(positions 0 and 2, spaces aside\)"):
         PromptClassifier(clip, processor, ["cat", "dog", "cat"])
     model = get_peft_model(clip, PromptEmbeddingConfig(n_ctx=8))
     classifier = PromptClassifier(model, processor, ["cat", "a small red car " * 4])

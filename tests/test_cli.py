@@ -325,7 +325,7 @@ def test_a_hugging_face_dataset_as_data(clip_dir, tmp_path, monkeypatch):
         result = run("eval", "--adapter", out, "--data", source, *columns)
         assert f"evaluating 9 images of 3 classes from {source}, its 'test' split" in result.stdout
     result = run("eval", "--adapter", out, "--data", tmp_path / "files", "--label-column", "label", check=False)
-    assert result.returncode == 2 and "no column ['label']; its columns are ['img', 'kind']" in result.stderr
+    assert result.returncode == 2 and "no label column 'label'; its columns are ['img', 'kind']" in result.stderr
     result = run("eval", "--adapter", out, "--data", "nobody/no-such-dataset", check=False)
     assert result.returncode == 2 and "--data nobody/no-such-dataset: no such folder or CSV here" in result.stderr
 

@@ -93,7 +93,7 @@ def test_hf_dataset_decodes_only_the_images_used(monkeypatch):
     assert [open_image(i).getpixel((0, 0))[0] for i in shots.images] == [20 * i.index for i in shots.images]
     again = from_hf_dataset(hf_dataset(), shots=2, seed=1)
     assert [i.index for i in shots.images] == [i.index for i in again.images]
-    with pytest.raises(ValueError, match=r"no column \['label'\]; its columns are \['img', 'kind'\]"):
+    with pytest.raises(ValueError, match=r"no label column 'label'; its columns are \['img', 'kind'\]"):
         from_hf_dataset(hf_dataset(), label_column="label")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 
@@ -99,9 +100,12 @@ def test_push_then_load_by_repo_id_in_a_fresh_process(hub, clip_dir, adapter, tm
     local = outputs(env, clip_dir, adapter)
     assert outputs(env, clip_dir, "user/coop-demo") == local  # bit-identical through the Hub
 
-    # the CLI finds the base model from the adapter's config, by repo id
+    # the base model was a local folder: no path is pushed (it means nothing elsewhere), so the CLI asks for it
     Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "image.png")
-    result = cli(env, "predict", "--adapter", "user/coop-demo", tmp_path / "image.png", "--top-k", "2")
+    predict = ("predict", "--adapter", "user/coop-demo", tmp_path / "image.png", "--top-k", "2")
+    result = cli(env, *predict, check=False)
+    assert result.returncode == 2 and "does not name its base model; pass --model" in result.stderr
+    result = cli(env, *predict, "--model", clip_dir)
     assert re.match(r".*image.png: (cat|dog|red car) 0\.\d+, (cat|dog|red car) 0\.\d+", result.stdout)
 
     # cached: loads again with HF_HUB_OFFLINE=1
@@ -138,13 +142,27 @@ def test_model_card(hub, adapter, clip_dir, tmp_path):
 
 
 def test_a_local_base_model_is_left_out_of_the_card_not_sent(hub, adapter, clip_dir, tmp_path):
+    """No local path reaches the Hub: not the base model's or tokenizer's folder, not the evaluated data's."""
     state, env = hub
-    result = cli({**env, "HF_TOKEN": TOKEN}, "push", "--adapter", adapter, "--repo", "user/local-base")
+    local = tmp_path / "adapter"
+    shutil.copytree(adapter, local)
+    config = json.loads((local / "adapter_config.json").read_text())
+    (local / "adapter_config.json").write_text(json.dumps({**config, "tokenizer_name_or_path": str(clip_dir)}))
+    results = json.loads((local / "eval_results.json").read_text())
+    data = f"{tmp_path}/photos, its 'test' split"
+    (local / "eval_results.json").write_text(json.dumps({**results, "data": data}))
+    result = cli({**env, "HF_TOKEN": TOKEN}, "push", "--adapter", local, "--repo", "user/local-base")
     assert "is not a Hub model id, so the card names no base model" in result.stderr
-    (tmp_path / "README.md").write_bytes(head(state, "user/local-base")["README.md"])
+    pushed = head(state, "user/local-base")
+    for name, content in pushed.items():
+        assert str(tmp_path).encode() not in content and str(clip_dir).encode() not in content, name
+    shared = json.loads(pushed["adapter_config.json"])
+    assert shared["base_model_name_or_path"] is None and shared["tokenizer_name_or_path"] is None
+    assert json.loads(pushed["eval_results.json"])["data"] == "photos, its 'test' split"
+    (tmp_path / "README.md").write_bytes(pushed["README.md"])
     card = ModelCard.load(tmp_path / "README.md")
     assert card.data.base_model is None and not any(t.startswith("base_model:") for t in card.data.tags)
-    assert str(clip_dir) in card.text  # the usage snippet still loads the model the adapter was learned on
+    assert 'AutoModel.from_pretrained("BASE_MODEL_ID")' in card.text
     # the test server refuses what the Hub refuses: a card naming a local path as its base model
     bad = card.content.replace("library_name: peft", f"library_name: peft\nbase_model: {clip_dir}")
     upload = f"""

@@ -4,6 +4,7 @@ refused, and an interrupted save is refused at load."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -338,7 +339,6 @@ def test_review_findings(clip_dir, tmp_path, tokenizer, monkeypatch):
     from transformers import AutoProcessor
 
     from peft_prompt_clip import PromptClassifier, PromptEncoder, prompt_options
-    from peft_prompt_clip.hub import push_adapter
 
     # an adapter of another name is saved into the folder itself, and loads back
     model = get_peft_model(CLIPModel.from_pretrained(clip_dir).eval(), PromptEmbeddingConfig(n_ctx=2), "coop")
@@ -396,12 +396,142 @@ def test_review_findings(clip_dir, tmp_path, tokenizer, monkeypatch):
     load_prompt_model(CLIPModel.from_pretrained(clip_dir), str(tmp_path / "named"))
     monkeypatch.undo()
 
-    # a push without network is an OSError (one line in the CLI), not the transport's own exception
-    ConnectError = type("ConnectError", (Exception,), {"__module__": "httpx"})  # noqa: N806
 
-    def offline(self, *args, **kwargs):
-        raise ConnectError("[Errno -3] Temporary failure in name resolution")
+def test_a_push_with_the_hub_unreachable_is_one_line_whatever_the_transport(clip_dir, adapter, monkeypatch, capsys):
+    """A refused port, through the client huggingface_hub really uses (httpx2 in 2.x, httpx in 1.x)."""
+    import socket
 
-    monkeypatch.setattr("huggingface_hub.HfApi.create_repo", offline)
-    with pytest.raises(OSError, match="Could not create the Hub repo 'user/x'.*name resolution"):
-        push_adapter(tmp_path / "named", "user/x", token="hf_x")
+    from peft_prompt_clip.cli import main
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("HF_TOKEN", "hf_x")
+    assert main(["push", "--adapter", str(adapter), "--repo", "user/x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("peft-prompt-clip push: error: Could not create the Hub repo 'user/x'"), err
+    assert not any("Traceback" in line for line in err)
+
+
+def test_hugging_face_datasets_that_do_not_load_say_which_file_column_or_rows(tmp_path):
+    """Damaged files, an empty split, rows without a class, and a column of no images: each a one-line error that
+    names the file, split, column or rows, and the way out."""
+    import datasets
+
+    from peft_prompt_clip.data import from_hf_dataset
+    from peft_prompt_clip.sources import DataSource, unlabeled_images
+
+    images = [Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)) for i in range(4)]
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"]), "n": datasets.Value("int32")}
+    )
+
+    def saved(name, labels=(0, 1, 0, 1), test_rows=4, **columns):
+        rows = {"image": images, "label": list(labels), "n": [1, 2, 3, 4], **columns}
+        data = datasets.Dataset.from_dict(rows, features=None if columns else features)
+        datasets.DatasetDict({"train": data, "test": data.select(range(test_rows))}).save_to_disk(tmp_path / name)
+        return str(tmp_path / name)
+
+    def fails(source, match, **kwargs):
+        with pytest.raises((OSError, ValueError), match=match):
+            DataSource(source, **kwargs).split("test")
+
+    fails(saved("unlabeled", labels=(0, 1, 0, -1)), r"'test' split: 1 row\(s\) have no class in the label column "
+          r"'label' \(rows \[3\]: \['-1'\]; -1 is datasets' 'no label'\); use a split with labels")  # fmt: skip
+    fails(saved("none", label=["x", None, "y", "x"]), r"1 row\(s\) have no class in the label column 'label' "
+          r"\(rows \[1\]: \['None'\]")  # fmt: skip
+    ints = saved("ints")
+    fails(ints, r"column 'n' holds int32 values, not images or image paths; its columns are \{'image': 'Image', "
+          r"'label': 'ClassLabel', 'n': 'int32'\}\. Name the image column", image_column="n")  # fmt: skip
+    with pytest.raises(ValueError, match=r"'train' split: The dataset's column 'label' holds ClassLabel values"):
+        unlabeled_images(ints, image_column="label")
+    truncated = saved("truncated")
+    arrow = next((tmp_path / "truncated" / "test").glob("*.arrow"))
+    with open(arrow, "r+b") as f:
+        f.truncate(arrow.stat().st_size // 2)
+    fails(truncated, f"cannot be read as a Hugging Face dataset: {re.escape(str(arrow))} is damaged")
+    info = tmp_path / saved("info") / "test" / "dataset_info.json"
+    info.write_text("{not json")
+    fails(str(tmp_path / "info"), f"{re.escape(str(info))} is damaged \\(JSONDecodeError")
+    (tmp_path / "parquet").mkdir()
+    rows = {"image": images, "label": [0, 1, 0, 1], "n": [1, 2, 3, 4]}
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(tmp_path / "parquet" / "train.parquet")
+    (tmp_path / "parquet" / "test.parquet").write_bytes(b"PAR1 not parquet")
+    fails(str(tmp_path / "parquet"), f"{re.escape(str(tmp_path / 'parquet' / 'test.parquet'))} is damaged")
+    # datasets 5.2 saves a split without rows but cannot load it back (5.0 cannot save it)
+    with contextlib.suppress(ZeroDivisionError):
+        empty = saved("empty", test_rows=0)
+        try:
+            loaded = datasets.load_from_disk(empty)
+        except IndexError:
+            fails(empty, r"its splits \['test'\] have no rows, which datasets cannot load back; save the dataset")
+        else:
+            with pytest.raises(ValueError, match="The dataset has no rows"):
+                from_hf_dataset(loaded["test"])
+    # a row that is no image, reached anyway (a stream names no column types): named and skipped, not a crash
+    with pytest.raises(ValueError, match="not an image: a int value"):
+        open_image(3)
+
+
+def test_class_names_and_templates_are_text_with_one_place_for_the_name(clip_dir, tokenizer):
+    from transformers import AutoProcessor
+
+    from peft_prompt_clip import PromptClassifier
+    from peft_prompt_clip.config import check_class_names
+    from peft_prompt_clip.encoder import PromptEncoder
+
+    with pytest.raises(ValueError, match=r"repeats 'cat' \(positions 0 and 2, spaces aside\)"):
+        check_class_names(["cat", "dog", " cat "])  # the tokenizer reads them as one word: identical scores
+    with pytest.raises(ValueError, match=r"no valid text \(a lone surrogate\) at positions \[1\]"):
+        check_class_names(["cat", "d\ud800og"])
+    model = CLIPModel.from_pretrained(clip_dir).eval()
+    processor = AutoProcessor.from_pretrained(clip_dir)
+    for template in ("{} {}", "a {0}", "a {name}", "no slot", "a {", "{}}"):
+        with pytest.raises(ValueError, match="Every template needs one '{}' for the class name"):
+            PromptClassifier(model, processor, ["cat", "dog"], [template])
+    PromptClassifier(model, processor, ["cat", "dog"], ["a {{braced}} {}."]).class_features()
+    for size in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="chunk_size must be a positive number of prompts, or None"):
+            PromptClassifier(model, processor, ["cat", "dog"], chunk_size=size)
+    # a special token spelled inside a class name is its characters, not the end of the text
+    tokens = PromptEncoder(model, processor).tokenize(["a cat.", f"a cat{tokenizer.eos_token}."])
+    ends = (tokens["input_ids"] == tokenizer.eos_token_id) & tokens["attention_mask"].bool()
+    assert ends.sum(dim=-1).tolist() == [1, 1]
+    assert tokens["attention_mask"].sum(dim=-1).tolist()[1] > tokens["attention_mask"].sum(dim=-1).tolist()[0] + 1
+
+
+def test_a_huge_value_echoed_in_an_error_is_cut_to_one_readable_line(clip_dir, tmp_path, capsys):
+    from peft_prompt_clip.cli import main
+
+    images = write_image_folder(tmp_path / "images", per_class=2)
+    argv = ["train", "--model", str(clip_dir), "--data", str(images), "--output", str(tmp_path / "o")]
+    assert main([*argv, "--ctx-init", " " * 2_000_000]) == 2
+    line = capsys.readouterr().err.splitlines()[-1]  # after the progress bars
+    assert len(line) < 1100 and "left out" in line, len(line)
+    assert line.startswith("peft-prompt-clip train: error: ctx_init must be non-empty words")
+
+
+def test_eval_never_leaves_new_results_beside_an_old_report(tmp_path, monkeypatch):
+    import peft_prompt_clip.report as report
+
+    results = {"zero-shot": {"top1": 0.5, "top5": 1.0, "n": 2, "per_class": {"a": 0.5, "b": 0.5},
+                             "confusion": [[0, 0, 1], [1, 0, 1]]}}  # fmt: skip
+    results["learned prompt"] = results["zero-shot"]
+    out = tmp_path / "eval_results.json"
+    page = report.save_results(out, results, None, "first")
+    assert "first" in page.read_text()
+
+    def killed(*args):  # the process dies once the results are written, before the report is
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "write_text", killed)
+    with pytest.raises(KeyboardInterrupt):
+        report.save_results(out, {**results, "split": "new"}, None, "second")
+    assert json.loads(out.read_text())["split"] == "new" and not page.exists()  # no stale report beside them
+    monkeypatch.undo()
+    # a report that cannot be drawn writes nothing: the results and report before it stay
+    report.save_results(out, results, None, "third")
+    with pytest.raises(KeyError):
+        report.save_results(out, {"split": "broken"}, None, "fourth")
+    assert "split" not in json.loads(out.read_text()) and "third" in page.read_text()
