@@ -73,6 +73,10 @@ def check_output(
         if not folder and not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
             kind = "a folder" if stat.S_ISDIR(mode) else _kind(mode)
             raise ValueError(f"{name} {output} is {kind}, not a regular file; give a file path.")
+    above = next(p for p in path.absolute().parents if os.path.lexists(p))  # where the missing folders would go
+    if not above.is_dir():
+        kind = "a file" if above.is_file() else _kind(os.stat(above).st_mode) if above.exists() else "a dangling link"
+        raise ValueError(f"{name} {output} is inside {above}, which is {kind}, not a folder; give a path in a folder.")
     target = path.resolve() if folder else path.parent.resolve() / path.name  # a file's link is replaced, not followed
     for flag, given in reads:
         if given is None or not os.path.exists(given):

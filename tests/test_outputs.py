@@ -5,11 +5,19 @@ crashes a command. FIFOs are made in temporary folders, never at system paths.""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import os
+import re
+import shutil
 import stat
+from pathlib import Path
 
 import pytest
 from conftest import write_image_folder
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from test_cli import run
 
 from peft_prompt_clip.storage import atomic_path, run_lock
@@ -186,3 +194,95 @@ def test_eval_reads_a_fifo_or_a_broken_log_without_hanging_or_crashing(adapter, 
     log.write_text('{"history": [{"epoch": 0, "loss": 1, "accuracy": 0, "lr": 1}]}')
     run("eval", "--adapter", copy, "--data", images, "--output", tmp_path / "s.json")
     assert (tmp_path / "s.html").is_file()
+
+
+# Fuzz: random training logs; and every kind of output for `eval`: links, FIFOs, folders, its own inputs.
+NUMBERS = st.integers(-(2**70), 2**70) | st.floats() | st.sampled_from([0, 1, 0.5, 1e308, -1e-308])
+VALUES = st.recursive(
+    st.none() | st.booleans() | NUMBERS | st.text(max_size=6),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3),
+    max_leaves=8,
+)
+EPOCH = {"epoch": 1, "loss": 0.5, "accuracy": 0.5, "lr": 0.002, "eval_accuracy": 0.5, "skipped_steps": 0}
+FUZZ = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@FUZZ
+@given(
+    history=st.lists(st.dictionaries(st.sampled_from([*EPOCH, "x"]), VALUES, max_size=3), max_size=4),
+    evaluations=st.dictionaries(
+        st.sampled_from(["zero_shot", "initial", "best", "last"]),
+        st.dictionaries(st.sampled_from(["epoch", "accuracy", "loss", "x"]), VALUES, max_size=3) | VALUES,
+        max_size=4,
+    ),
+    top=st.dictionaries(st.text(max_size=5), VALUES, max_size=2),
+)
+def test_fuzz_the_report_draws_every_log_that_passes_the_schema(history, evaluations, top):
+    from peft_prompt_clip.report import report_html
+    from peft_prompt_clip.training.record import valid_log
+
+    epochs = [{**EPOCH, "epoch": i + 1, **change} for i, change in enumerate(history)]
+    log = {**top, "history": epochs, **evaluations}
+    if not valid_log(json.loads(json.dumps(log))):  # what the file holds: JSON, so tuples are lists, keys strings
+        return
+    top1 = {"top1": 0.5, "top5": 1.0, "per_class": {"cat": 0.5, "dog": 0.5}, "n": 2}
+    page = report_html({"zero-shot": top1, "learned prompt": top1}, log, "title")
+    assert "<svg" in page and not re.search(r'="[^"]*\b(nan|inf)', page, re.IGNORECASE)
+
+
+KINDS = ["new.json", "file.json", "dir", "fifo", "link-file", "link-dir", "link-fifo", "link-data", "dangling",
+         "data", "adapter", "link-weights"]  # fmt: skip
+TAILS = ["", "/x.json", "/new/x.json", "/adapter_model.safetensors", "/eval_results.json", "/cat/0.png", ".html"]
+
+
+def sandbox(root: Path, adapter: Path, images: Path) -> Path:
+    """A folder of every kind of path an output may name: a regular file, a folder, a FIFO, links to each and to the
+    inputs, a dangling link, and the command's inputs (the data and the adapter)."""
+    shutil.copytree(images, root / "data")
+    shutil.copytree(adapter, root / "adapter", ignore=shutil.ignore_patterns("*.lock", "checkpoint*"))
+    (root / "file.json").write_text("{}")
+    (root / "dir").mkdir()
+    os.mkfifo(root / "fifo")
+    for name, target in [("link-file", "file.json"), ("link-dir", "dir"), ("link-fifo", "fifo"), ("link-data", "data"),
+                         ("dangling", "missing"), ("link-weights", "adapter/adapter_model.safetensors")]:  # fmt: skip
+        (root / name).symlink_to(root / target)
+    return root
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    """Every path under `root`: its kind, and a regular file's content (the adapter's lock file aside: loading takes
+    it)."""
+    found = {}
+    for path in sorted(p for p in root.rglob("*") if not p.name.endswith(".lock")):
+        mode = os.lstat(path).st_mode
+        content = path.read_bytes() if stat.S_ISREG(mode) else os.readlink(path) if stat.S_ISLNK(mode) else None
+        found[str(path.relative_to(root))] = (stat.S_IFMT(mode), content)
+    return found
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_output_eval_may_be_given_is_written_or_refused_alone(adapter, images, tmp_path, kind):
+    """Whatever `--output` names (each kind of path, and paths inside it), `eval` writes its results and report there
+    or refuses in one line naming it, and nothing else under the sandbox changes: no input, no FIFO, no folder, no
+    link."""
+    from peft_prompt_clip.cli import main
+    from peft_prompt_clip.report import report_path
+
+    root = sandbox(tmp_path, adapter, images)
+    for output in (root / f"{kind}{tail}" for tail in TAILS):
+        before = snapshot(root)
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            code = main(["eval", "--adapter", str(root / "adapter"), "--data", str(root / "data"),
+                         "--output", str(output)])  # fmt: skip
+        lines = [line for line in err.getvalue().splitlines() if line.startswith("peft-prompt-clip")]
+        assert code in (0, 2) and "Traceback" not in err.getvalue(), output
+        made = [output, report_path(output), *output.parents]  # the output, its report, the folders made for them
+        mine = {str(p.relative_to(root)) for p in made if p.is_relative_to(root) and p != root} if code == 0 else set()
+        after = snapshot(root)
+        assert {k: v for k, v in after.items() if k not in mine} == {k: v for k, v in before.items() if k not in mine}
+        if code == 2:
+            assert lines[-1].startswith("peft-prompt-clip eval: error:") and str(output) in lines[-1], lines
+        else:
+            assert stat.S_ISREG(os.lstat(output).st_mode) and json.loads(output.read_text())["learned prompt"]
+            assert stat.S_ISREG(os.lstat(report_path(output)).st_mode)
