@@ -20,14 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import PartialState
 from safetensors import SafetensorError
 
 from . import __version__
 from .classifier import CLIP_TEMPLATE, IMAGENET_TEMPLATES, PromptClassifier
 from .config import PromptEmbeddingConfig, printable
 from .data import LabeledImages, drop_unreadable, open_image
-from .distill import load_teacher, pseudo_labeled
+from .distill import load_teacher, process_state, pseudo_labeled
 from .errors import TrainingDivergedError
 from .evaluation import against_zero_shot
 from .hub import RESULTS_NAME
@@ -165,8 +164,9 @@ def distill(args: argparse.Namespace) -> dict[str, Any]:
     labelled = _labelled(args.eval_data, "test", class_names, "--eval-data") if args.eval_data else None
     known = [data for data in (shots, labelled) if data is not None]
     cache = Path(args.output) / "teacher-cache"
-    with PartialState().main_process_first():  # one process runs the teacher; the others read its cache
-        if args.overwrite and PartialState().is_main_process and not teacher.owns(cache):
+    state = process_state()
+    with state.main_process_first():  # one process runs the teacher; the others read its cache
+        if args.overwrite and state.is_main_process and not teacher.owns(cache):
             shutil.rmtree(cache, ignore_errors=True)  # another teacher's, of the run being replaced
         logits = teacher.logits([*images, *(image for data in known for image in data.images)], cache=cache)
     if not (args.augment and args.augment_views and args.self_train is None):
@@ -204,7 +204,7 @@ def distill(args: argparse.Namespace) -> dict[str, Any]:
     config = PromptEmbeddingConfig(**adapter, class_names=data.class_names, init_seed=args.seed)
     training = TrainingArguments(output_dir=args.output, seed=args.seed, resume=args.resume, **settings)
     if teacher_logits is not None and training.augment and training.augment_views and not config.prompts_images:
-        with PartialState().main_process_first():  # each cached view taught by the teacher's logits of that crop
+        with state.main_process_first():  # each cached view taught by the teacher's logits of that crop
             seeds = view_seeds(training.seed, training.augment_views)
             teacher_logits = torch.stack([teacher.logits(data.images, cache, augment_seed=seed) for seed in seeds])
     elif teacher_logits is not None and training.augment:

@@ -180,6 +180,16 @@ def pseudo_labeled(
     return LabeledImages(list(class_names), [images[i] for i in keep], [int(labels[i]) for i in keep])
 
 
+def process_state() -> Any:
+    """Accelerate's state of this process, made as the trainer's `Accelerator` will make it: on the CPU when
+    `ACCELERATE_USE_CPU` says so. Made first with accelerate's defaults instead, it would stay that way (a singleton),
+    and two CPU processes launched together would each train alone."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
 def load_teacher(
     source: str, class_names: list[str] | None, templates: Sequence[str], revision: str | None = None
 ) -> Teacher:
@@ -189,8 +199,6 @@ def load_teacher(
     the zero-shot prompt(s) `templates`. `class_names` default to the adapter's; given, they must be its (in any
     order its prompts allow: a class-specific adapter knows only its own classes).
     """
-    from accelerate import PartialState
-
     from .loading import WEIGHTS_NAME, load_base_model, load_prompt_model, read_adapter_config, resolve_adapter
     from .storage import file_sha256
 
@@ -198,7 +206,7 @@ def load_teacher(
         folder = resolve_adapter(source, revision=revision)
     except FileNotFoundError:  # no prompt adapter there: a model
         folder = None
-    device = PartialState().device
+    device = process_state().device
     if folder is None:
         if revision is not None:
             raise ValueError(f"--revision is for a teacher adapter on the Hub; {source} is a model (or not found).")

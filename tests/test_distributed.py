@@ -57,3 +57,30 @@ def test_two_processes_match_one(clip_dir, tmp_path):
         "README.md", "adapter_config.json", "adapter_model.safetensors", "checkpoint.safetensors", "last",
         "training_log.json",
     ]  # fmt: skip
+
+
+def test_two_processes_distill_as_one(clip_dir, tmp_path):
+    """`distill` in two CPU processes: the teacher runs in one (the other reads its cache), both ranks train, and the
+    student is the one process's (a process state made before the trainer's must not leave each rank alone)."""
+    images = write_image_folder(tmp_path / "images", per_class=8)
+    distill = ["-m", "peft_prompt_clip", "distill", "--teacher", str(clip_dir), "--classes", "cat,dog,red car"]
+    distill += ["--model", str(clip_dir), "--data", str(images), "--epochs", "3", "--optimizer", "adamw"]
+    distill += ["--lr", "0.05", "--n-ctx", "4", "--batch-size", "6", "--warmup-epochs", "0", "--val-images", "4"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    two = subprocess.run(
+        [*LAUNCH_TWO, *distill, "--output", str(tmp_path / "two")],
+        capture_output=True,
+        text=True,
+        env={**env, **TWO_PROCESSES_ENV},
+        timeout=600,
+    )
+    assert two.returncode == 0, two.stderr
+    assert "in 2 processes" in two.stdout and two.stdout.count("agreement with the teacher") == 1, two.stdout
+    one = subprocess.run(
+        [sys.executable, *distill, "--output", str(tmp_path / "one")], capture_output=True, text=True, env=env
+    )
+    assert one.returncode == 0, one.stderr
+    a, b = (load_file(tmp_path / run / "adapter_model.safetensors") for run in ("one", "two"))
+    (key,) = a
+    torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=0)
+    assert len(list((tmp_path / "two" / "teacher-cache").glob("logits-*.safetensors"))) == 1
