@@ -151,11 +151,15 @@ class PromptClassifier:
         return self.encoder.logits(image_features, text.to(image_features.dtype))
 
     def predict(self, images: Sequence, top_k: int = 5) -> list[list[tuple[str, float]]]:
-        """The `top_k` most probable classes of each image (PIL images or arrays), with their probabilities."""
+        """The `top_k` most probable classes of each image (PIL images, or arrays and tensors as the processor takes
+        them), with their probabilities."""
         if not len(images):
             raise ValueError("predict() got no images; pass a list of PIL images or arrays.")
         if top_k < 1:
             raise ValueError(f"top_k must be at least 1, got {top_k}.")
+        empty = [i for i, image in enumerate(images) if 0 in getattr(image, "shape", getattr(image, "size", ()))]
+        if empty:
+            raise ValueError(f"predict() got images without pixels (width or height 0) at positions {empty[:10]}.")
         probs = self.logits(**self.processor(images=list(images), return_tensors="pt")).float().softmax(dim=-1)
         scores, indices = probs.topk(min(top_k, len(self.class_names)), dim=-1)
         return [

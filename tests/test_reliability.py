@@ -209,6 +209,9 @@ def test_bad_values_are_clear_errors(clip_dir, tmp_path, monkeypatch, capsys):
         classifier.predict([])
     with pytest.raises(ValueError, match="top_k must be at least 1"):
         classifier.predict([np.zeros((30, 30, 3), np.uint8)], top_k=-1)
+    for empty in (Image.new("RGB", (0, 4)), np.zeros((5, 0, 3), np.uint8)):  # was a ZeroDivisionError
+        with pytest.raises(ValueError, match=r"without pixels \(width or height 0\) at positions \[1\]"):
+            classifier.predict([np.zeros((30, 30, 3), np.uint8), empty])
     with pytest.raises(ValueError, match="k must be between 1 and the vocabulary size"):
         nearest_words(model, processor.tokenizer, k=100_000)
 
