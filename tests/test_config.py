@@ -53,7 +53,7 @@ def test_unknown_keys_load_with_a_warning(tmp_path):
         (dict(class_specific=True), ValueError, "set num_classes or class_names"),
         (dict(class_names=[]), ValueError, "class_names is empty"),
         (dict(class_names=["cat", ""]), ValueError, r"empty names at positions \[1\]"),
-        (dict(class_names=["cat", "dog", "cat"]), ValueError, r"repeats 'cat' \(positions 0 and 2\)"),
+        (dict(class_names=["cat", "dog", "cat"]), ValueError, r"repeats 'cat' \(positions 0 and 2, spaces aside\)"),
         (dict(class_names="cat"), TypeError, "class_names must be a list of strings"),
         (dict(class_names=["a", "b"], num_classes=3), ValueError, "num_classes=3 disagrees with the 2 class_names"),
         (dict(num_classes=0), ValueError, "num_classes must be a positive integer"),
