@@ -269,6 +269,15 @@ class PromptEmbeddingConfig(PeftConfig):
         return self.vision_n_ctx > 0 or self.coupled
 
     @property
+    def card_tags(self) -> list[str]:
+        """The Hub tags of this adapter's model cards (this package's, PEFT's and the Hub's own): the package, the
+        kind of tuning, its method's and the task's."""
+        method = {"TCP": "tcp", "MaPLe": "maple", "IVLP": "ivlp", "CoCoOp": "cocoop"}.get(self.method, "")
+        method = method or ("vpt" if self.vision_n_ctx else "deep-prompts" if self.prompt_depth > 1 else "coop")
+        specific = ["class-specific-context"] if self.class_specific else []
+        return ["peft-prompt-clip", "prompt-learning", method, *specific, "zero-shot-image-classification"]
+
+    @property
     def method(self) -> str:
         """The method whose adapter this is, by its structure: CoOp, CoOp (CSC), CoCoOp, deep text prompts, vision
         prompts, IVLP (independent deep text and vision prompts), MaPLe (coupled) or TCP (class-aware tokens)."""

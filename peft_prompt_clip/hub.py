@@ -32,9 +32,9 @@ def model_card(
 ) -> str:
     """
     The `README.md` of an adapter, built with `huggingface_hub`'s `ModelCard`: metadata (library, base model and its
-    `base_model:adapter:<id>` tag, task, tags, datasets, a `model-index` with the zero-shot and learned accuracies when
-    `eval_results.json` is present) followed by what the adapter learned, its results and a usage snippet that runs as
-    written.
+    `base_model:adapter:<id>` tag, tags, datasets, a `model-index` with the learned prompt's accuracy when
+    `eval_results.json` is present; the zero-shot accuracy is the base model's, in the text's table) followed by
+    what the adapter learned, its results and a usage snippet that runs as written.
 
     Args:
         folder (`str` or `Path`): the adapter's folder.
@@ -62,10 +62,7 @@ def model_card(
     if invalid:
         raise ValueError(f"datasets must be Hub dataset ids such as 'tanganke/eurosat', got {invalid}.")
     method = config.method
-    tags = ["prompt-learning", "coop", "peft-prompt-clip", "clip"]
-    tags += ["class-specific-context"] if config.class_specific else []
-    tags += ["cocoop"] if config.conditional else []
-    tags += ["maple"] if config.coupled else ["ivlp"] if config.method == "IVLP" else []
+    tags = [*config.card_tags, "transformers"]
     deep = []
     if config.prompt_depth > 1:
         deep.append(f"learned tokens in the first {config.prompt_depth} layers of the text tower")
@@ -82,12 +79,15 @@ def model_card(
         dataset = datasets[0] if datasets else "local"
         evaluations = [
             EvalResult(
-                task_type="zero-shot-image-classification", dataset_type=dataset, dataset_name=dataset,
-                dataset_split=split, metric_type="accuracy", metric_name=f"top-1 accuracy, {prompt}",
-                metric_value=round(results[prompt]["top1"], 4),
+                task_type="zero-shot-image-classification",
+                dataset_type=dataset,
+                dataset_name=dataset,
+                dataset_split=split,
+                metric_type="accuracy",
+                metric_name="top-1 accuracy, learned prompt",
+                metric_value=round(results["learned prompt"]["top1"], 4),
             )
-            for prompt in ("zero-shot", "learned prompt")
-        ]  # fmt: skip
+        ]  # this adapter's result only: the base model's zero-shot accuracy is in the card's table, not credited here
         table = "\n## Results\n\n| prompt | top-1 | top-5 |\n| --- | ---: | ---: |\n" + "".join(
             f"| {name} | {results[name]['top1']:.4f} | {results[name]['top5']:.4f} |\n"
             for name in ("zero-shot", "learned prompt")
@@ -95,7 +95,7 @@ def model_card(
         where = f"the `{split}` split" if split else "held-out images"
         table += f"\nOn {where}, {results['learned prompt']['n']} images.\n"
     data = ModelCardData(
-        library_name="peft", base_model=base, pipeline_tag="zero-shot-image-classification", tags=tags,
+        library_name="peft", base_model=base, tags=tags,  # no pipeline_tag: the Hub's widget cannot load this adapter
         datasets=list(datasets) if datasets else None, metrics=["accuracy"] if evaluations else None,
         model_name=repo_id, eval_results=evaluations or None,
     )  # fmt: skip

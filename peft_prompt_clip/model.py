@@ -190,6 +190,8 @@ class PromptEmbeddingModel(TunerPrivateHooks):
             layout.check_lengths([text_family(embeddings).prefix_length + 1])
         except ValueError as exc:
             raise ValueError(f"n_ctx={peft_config.n_ctx} leaves no room for text: {exc}") from None
+        if hasattr(self.model, "add_model_tags"):  # PEFT's model card (save_pretrained, push_to_hub) reads them
+            self.model.add_model_tags(peft_config.card_tags)
         return peft_config
 
     def _check_target_module_exists(self, peft_config: PromptEmbeddingConfig, key: str) -> bool:

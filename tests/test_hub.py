@@ -15,6 +15,7 @@ import torch
 from hub_server import client_env, serve
 from huggingface_hub import ModelCard
 from PIL import Image
+from routes import METHODS, adapted
 
 TOKEN = "hf_test_write_token"
 
@@ -124,15 +125,18 @@ def test_model_card(hub, adapter, clip_dir, tmp_path):
     card = ModelCard.load(tmp_path / "README.md")
     assert card.data.library_name == "peft"
     assert card.data.base_model == "tiny/clip" and "base_model:adapter:tiny/clip" in card.data.tags
-    assert card.data.pipeline_tag == "zero-shot-image-classification"
-    assert {"prompt-learning", "coop", "class-specific-context"} <= set(card.data.tags)
+    assert card.data.pipeline_tag is None  # the Hub's widget cannot load this adapter: none is offered
+    tags = {"peft-prompt-clip", "prompt-learning", "coop", "class-specific-context", "zero-shot-image-classification"}
+    assert tags | {"transformers"} <= set(card.data.tags)
     assert card.data.datasets == ["tiny/images"] and card.data.metrics == ["accuracy"]
     (index,) = card.data.to_dict()["model-index"]
     metrics = {m["name"]: m["value"] for m in index["results"][0]["metrics"]}
+    # the adapter is credited with its own accuracy only; the base model's zero-shot is in the text's table
     assert (
-        metrics["top-1 accuracy, learned prompt"] == 0.8333 and index["results"][0]["dataset"]["type"] == "tiny/images"
+        metrics == {"top-1 accuracy, learned prompt": 0.8333}
+        and index["results"][0]["dataset"]["type"] == "tiny/images"
     )
-    assert "| learned prompt | 0.8333 | 1.0000 |" in card.text
+    assert "| learned prompt | 0.8333 | 1.0000 |" in card.text and "| zero-shot | 0.5000 | 1.0000 |" in card.text
 
     # the usage snippet runs as written (with an image.jpg beside it)
     snippet = re.search(r"```python\n(.*?)```", card.text, re.S).group(1)
@@ -216,8 +220,9 @@ push_adapter({str(tmp_path / "saved")!r}, "user/our-route", token={TOKEN!r})
         return state.repos[repo]["commits"][state.repos[repo]["branches"]["main"]]["README.md"].decode()
 
     ours, peft_card = card("user/our-route"), card("user/peft-route")
-    assert "import peft_prompt_clip" in ours and "prompt-learning" in ours and "pipeline_tag: zero-shot" in ours
-    assert "import peft_prompt_clip" not in peft_card and "prompt-learning" not in peft_card
+    assert "import peft_prompt_clip" in ours and "pipeline_tag" not in ours and "- prompt-learning" in ours
+    # PEFT's generic card carries this package's tags too (the tuner gives them to the base model: add_model_tags)
+    assert "import peft_prompt_clip" not in peft_card and "- peft-prompt-clip" in peft_card
 
 
 @pytest.mark.parametrize(
@@ -243,3 +248,17 @@ def test_width_mismatch_through_the_hub(hub, adapter, tmp_path):
     wide = save_tiny_clip(tmp_path / "wide", hidden=48)
     result = cli(env, "predict", "--adapter", "user/narrow", "--model", wide, "x.png", check=False)
     assert result.returncode == 2 and "text width 32" in result.stderr
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_card_peft_writes_carries_the_methods_tags(clip_dir, method, tmp_path):
+    """`save_pretrained`'s card (PEFT's) is tagged with this package, prompt learning and the adapter's own method
+    (a MaPLe card is not also `coop`), read back with huggingface_hub's `ModelCard`."""
+    model = adapted(method, clip_dir)
+    model.save_pretrained(tmp_path)
+    tags = set(ModelCard.load(tmp_path / "README.md").data.tags)
+    own = {"coop": "coop", "csc": "coop", "kgcoop": "coop", "cocoop": "cocoop", "ivlp": "ivlp", "promptsrc": "ivlp",
+           "maple": "maple", "tcp": "tcp"}[method]  # fmt: skip
+    assert {"peft-prompt-clip", "prompt-learning", own, "transformers", "zero-shot-image-classification"} <= tags
+    assert not tags & ({"coop", "cocoop", "ivlp", "maple", "tcp"} - {own}), tags
+    assert ("class-specific-context" in tags) == (method == "csc")

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import transformers
 from hub_server import client_env, serve
 from peft import PeftModel, get_peft_model
 from PIL import Image
@@ -83,6 +84,15 @@ def test_transformers_loader(saved, clip_dir, processor):
     clip = base_clip(clip_dir)
     clip.load_adapter(str(folder), adapter_name="mine")
     torch.testing.assert_close(logits(clip, processor), expected, atol=1e-5, rtol=0)
+    # the README's word on transformers' adapter switches: they need PEFT 0.22 from transformers 5.24 on
+    import peft
+
+    from_524 = tuple(int(v) for v in transformers.__version__.split(".")[:2]) >= (5, 24)
+    if from_524 and tuple(int(v) for v in peft.__version__.split(".")[:2]) < (0, 22):
+        with pytest.raises(ValueError, match=r"version >= 0\.22\.0"):
+            clip.active_adapters()
+    else:
+        assert clip.active_adapters() == ["mine"]
 
 
 def test_transformers_pipeline(saved, processor):
