@@ -35,11 +35,14 @@ if __name__ == "__main__":
     results = {
         "split": "test",
         "data": "the faded Fashion-MNIST test images",
+        "zero_shot_templates": list(CLIP_TEMPLATE),
         "zero-shot": evaluate(PromptClassifier(model, processor, CLASSES, CLIP_TEMPLATE, use_adapter=False), test),
         "learned prompt": evaluate(PromptClassifier(model, processor, CLASSES), test),
     }
     log = json.loads((folder / LOG_NAME).read_text())
-    write_report(folder / "eval_results.html", results, log, "CoOp CSC, 16 faded shots, on faded test images")
+    write_report(
+        folder / "eval_results.html", results, log, "CoOp CSC, 16 faded shots: learned prompt against zero-shot"
+    )
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     subprocess.run(
         [browser, "--headless=new", "--no-sandbox", "--hide-scrollbars", f"--screenshot={OUT}",

@@ -45,14 +45,18 @@ def report_html(results: dict[str, Any], log: dict[str, Any] | None, title: str)
     """The report of `results` (what `peft-prompt-clip eval` writes: each method's `top1`, `top5`, `per_class` and
     `confusion`, or per part under `details` for base-to-novel) and of the training `log` (None: no curve)."""
     parts = results["details"] if "details" in results else {"": results}
-    sections = [f"<h1>{_e(title)}</h1>", f"<p>Evaluated on {_e(results.get('data', ''))}.</p>"]
+    templates = results.get("zero_shot_templates") or []
+    prompt = f"; the zero-shot prompt {templates[0]!r}" if len(templates) == 1 else ""
+    prompt = prompt or (f"; the zero-shot prompt an ensemble of {len(templates)} templates" if templates else "")
+    sections = [f"<h1>{_e(title)}</h1>", f"<p>Evaluated on {_e(results.get('data', ''))}{_e(prompt)}.</p>"]
     for part, methods in parts.items():
         heading = f" ({part} classes)" if part else ""
         n = methods["learned prompt"]["n"]
-        overall = [(metric, [methods[m][metric] for m in COLORS]) for metric in ("top1", "top5")]
-        sections.append(f"<h2>Accuracy{_e(heading)}, {n} images</h2>")
-        sections.append(_bars(overall, f"Top-1 and top-5 accuracy{heading}"))
         names = methods["learned prompt"].get("class_names") or list(methods["learned prompt"]["per_class"])
+        metrics = ("top1", "top5") if len(names) > 5 else ("top1",)  # of 5 classes or fewer, top-5 is always 1
+        overall = [(metric.replace("top", "top-"), [methods[m][metric] for m in COLORS]) for metric in metrics]
+        sections.append(f"<h2>Accuracy{_e(heading)}, {n} images</h2>")
+        sections.append(_bars(overall, f"{' and '.join(label for label, _ in overall)} accuracy{heading}"))
         scored = [name for name in names if name in methods["learned prompt"]["per_class"]]  # classes with images
         per_class = [(name, [methods[m]["per_class"][name] for m in COLORS]) for name in scored]
         per_class.sort(key=lambda row: row[1][1] - row[1][0])
@@ -71,6 +75,7 @@ def report_html(results: dict[str, Any], log: dict[str, Any] | None, title: str)
 <style>
 body {{ font: 14px/1.4 system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
 svg {{ display: block; margin: 0.5em 0 1.5em; }} svg text {{ font: 12px system-ui, sans-serif; fill: #222; }}
+svg text.count {{ font-size: 10px; }}
 .key {{ display: inline-block; width: 12px; height: 12px; margin: 0 4px 0 12px; vertical-align: middle; }}
 .row {{ display: flex; flex-wrap: wrap; gap: 2em; }} table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; }}
 td, th {{ padding: 2px 8px; text-align: left; border-bottom: 1px solid #ddd; }}
@@ -85,20 +90,31 @@ def _e(text: Any) -> str:
     return html.escape(str(text))
 
 
+#: The widest a character of the charts' 12px labels is drawn (px), and the longest labels in characters
+CHAR_WIDTH, LONGEST_LABEL, LONGEST_MATRIX_LABEL = 7.5, 28, 16
+
+
+def _label(text: str, longest: int) -> str:
+    """`text` cut to `longest` characters (an ellipsis ending it where cut); the whole is in the element's title."""
+    return text if len(text) <= longest else text[: longest - 1] + "\u2026"
+
+
 def _bars(rows: list[tuple[str, list[float]]], title: str) -> str:
-    """Horizontal grouped bars, one group per row (a value in [0, 1] per series of `COLORS`)."""
-    label_width, width, bar, gap = 180, 420, 10, 8
-    height = len(rows) * (bar * len(COLORS) + gap) + 30
+    """Horizontal grouped bars, one group per row (a value in [0, 1] per series of `COLORS`), as wide as their
+    longest label needs."""
+    longest = max((len(_label(label, LONGEST_LABEL)) for label, _ in rows), default=1)
+    label_width, width, bar, gap = round(longest * CHAR_WIDTH) + 12, 420, 10, 8
+    height = len(rows) * (bar * len(COLORS) + gap) + 34
     parts = [f'<svg class="chart" width="{label_width + width + 60}" height="{height}" role="img">']
     parts.append(f"<title>{_e(title)}</title>")
     for tick in (0, 0.25, 0.5, 0.75, 1.0):
         x = label_width + tick * width
         parts.append(f'<line x1="{x}" y1="0" x2="{x}" y2="{height - 20}" stroke="#eee"/>')
         parts.append(f'<text x="{x}" y="{height - 5}" text-anchor="middle">{tick:g}</text>')
-    y = 0
+    y = 4  # the first value's text rises above its bar
     for label, values in rows:
         parts.append(f'<text x="{label_width - 6}" y="{y + bar * len(COLORS) / 2 + 4}" text-anchor="end">')
-        parts.append(f"{_e(label[:28])}</text>")
+        parts.append(f"{_e(_label(label, LONGEST_LABEL))}<title>{_e(label)}</title></text>")
         for (method, color), value in zip(COLORS.items(), values, strict=True):
             parts.append(
                 f'<rect x="{label_width}" y="{y}" width="{max(value * width, 1):.1f}" height="{bar - 1}" '
@@ -120,23 +136,33 @@ def _confusion(scores: dict[str, Any], names: list[str], method: str) -> str:
             f"<div><h3>{_e(method)}: most frequent confusions</h3>"
             f"<table><tr><th>true</th><th>predicted</th><th>images</th></tr>{rows}</table></div>"
         )
-    cell, margin = max(8, min(28, 480 // len(names))), 120
-    size = margin + cell * len(names)
+    cell = max(8, min(28, 480 // len(names)))
+    labels = [_label(name, LONGEST_MATRIX_LABEL) for name in names]
+    text = max(len(label) for label in labels) * CHAR_WIDTH  # the longest label, drawn
+    left, top = round(text) + 10, round(text * 0.87) + 14  # column labels rise at 60 degrees: sin 60 = 0.87
+    width, height = left + cell * len(names) + round(text / 2) + 10, top + cell * len(names) + 4
     totals = [sum(c for (t, _), c in counts.items() if t == row) or 1 for row in range(len(names))]
-    parts = [f'<div><h3>{_e(method)}</h3><svg class="chart" width="{size + 10}" height="{size + 10}" role="img">']
+    parts = [f'<div><h3>{_e(method)}</h3><svg class="chart" width="{width}" height="{height}" role="img">']
     parts.append(f"<title>Confusion matrix, {_e(method)}</title>")
-    for i, name in enumerate(names):
-        parts.append(f'<text x="{margin - 4}" y="{margin + i * cell + cell / 2 + 4}" text-anchor="end">')
-        parts.append(f"{_e(name[:16])}</text>")
-        x, y = margin + i * cell + cell / 2, margin - 4
-        parts.append(f'<text transform="translate({x},{y}) rotate(-60)">{_e(name[:16])}</text>')
+    for i, (name, label) in enumerate(zip(names, labels, strict=True)):
+        parts.append(f'<text x="{left - 4}" y="{top + i * cell + cell / 2 + 4}" text-anchor="end">')
+        parts.append(f"{_e(label)}<title>{_e(name)}</title></text>")
+        x, y = left + i * cell + cell / 2, top - 4
+        parts.append(f'<text transform="translate({x},{y}) rotate(-60)">{_e(label)}<title>{_e(name)}</title></text>')
     for (true, predicted), count in counts.items():
         share = count / totals[true]
+        x, y = left + predicted * cell, top + true * cell
         parts.append(
-            f'<rect x="{margin + predicted * cell}" y="{margin + true * cell}" width="{cell - 1}" height="{cell - 1}" '
-            f'fill="{COLORS[method]}" fill-opacity="{0.1 + 0.9 * share:.3f}"><title>true {_e(names[true])}, '
-            f"predicted {_e(names[predicted])}: {count} images ({share:.0%} of the class)</title></rect>"
+            f'<rect x="{x}" y="{y}" width="{cell - 1}" height="{cell - 1}" fill="{COLORS[method]}" '
+            f'fill-opacity="{0.1 + 0.9 * share:.3f}"><title>true {_e(names[true])}, predicted {_e(names[predicted])}: '
+            f"{count} images ({share:.0%} of the class)</title></rect>"
         )
+        if cell >= 20 and count < 1000:  # the count, where it fits; dark cells get light text
+            ink = "#fff" if share > 0.5 else "#222"
+            parts.append(
+                f'<text x="{x + (cell - 1) / 2}" y="{y + cell / 2 + 3}" text-anchor="middle" class="count" '
+                f'style="fill:{ink}">{count}</text>'
+            )
     return "".join(parts) + "</svg></div>"
 
 
@@ -166,8 +192,12 @@ def _training_curve(log: dict[str, Any]) -> str:
         chart = [
             f'<svg class="chart" width="{width}" height="{height}" role="img"><title>{_e(name)} per epoch</title>'
         ]
-        chart.append(f'<text x="{margin}" y="12">{_e(name)} (max {top:.3g})</text>')
+        chart.append(f'<text x="{margin}" y="12">{_e(name)}</text>')
         chart.append(f'<line x1="{margin}" y1="{height - 25}" x2="{width - 10}" y2="{height - 25}" stroke="#999"/>')
+        for share in (0, 0.5, 1):  # the y axis' values: 0, half the top and the top
+            y = height - 25 - share * (height - 40)
+            chart.append(f'<line x1="{margin - 3}" y1="{y:.1f}" x2="{width - 10}" y2="{y:.1f}" stroke="#eee"/>')
+            chart.append(f'<text x="{margin - 5}" y="{y + 4:.1f}" text-anchor="end">{share * top:.3g}</text>')
         chart.append(f'<text x="{width - 10}" y="{height - 8}" text-anchor="end">epoch {last}</text>')
         chart.append(f'<polyline points="{line}" fill="none" stroke="{colors[name]}" stroke-width="2"/>')
         if len(points) == 1:  # one epoch: a line of one point draws nothing
@@ -177,6 +207,7 @@ def _training_curve(log: dict[str, Any]) -> str:
             chart.append(
                 f'<line x1="{x:.1f}" y1="20" x2="{x:.1f}" y2="{height - 25}" stroke="#222" stroke-dasharray="4 3"/>'
             )
-            chart.append(f'<text x="{x:.1f}" y="30">kept: epoch {best}</text>')
+            anchor, shift = ("end", -4) if x > width / 2 else ("start", 4)  # inside the chart at either end
+            chart.append(f'<text x="{x + shift:.1f}" y="30" text-anchor="{anchor}">kept: epoch {best}</text>')
         charts.append("".join(chart) + "</svg>")
     return '<div class="row">' + "".join(charts) + "</div>"
