@@ -235,7 +235,7 @@ def distill(args: argparse.Namespace) -> dict[str, Any]:
             )
     if labelled is not None:
         results = against_zero_shot(trainer.model, processor, labelled, CLIP_TEMPLATE)
-        teacher_top1 = (eval_logits.argmax(-1) == torch.tensor(labelled.labels)).float().mean().item()
+        teacher_top1 = int((eval_logits.argmax(-1) == torch.tensor(labelled.labels)).sum()) / len(labelled)
         summary["eval_data"] = {"teacher": {"top1": teacher_top1}, **results}
         print(f"accuracy on {len(labelled)} labelled images of --eval-data {args.eval_data} (top-1):")
         _report({name: {"top1": row["top1"]} for name, row in summary["eval_data"].items()}, ["top1"])
@@ -330,8 +330,13 @@ def eval_(args: argparse.Namespace) -> dict[str, Any]:
     results = {
         "split": split,
         "data": where,
+        "zero_shot_templates": list(templates),
         **against_zero_shot(model, processor, data, templates, base_to_novel=args.base_to_novel),
     }
+    named = f"{templates[0]!r}" if len(templates) == 1 else f"the ensemble of {len(templates)} templates"
+    _say(
+        f"zero-shot prompt: {named} (--templates {'clip' if args.templates == 'imagenet' else 'imagenet'}: the other)"
+    )
     if args.base_to_novel:
         table, columns = results["base_to_novel"], ["base", "novel", "HM"]
     else:
@@ -343,7 +348,9 @@ def eval_(args: argparse.Namespace) -> dict[str, Any]:
     if out is None:
         _say("results not saved: the adapter is a Hub repo; pass --output FILE to save them")
     else:
-        page = save_results(out, results, log if valid_log(log) else None, f"{args.adapter} on {where}")
+        page = save_results(
+            out, results, log if valid_log(log) else None, f"{args.adapter}: learned prompt against zero-shot"
+        )
         _say(f"results written to {out} and {page} (a report with charts)")
     return results
 
@@ -382,7 +389,7 @@ def interpret(args: argparse.Namespace) -> dict:
 
     model, processor, _ = _adapter_model(args)
     result = nearest_words(model, processor.tokenizer, k=args.top_k, metric=args.metric)
-    print(format_nearest_words(result))
+    print(format_nearest_words(result, args.metric))
     return result
 
 
@@ -478,7 +485,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="seed of the shots, held-out images, initial context, batch order and augmentation (default: 1)",
     )
-    p.add_argument("--shots", type=int, help="images per class (K-shot); all by default")
+    p.add_argument(
+        "--shots",
+        type=int,
+        help="images per class (K-shot); by default all of a train split, and on data without splits 16 (at most "
+        "half the smallest class's images: the rest are left for validation and eval)",
+    )
     p.add_argument(
         "--val-shots",
         type=int,

@@ -326,6 +326,9 @@ def _checked_shots(shots: Any) -> int:
 
 
 def _few_shot_indices(data: LabeledImages, shots: int, seed: int) -> list[int]:
+    if not isinstance(data, LabeledImages):
+        hint = " (a Hugging Face dataset: from_hf_dataset(dataset, shots=K))" if hasattr(data, "features") else ""
+        raise TypeError(f"few_shot() takes LabeledImages, got a {type(data).__name__}{hint}.")
     shots = _checked_shots(shots)
     rng = random.Random(seed)
     by_class: dict[int, list[int]] = {}

@@ -193,6 +193,7 @@ def run_demo(output: Path, shots: int = 16, seed: int = 1, epochs: int = 50) -> 
     from .config import PromptEmbeddingConfig
     from .evaluation import evaluate
     from .loading import get_prompt_model
+    from .progress import phase
     from .storage import write_json
     from .training import PromptTrainer, TrainingArguments
 
@@ -204,7 +205,10 @@ def run_demo(output: Path, shots: int = 16, seed: int = 1, epochs: int = 50) -> 
     train = few_shot(pool, shots, seed=seed)
     base = CLIPModel.from_pretrained(MODEL_DIR).eval()
     zero_shot = PromptClassifier(base, processor, CLASSES, CLIP_TEMPLATE)
-    rows = {"zero-shot 'a photo of a {}.'": {name: evaluate(zero_shot, data)["top1"] for name, data in tests.items()}}
+    rows: dict[str, dict[str, float]] = {"zero-shot 'a photo of a {}.'": {}}
+    for domain, data in tests.items():
+        with phase(f"zero-shot, {domain} test images"):
+            rows["zero-shot 'a photo of a {}.'"][domain] = evaluate(zero_shot, data)["top1"]
     for name, class_specific in (("coop", False), ("coop-csc", True)):
         config = PromptEmbeddingConfig(
             ctx_init="a photo of a", class_specific=class_specific, class_names=list(CLASSES), init_seed=seed
@@ -213,10 +217,14 @@ def run_demo(output: Path, shots: int = 16, seed: int = 1, epochs: int = 50) -> 
         args = TrainingArguments(
             output_dir=str(Path(output) / name), epochs=epochs, optimizer="adamw", lr=3e-3, augment=False, seed=seed
         )
-        PromptTrainer(model, processor, train, args).train()
-        learned = PromptClassifier(model, processor, CLASSES)
         label = f"CoOp{' CSC' if class_specific else ''}, {shots} faded shots"
-        rows[label] = {domain: evaluate(learned, data)["top1"] for domain, data in tests.items()}
+        with phase(label):
+            PromptTrainer(model, processor, train, args).train()
+        learned = PromptClassifier(model, processor, CLASSES)
+        rows[label] = {}
+        for domain, data in tests.items():
+            with phase(f"{label}, {domain} test images"):
+                rows[label][domain] = evaluate(learned, data)["top1"]
     print(f"\nfashion-clip (pretrained here on Fashion-MNIST), {len(test_faded)} test images per domain, top-1")
     print(f"{'':32}{'original':>10}{'faded':>10}")
     for name, values in rows.items():

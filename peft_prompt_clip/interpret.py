@@ -62,9 +62,11 @@ def _decode(tokenizer: Any, token_id: int) -> str:
     return token.replace("</w>", "") if isinstance(token, str) else str(token_id)
 
 
-def format_nearest_words(result: dict[str, list[list[tuple[str, float]]]]) -> str:
-    """A readable table: one line per context vector."""
-    lines = []
+def format_nearest_words(result: dict[str, list[list[tuple[str, float]]]], metric: str = "euclidean") -> str:
+    """A readable table under a line that says what it shows: one line per context vector, its nearest tokens with
+    their `metric` scores."""
+    score = "Euclidean distance, smaller is nearer" if metric == "euclidean" else "cosine similarity, larger is nearer"
+    lines = [f"the vocabulary tokens nearest to each learned context vector (in brackets: {score})"]
     for owner, positions in result.items():
         lines.append(f"{printable(owner)}:")
         for i, words in enumerate(positions):

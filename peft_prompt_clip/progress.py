@@ -4,13 +4,16 @@ and huggingface_hub's own bars are switched off."""
 
 from __future__ import annotations
 
+import contextvars
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from tqdm.auto import tqdm
 
 _enabled = True
+_phase: contextvars.ContextVar[str | None] = contextvars.ContextVar("phase", default=None)
 
 
 def disable_progress_bars() -> None:
@@ -31,4 +34,16 @@ def progress(iterable: Iterable | None = None, **kwargs: Any) -> tqdm:
     `accelerate launch`."""
     if not _enabled or os.environ.get("LOCAL_RANK", "0") != "0":
         kwargs["disable"] = True
+    if _phase.get() and kwargs.get("desc"):
+        kwargs["desc"] = f"{_phase.get()}: {kwargs['desc']}"
     return tqdm(iterable, **kwargs)
+
+
+@contextmanager
+def phase(name: str) -> Iterator[None]:
+    """Name the bars shown inside (`"CoOp, 16 shots: training"`), for work of several parts."""
+    token = _phase.set(name)
+    try:
+        yield
+    finally:
+        _phase.reset(token)

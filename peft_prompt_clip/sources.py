@@ -32,6 +32,8 @@ from .data import (
 )
 from .storage import read_json
 
+#: Training images per class on data without splits, unless told (CoOp's largest few-shot setting)
+DEFAULT_SHOTS = 16
 #: A Hugging Face dataset's split names, by the split they serve here.
 HF_SPLITS = {"train": ("train",), "val": ("validation", "val", "valid", "dev"), "test": ("test",)}
 
@@ -45,7 +47,8 @@ def is_hf_dataset(data: str) -> bool:
             return True
         images = any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.glob("*/*"))
         return not images and (any(path.glob("*.parquet")) or any(path.glob("data/*.parquet")))
-    is_id = re.fullmatch(r"[\w.-]+/[\w.-]+", data) is not None  # owner/name: a bare word is a mistyped folder
+    # owner/name, the owner starting with a letter or digit: a bare word, ./x or ../x is a mistyped folder
+    is_id = re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", data) is not None
     return not path.exists() and is_id
 
 
@@ -222,10 +225,19 @@ class DataSource:
         return data, part.where, part.name
 
     def training(self, shots: int | None, val_shots: int | None, seed: int) -> TrainingData:
-        """A run's training images (`shots` per class, all by default) and its held-out images for choosing the epoch
+        """A run's training images (`shots` per class; by default all of a training split, and of data without splits
+        [`DEFAULT_SHOTS`], at most half the smallest class's images) and its held-out images for choosing the epoch
         kept (`val_shots` per class, by default min(shots, 4) as CoOp's few-shot validation sets): from the data's
         validation split, else from the images not among the shots; none when there are none, with a word on why."""
         pool, where, split = self.split("train", training=True)
+        chosen = ""
+        if shots is None and split == "all":  # one set of images: some are left for validation and for eval
+            shots = max(1, min(DEFAULT_SHOTS, min(pool.counts()) // 2))
+            chosen = (
+                f"; {shots} a class by default on data without splits ({DEFAULT_SHOTS} at most, half the smallest "
+                "class's images), so that the held-out images and `eval` on the same data have images it never saw; "
+                "--shots N to choose"
+            )
         train, rest = hold_out(pool, shots, seed=seed) if shots is not None else (pool, None)
         wanted = val_shots if val_shots is not None else min(shots or 4, 4)
         if wanted < 0:
@@ -252,7 +264,7 @@ class DataSource:
             )
         train = drop_unreadable(train)  # opens only the images in use: 16 shots of ImageNet, not its 1.28 M images
         per_class = f" ({shots} shots per class at most)" if shots is not None else ""
-        notes = [f"train: {len(train)} images of {len(train.class_names)} classes{per_class} from {where}"]
+        notes = [f"train: {len(train)} images of {len(train.class_names)} classes{per_class} from {where}{chosen}"]
         if val is not None:
             val = drop_unreadable(val)
             none_left = f"; none of {spent}, all of whose images are training shots" if spent else ""

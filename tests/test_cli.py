@@ -204,6 +204,35 @@ def test_option_help_shows_each_fields_default():
     assert "default" not in helps["class_chunk_size"]  # unset: nothing to show
 
 
+def test_train_then_eval_on_a_plain_folder_without_shots(clip_dir, tmp_path):
+    """The README's two commands on a folder of class folders, no --shots: training leaves images it never sees (16
+    a class at most, half the smallest class), some choose the epoch, eval measures the rest; a run whose loss does
+    not move says so."""
+    folder = write_image_folder(tmp_path / "images", per_class=12)
+    result = run("train", "--model", clip_dir, "--data", folder, "--output", tmp_path / "a", "--epochs", "5",
+                 "--n-ctx", "2", "--lr", "0")  # fmt: skip
+    assert "train: 18 images of 3 classes (6 shots per class at most)" in result.stdout
+    assert (
+        "6 a class by default on data without splits (16 at most, half the smallest class's images)" in result.stdout
+    )
+    assert "validation: 12 images (4 per class at most) held out from the images not among the shots" in result.stdout
+    assert re.search(
+        r"validation accuracy \(12 held-out images\): zero-shot \('a photo of a \{\}.'\) [\d.]+", result.stdout
+    )
+    assert "warning: the training loss did not fall" in result.stdout and "try --optimizer adamw" in result.stdout
+    result = run("eval", "--adapter", tmp_path / "a", "--data", folder)
+    assert "evaluating 6 images of 3 classes" in result.stdout and "less the 30 images" in result.stdout
+    assert "zero-shot prompt: 'a photo of a {}.' (--templates imagenet: the other)" in result.stdout
+    from peft_prompt_clip.data import LabeledImages
+    from peft_prompt_clip.training.record import describe_run
+
+    data = LabeledImages(["a", "b"], ["x", "y"], [0, 1])
+    for first, last, epochs, flat in [(1.6094, 1.6066, 200, True), (1.0, 1.1, 5, True), (1.6, 0.8, 200, False),
+                                      (1.6, 1.6, 4, False)]:  # fmt: skip
+        summary = {"epochs": epochs, "loss": last, "accuracy": 0.5, "first_loss": first}
+        assert ("warning: the training loss did not fall" in describe_run(summary, data, 1, "out")) == flat
+
+
 def test_a_folder_is_used_as_given_and_held_out_images_choose_the_epoch(clip_dir, tmp_path):
     """A folder of class folders is neither split behind the user's back for training (16 shots are 16 shots) nor for
     eval (all of it, less the images the adapter learned from); spare images choose the epoch kept."""

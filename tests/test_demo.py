@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import re
 import subprocess
 import sys
@@ -24,6 +25,10 @@ def test_demo_learns_under_the_domain_shift(tmp_path):
     zero_shot, shared, csc = (rows[k]["faded"] for k in rows)
     assert shared > zero_shot + 0.1 and csc > zero_shot + 0.3, rows
     assert re.search(r"zero-shot 'a photo of a \{\}.'\s+0\.\d+\s+0\.\d+", result.stdout)
+    # each progress bar says which part of the demo it is (unless bars are off)
+    if "TQDM_DISABLE" not in os.environ:
+        assert "CoOp CSC, 16 faded shots: training" in result.stderr
+        assert "zero-shot, faded test images: evaluating" in result.stderr
     for name in ("coop", "coop-csc"):
         config = json.loads((tmp_path / name / "adapter_config.json").read_text())
         assert config["class_names"] == CLASSES

@@ -53,4 +53,6 @@ def test_interpret_command(clip, tokenizer, clip_dir, tmp_path):
     command = [sys.executable, "-m", "peft_prompt_clip", "interpret", "--adapter", str(tmp_path), "--top-k", "2"]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert "ctx  2: photo (" in result.stdout and result.stdout.startswith("shared:")
+    assert "ctx  2: photo (" in result.stdout and result.stdout.splitlines()[1] == "shared:"
+    assert result.stdout.startswith("the vocabulary tokens nearest to each learned context vector (in brackets: "
+                                    "Euclidean distance, smaller is nearer)")  # fmt: skip

@@ -68,18 +68,31 @@ def fingerprint(
     return json.loads(json.dumps(run))  # as the checkpoint stores it (enums as their values, tuples as lists)
 
 
+#: From this many epochs on, a run whose loss fell by less than 1% (or rose) is said not to learn
+FLAT_EPOCHS = 5
+
+
 def describe_run(summary: dict[str, Any], data: LabeledImages, processes: int, output: str) -> str:
-    """A run's [`PromptTrainer.train`] `summary` in one line: what it trained on, its last epoch, where it saved."""
+    """A run's [`PromptTrainer.train`] `summary` in one line: what it trained on, its last epoch, where it saved; and a
+    warning when its loss did not fall."""
     result = (
         "nothing left to train (the checkpoint holds every epoch)"
         if summary["loss"] is None
         else f"loss {summary['loss']:.4f}, train accuracy {summary['accuracy']:.3f}"
     )
     where = f" in {processes} processes" if processes > 1 else ""
-    return (
+    text = (
         f"trained {summary['epochs']} epochs on {len(data)} images of {len(data.class_names)} classes{where}: "
         f"{result}; adapter saved to {output}"
     )
+    first, loss = summary.get("first_loss"), summary["loss"]
+    if first is not None and loss is not None and summary["epochs"] >= FLAT_EPOCHS and first - loss < 0.01 * first:
+        text += (
+            f"\nwarning: the training loss did not fall ({first:.4f} in the first epoch, {loss:.4f} in the last): the "
+            "prompt learned next to nothing; try --optimizer adamw (the recipe's SGD at lr 0.002 is slow on few "
+            "images), a higher --lr, or more --epochs"
+        )
+    return text
 
 
 def describe_held_out(scores: dict[str, Any], output: str, template: str | list[str], ctx_init: str | None) -> str:

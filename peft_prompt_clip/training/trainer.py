@@ -321,6 +321,7 @@ class PromptTrainer:
         if start_epoch < self.epochs:  # a resumed run whose checkpoint holds every epoch only saves the adapter
             last = log["history"][-1]
             summary.update(loss=last["loss"], accuracy=last["accuracy"], skipped_steps=last["skipped_steps"])
+            summary["first_loss"] = log["history"][0]["loss"]
         summary["seconds_per_step"] = sorted(step_seconds)[len(step_seconds) // 2] if step_seconds else None
         if self.eval_data is not None:
             if self.average is not None:  # the end of training's adapter, the GPA mean, is a candidate too
