@@ -149,6 +149,12 @@ def write_json(path: str | Path, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2))
 
 
+def _check_lock_file(path: Path) -> None:
+    """A lock file is a regular file (or none yet): a FIFO or a device under its name is refused, not waited on."""
+    if os.path.lexists(path) and not stat.S_ISREG(os.lstat(path).st_mode):
+        raise OSError(f"{path} is not a regular file; remove it and try again.")
+
+
 @contextmanager
 def locked(folder: Path, shared: bool = False) -> Iterator[None]:
     """Hold the folder's lock across processes (`filelock`: fcntl on POSIX, msvcrt on Windows), so that writers take
@@ -157,8 +163,7 @@ def locked(folder: Path, shared: bool = False) -> Iterator[None]:
     write there either). The lock file must be a regular file: a FIFO or a device under that name is refused, not
     waited on."""
     path = Path(folder) / LOCK_NAME
-    if os.path.lexists(path) and not stat.S_ISREG(os.lstat(path).st_mode):
-        raise OSError(f"{path} is not a regular file; remove it and try again.")
+    _check_lock_file(path)
     if shared and not path.exists():
         yield
         return
@@ -191,8 +196,7 @@ def run_lock(folder: Path, main: bool = True) -> Iterator[None]:
         return
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / RUN_LOCK_NAME
-    if os.path.lexists(path) and not stat.S_ISREG(os.lstat(path).st_mode):
-        raise OSError(f"{path} is not a regular file; remove it and try again.")
+    _check_lock_file(path)
     lock = FileLock(str(path), mode=file_mode(), timeout=0, is_singleton=True)
     try:
         lock.acquire()
