@@ -289,8 +289,8 @@ def test_adapters_of_release_0_1_0_still_load(kind, clip_dir, processor):
         ):
             loaded = {tail(k).replace(f".{name}", ""): v for k, v in model.state_dict().items() if "prompt_emb" in k}
             assert {k: v.tolist() for k, v in loaded.items()} == {tail(k): v.tolist() for k, v in saved.items()}
-            if TRANSFORMERS_5:
-                torch.testing.assert_close(logits(model, processor), expected, atol=1e-6, rtol=0)
+            if TRANSFORMERS_5:  # float32 logits of about 5: the installed releases' kernels move them by 2.4e-6
+                torch.testing.assert_close(logits(model, processor), expected, atol=1e-5, rtol=0)
 
 
 def test_class_specific_context_travels_by_name(clip_dir, processor):
