@@ -10,7 +10,8 @@ per class from the pool's images that are not among the shots, choosing the epoc
 base, novel and harmonic mean).
 
 Run: python benchmarks/cli_presets.py --methods tcp   (about 10 minutes a method on 2 CPU cores); writes
-benchmarks/results/cli_presets.json (other methods' rows kept)
+benchmarks/results/cli_presets.json (other methods' rows kept). `--train-args '--epochs 10'` measures the presets with
+more train flags, as rows of their own.
 """
 
 from __future__ import annotations
@@ -52,10 +53,11 @@ def cli(*args: str) -> str:
     return result.stdout
 
 
-def run(method: str, data: Path, seed: int, out: Path, base_to_novel: bool) -> dict[str, float]:
-    """Train the preset on `data` and evaluate it against zero-shot on its test images."""
-    adapter = str(out / f"{method}-{data.name}-{seed}-{'b2n' if base_to_novel else 'all'}")
-    train = ["train", "--method", method, "--model", str(MODEL_DIR), "--data", str(data), "--output", adapter]
+def run(method: str, data: Path, seed: int, out: Path, base_to_novel: bool, extra: list[str]) -> dict[str, float]:
+    """Train the preset (with the `extra` train flags) on `data` and evaluate it against zero-shot on its test
+    images."""
+    adapter = str(out / f"{method}-{'-'.join(extra)}-{data.name}-{seed}-{'b2n' if base_to_novel else 'all'}")
+    train = ["train", "--method", method, "--model", str(MODEL_DIR), "--data", str(data), "--output", adapter, *extra]
     cli(*train, "--shots", "16", "--seed", str(seed), "-q", *(["--classes", "base"] if base_to_novel else []))
     evaluation = ["eval", "--adapter", adapter, "--data", str(data), "--split", "test", "--json", "-q"]
     scores = json.loads(cli(*evaluation, *(["--base-to-novel"] if base_to_novel else [])))
@@ -68,6 +70,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", nargs="+", default=["tcp"])
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--train-args", default="", help="more train flags, e.g. '--epochs 10' (a row of its own)")
     args = parser.parse_args()
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
@@ -80,11 +83,13 @@ def main() -> None:
         for method in args.methods:
             rows = {}
             for name, data, b2n in tables:
-                runs = [run(method, data, seed, root, b2n) for seed in range(1, args.seeds + 1)]
+                runs = [
+                    run(method, data, seed, root, b2n, args.train_args.split()) for seed in range(1, args.seeds + 1)
+                ]
                 values = {key: [r[key] for r in runs] for key in runs[0]}
                 rows[name] = {k: {"mean": statistics.mean(v), "std": statistics.pstdev(v)} for k, v in values.items()}
                 print(method, name, {k: round(v["mean"], 3) for k, v in rows[name].items()}, flush=True)
-            results["runs"][method] = rows
+            results["runs"][f"{method} {args.train_args}".strip()] = rows
     results["machine"] = f"{platform.processor() or platform.machine()}, {platform.system()}"
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
