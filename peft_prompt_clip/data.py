@@ -178,10 +178,8 @@ def from_hf_dataset(
             f"This is a DatasetDict with the splits {list(dataset.keys())}; pass one of them, e.g. "
             f"from_hf_dataset(dataset[{next(iter(dataset.keys()), 'train')!r}])."
         )
-    features = dataset.features or {}  # a stream may not know its features: its first row names the columns
-    columns = getattr(dataset, "column_names", None) or list(features) or list(next(iter(dataset), {}))
-    kinds = {name: type(feature).__name__ for name, feature in features.items()}
-    image_column = hf_image_column(dataset, image_column)
+    features, columns, kinds = _columns(dataset)
+    image_column = _image_column(features, columns, kinds, image_column)
     label_column = label_column or next((c for c in columns if kinds.get(c) == "ClassLabel"), "label")
     if label_column not in columns:
         raise ValueError(
@@ -192,7 +190,7 @@ def from_hf_dataset(
     if not hasattr(dataset, "__len__"):  # a stream: read row by row, only as far as needed
         return _from_stream(dataset, image_column, label_column, names, shots)
     labels = list(dataset[label_column])  # the label column alone: no image is decoded
-    unlabeled = [i for i, y in enumerate(labels) if y is None or (names is not None and not 0 <= y < len(names))]
+    unlabeled = [i for i, y in enumerate(labels) if not _has_class(y, names)]
     if unlabeled:
         raise ValueError(
             f"{len(unlabeled)} row(s) have no class in the label column {label_column!r} (rows {unlabeled[:5]}: "
@@ -218,9 +216,17 @@ def hf_image_column(dataset: Any, image_column: str | None = None) -> str:
     Raises:
         `ValueError`: naming the columns, when the column is missing or holds no images.
     """
-    features = dataset.features or {}
+    return _image_column(*_columns(dataset), image_column)
+
+
+def _columns(dataset: Any) -> tuple[Any, list[str], dict[str, str]]:
+    """A dataset's features, its column names and each column's feature type by name."""
+    features = dataset.features or {}  # a stream may not know its features: its first row names the columns
     columns = getattr(dataset, "column_names", None) or list(features) or list(next(iter(dataset), {}))
-    kinds = {name: type(feature).__name__ for name, feature in features.items()}
+    return features, columns, {name: type(feature).__name__ for name, feature in features.items()}
+
+
+def _image_column(features: Any, columns: list[str], kinds: dict[str, str], image_column: str | None) -> str:
     column = image_column or next((c for c in columns if kinds.get(c) == "Image"), "image")
     if column not in columns:
         raise ValueError(
@@ -237,6 +243,12 @@ def hf_image_column(dataset: Any, image_column: str | None = None) -> str:
     return column
 
 
+def _has_class(label: Any, names: list[str] | None) -> bool:
+    """Whether a row's `label` names a class: not None, and with `ClassLabel` `names` one of their indices (datasets
+    marks a row without a label -1)."""
+    return label is not None and (names is None or 0 <= label < len(names))
+
+
 def _from_stream(
     stream: Any, image_column: str, label_column: str, names: list[str] | None, shots: int | None
 ) -> LabeledImages:
@@ -244,7 +256,7 @@ def _from_stream(
     kept: dict[Any, list[Any]] = {}
     for row in stream.select_columns([image_column, label_column]):
         label = row[label_column]
-        if label is None or (names is not None and not 0 <= label < len(names)):
+        if not _has_class(label, names):
             raise ValueError(f"The stream has a row without a class in its label column {label_column!r}: {label!r}.")
         images = kept.setdefault(label, [])
         if shots is None or len(images) < shots:
