@@ -8,6 +8,7 @@ import os
 import re
 import warnings
 from pathlib import Path
+from typing import Any
 
 from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData, get_token
 
@@ -51,7 +52,7 @@ def model_card(
         raise ValueError(
             f"base_model must be a Hub model id such as 'openai/clip-vit-base-patch32', got {base_model!r}."
         )
-    base = base_model or hub_model_id(config.base_model_name_or_path)
+    base = _base_model_id(config, base_model)
     if base is None:
         warnings.warn(
             f"The adapter's base model {config.base_model_name_or_path!r} is not a Hub model id, so the card names no "
@@ -159,7 +160,7 @@ def push_adapter(
         raise ValueError("Pushing needs a Hugging Face token with write access: run `hf auth login`, set HF_TOKEN, "
                          "or pass --token.")  # fmt: skip
     card = model_card(folder, repo_id, datasets, base_model).encode()  # checks base_model and datasets first
-    base = base_model or hub_model_id(read_adapter_config(folder).base_model_name_or_path)
+    base = _base_model_id(read_adapter_config(folder), base_model)
     operations = [
         CommitOperationAdd(path_in_repo=CONFIG_NAME, path_or_fileobj=_shared_config(folder, base)),
         CommitOperationAdd(path_in_repo=WEIGHTS_NAME, path_or_fileobj=str(folder / WEIGHTS_NAME)),
@@ -193,6 +194,12 @@ def _network_error(exc: Exception, doing: str) -> Exception:
     if isinstance(exc, OSError) or any(TRANSPORTS.fullmatch(m) for m in modules):
         return OSError(f"Could not {doing}: {exc}")
     return exc
+
+
+def _base_model_id(config: Any, base_model: str | None) -> str | None:
+    """The base model's Hub id as the card and the pushed config name it: `base_model`, else the adapter's
+    `base_model_name_or_path` where that is a Hub id; None for a local folder."""
+    return base_model or hub_model_id(config.base_model_name_or_path)
 
 
 def _shared_config(folder: Path, base: str | None) -> bytes:

@@ -190,7 +190,7 @@ class PromptEmbeddingModel(TunerPrivateHooks):
             layout.check_lengths([text_family(embeddings).prefix_length + 1])
         except ValueError as exc:
             raise ValueError(f"n_ctx={peft_config.n_ctx} leaves no room for text: {exc}") from None
-        if hasattr(self.model, "add_model_tags"):  # PEFT's model card (save_pretrained, push_to_hub) reads them
+        if hasattr(self.model, "add_model_tags"):  # PEFT's save_pretrained card reads them (push_to_hub's does not)
             self.model.add_model_tags(peft_config.card_tags)
         return peft_config
 
