@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError
 
 from . import __version__
-from .classifier import CLIP_TEMPLATE, IMAGENET_TEMPLATES, PromptClassifier
+from .classifier import CLIP_TEMPLATE, IMAGENET_TEMPLATES, PromptClassifier, describe_templates
 from .config import PromptEmbeddingConfig, printable
 from .data import LabeledImages, drop_unreadable, open_image
 from .distill import load_teacher, process_state, pseudo_labeled
@@ -85,9 +85,8 @@ def _holds_output(*reads: str) -> Callable[[Command], Command]:
             output = check_output(
                 args.output, [(flag, getattr(args, flag[2:].replace("-", "_"))) for flag in reads], True
             )
-            with run_lock(
-                output, main=os.environ.get("RANK", "0") == "0"
-            ):  # the launcher's rank: accelerate is not started yet
+            # the main process by the launcher's rank: accelerate is not started yet
+            with run_lock(output, main=os.environ.get("RANK", "0") == "0"):
                 previous = [
                     name for name in ("adapter_model.safetensors", CHECKPOINT_NAME) if (output / name).exists()
                 ]
@@ -333,10 +332,8 @@ def eval_(args: argparse.Namespace) -> dict[str, Any]:
         "zero_shot_templates": list(templates),
         **against_zero_shot(model, processor, data, templates, base_to_novel=args.base_to_novel),
     }
-    named = f"{templates[0]!r}" if len(templates) == 1 else f"the ensemble of {len(templates)} templates"
-    _say(
-        f"zero-shot prompt: {named} (--templates {'clip' if args.templates == 'imagenet' else 'imagenet'}: the other)"
-    )
+    other = "clip" if args.templates == "imagenet" else "imagenet"
+    _say(f"zero-shot prompt: {describe_templates(templates)} (--templates {other}: the other)")
     if args.base_to_novel:
         table, columns = results["base_to_novel"], ["base", "novel", "HM"]
     else:

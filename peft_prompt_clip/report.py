@@ -9,6 +9,7 @@ import html
 from pathlib import Path
 from typing import Any
 
+from .classifier import describe_templates
 from .storage import write_json, write_text
 
 #: The colours of the zero-shot and learned series (colour-blind safe: Okabe-Ito).
@@ -45,9 +46,8 @@ def report_html(results: dict[str, Any], log: dict[str, Any] | None, title: str)
     """The report of `results` (what `peft-prompt-clip eval` writes: each method's `top1`, `top5`, `per_class` and
     `confusion`, or per part under `details` for base-to-novel) and of the training `log` (None: no curve)."""
     parts = results["details"] if "details" in results else {"": results}
-    templates = results.get("zero_shot_templates") or []
-    prompt = f"; the zero-shot prompt {templates[0]!r}" if len(templates) == 1 else ""
-    prompt = prompt or (f"; the zero-shot prompt an ensemble of {len(templates)} templates" if templates else "")
+    templates = results.get("zero_shot_templates")
+    prompt = f"; the zero-shot prompt {describe_templates(templates)}" if templates else ""
     sections = [f"<h1>{_e(title)}</h1>", f"<p>Evaluated on {_e(results.get('data', ''))}{_e(prompt)}.</p>"]
     for part, methods in parts.items():
         heading = f" ({part} classes)" if part else ""

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..classifier import describe_templates
 from ..config import PromptEmbeddingConfig
 from ..data import LabeledImages
 from ..storage import read_json, write_json
@@ -102,7 +103,7 @@ def describe_held_out(scores: dict[str, Any], output: str, template: str | list[
     name = {0: "the initial prompt (epoch 0)", "average": "the epochs' Gaussian average"}.get(
         best["epoch"], f"epoch {best['epoch']}"
     )
-    prompt = repr(template) if isinstance(template, str) else f"an ensemble of {len(template)} templates"
+    prompt = describe_templates(template)
     text = (
         f"validation accuracy ({scores['images']} held-out images): zero-shot ({prompt}) {zero:.3f}, initial prompt "
         f"{scores['initial']['accuracy']:.3f}, end of training {last['accuracy']:.3f}, best {best['accuracy']:.3f}: "
