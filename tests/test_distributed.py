@@ -16,19 +16,24 @@ LAUNCH_TWO = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
 TWO_PROCESSES_ENV = {"ACCELERATE_USE_CPU": "true"}
 
 
+def launch_two(command: list[str], output, env: dict) -> subprocess.CompletedProcess:
+    """`python COMMAND --output OUTPUT` in two real CPU processes."""
+    return subprocess.run(
+        [*LAUNCH_TWO, *command, "--output", str(output)],
+        capture_output=True,
+        text=True,
+        env={**env, **TWO_PROCESSES_ENV},
+        timeout=600,
+    )
+
+
 def test_two_processes_match_one(clip_dir, tmp_path):
     write_image_folder(tmp_path / "images", per_class=8)
     train = ["-m", "peft_prompt_clip", "train", "--model", str(clip_dir), "--data", str(tmp_path / "images")]
     train += ["--epochs", "3", "--optimizer", "adamw", "--lr", "0.05", "--n-ctx", "4", "--batch-size", "6"]
     train += ["--shots", "4", "--augment", "--warmup-epochs", "0"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
-    two = subprocess.run(
-        [*LAUNCH_TWO, *train, "--output", str(tmp_path / "two")],
-        capture_output=True,
-        text=True,
-        env={**env, **TWO_PROCESSES_ENV},
-        timeout=600,
-    )
+    two = launch_two(train, tmp_path / "two", env)
     assert two.returncode == 0, two.stderr
     assert two.stdout.count("trained 3 epochs") == 1  # only the main process reports and writes
     assert "in 2 processes" in two.stdout  # two ranks ran, not one
@@ -67,13 +72,7 @@ def test_two_processes_distill_as_one(clip_dir, tmp_path):
     distill += ["--model", str(clip_dir), "--data", str(images), "--epochs", "3", "--optimizer", "adamw"]
     distill += ["--lr", "0.05", "--n-ctx", "4", "--batch-size", "6", "--warmup-epochs", "0", "--val-images", "4"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
-    two = subprocess.run(
-        [*LAUNCH_TWO, *distill, "--output", str(tmp_path / "two")],
-        capture_output=True,
-        text=True,
-        env={**env, **TWO_PROCESSES_ENV},
-        timeout=600,
-    )
+    two = launch_two(distill, tmp_path / "two", env)
     assert two.returncode == 0, two.stderr
     assert "in 2 processes" in two.stdout and two.stdout.count("agreement with the teacher") == 1, two.stdout
     one = subprocess.run(
