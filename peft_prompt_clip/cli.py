@@ -10,6 +10,7 @@ import dataclasses
 import enum
 import functools
 import json
+import math
 import os
 import random
 import shutil
@@ -37,7 +38,7 @@ from .report import report_path, save_results
 from .sources import DataSource, unlabeled_images
 from .storage import check_output, run_lock
 from .training import CHECKPOINT_NAME, PromptTrainer, TrainingArguments, bounded_epochs, coop_epochs, view_seeds
-from .training.arguments import STEP_BUDGET
+from .training.arguments import MIN_STEPS, STEP_BUDGET
 from .training.record import describe_held_out, describe_run, read_log, valid_log
 from .variants import VARIANTS
 
@@ -102,6 +103,25 @@ def _holds_output(*reads: str) -> Callable[[Command], Command]:
     return holding
 
 
+def _default_epochs(args: argparse.Namespace, data: LabeledImages, most: int | None) -> None:
+    """Unless `--epochs` is given, set it: the recipe's (the preset's, or CoOp's by shots), raised on few images to
+    [`MIN_STEPS`] optimizer steps and cut on many to about `most` (see [`bounded_epochs`]); said when changed."""
+    if args.epochs is not None:
+        return
+    preset = METHODS[args.method].training
+    recipe = preset.get("epochs") or coop_epochs(max(data.counts()))
+    batch_size = args.batch_size or preset.get("batch_size", 32)
+    args.epochs = bounded_epochs(recipe, len(data), batch_size, most)
+    if args.epochs != recipe:
+        per_epoch = math.ceil(len(data) / batch_size)
+        bound = f"at least {MIN_STEPS}" if args.epochs > recipe else f"at most about {most:,}"
+        _say(
+            f"epochs: {args.epochs}, {args.epochs * per_epoch:,} optimizer steps in batches of {batch_size} (the "
+            f"recipe's {recipe} epochs on {len(data)} images take {recipe * per_epoch:,}; a run takes {bound} steps "
+            "unless --epochs is given)"
+        )
+
+
 def method_fields(args: argparse.Namespace, num_classes: int, model: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """The adapter and training fields of `train`: `--method`'s preset, each field given by its own flag instead."""
     given = {name: getattr(args, name) for name in (*ADAPTER_OPTIONS, *TRAINING_OPTIONS)}
@@ -117,6 +137,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     for note in run.notes:
         _say(note)
     data, val = run.train, run.val
+    _default_epochs(args, data, most=None)
     model, processor = load_base_model(args.model)
     adapter, settings = method_fields(args, len(data.class_names), model)
     if settings.get("distill_weight"):
@@ -185,12 +206,7 @@ def distill(args: argparse.Namespace) -> dict[str, Any]:
             labeled = torch.arange(len(data) + len(shots)) >= len(data)
     if shots is not None:
         data = LabeledImages(class_names, [*data.images, *shots.images], [*data.labels, *shots.labels])
-    if args.epochs is None:  # the recipe's epochs, fewer on many images
-        preset = METHODS[args.method].training
-        recipe = preset.get("epochs") or coop_epochs(max(data.counts()))
-        args.epochs = bounded_epochs(recipe, len(data), args.batch_size or preset.get("batch_size", 32))
-        if args.epochs < recipe:
-            _say(f"epochs: {args.epochs} (about {STEP_BUDGET:,} steps; the recipe's {recipe} on {len(data)} images)")
+    _default_epochs(args, data, most=STEP_BUDGET)
     model, processor = load_base_model(args.model)
     adapter, settings = method_fields(args, len(class_names), model)
     if teacher_logits is not None:

@@ -158,6 +158,34 @@ def test_cli_flags_override_the_preset():
     assert fields() == ({}, {})  # CoOp: the library's defaults
 
 
+def test_a_run_on_few_images_takes_at_least_min_steps(capsys):
+    """MaPLe's and IVLP's 2 epochs in batches of 4 are 80 steps on 160 images, too few to learn (measured in
+    benchmarks/cli_presets.py): unless --epochs is given, a run takes MIN_STEPS steps at least, and says so."""
+    from peft_prompt_clip.cli import _default_epochs, build_parser
+    from peft_prompt_clip.data import LabeledImages
+    from peft_prompt_clip.training import bounded_epochs
+    from peft_prompt_clip.training.arguments import MIN_STEPS
+
+    assert MIN_STEPS == 400 and bounded_epochs(2, 160, 4, most=None) == 10 and bounded_epochs(2, 161, 4) == 10
+    assert bounded_epochs(200, 160, 32) == 200  # CoOp's recipe: 1,000 steps
+
+    def epochs(*flags: str, images: int = 160) -> int:
+        args = build_parser().parse_args(["train", "--model", "m", "--data", "d", "--output", "o", *flags])
+        data = LabeledImages([str(c) for c in range(10)], [None] * images, [n % 10 for n in range(images)])
+        _default_epochs(args, data, most=None)
+        return args.epochs
+
+    assert epochs("--method", "maple") == 10
+    assert "epochs: 10, 400 optimizer steps in batches of 4 (the recipe's 2 epochs on 160 images take 80; a run " \
+        "takes at least 400 steps unless --epochs is given)" in capsys.readouterr().out  # fmt: skip
+    assert epochs("--method", "ivlp", "--batch-size", "16") == 40 and capsys.readouterr()  # 10 steps an epoch
+    assert epochs("--method", "maple", "--epochs", "2") == 2  # given: as given
+    assert epochs("--method", "maple", images=16_000) == 2  # the paper's ImageNet: 8,000 steps
+    assert epochs("--method", "promptsrc") == 20 and epochs() == 200 and not capsys.readouterr().out
+    _, training = method_settings("promptsrc", 10, epochs=epochs("--method", "promptsrc", images=40))
+    assert training["epochs"] == 40 and training["gpa_mean"] == 30.0  # the Gaussian follows the raised epochs
+
+
 def test_cli_method_preset_with_an_override(clip_dir, tmp_path):
     images = write_image_folder(tmp_path / "images", per_class=4)
     out = tmp_path / "maple"

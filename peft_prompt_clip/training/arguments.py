@@ -39,13 +39,25 @@ def coop_epochs(shots: int) -> int:
 
 #: The optimizer steps a run on many images takes at most by default ([`bounded_epochs`])
 STEP_BUDGET = 10_000
+#: The optimizer steps a run on few images takes at least by default ([`bounded_epochs`]). Measured with the presets as
+#: a user runs them (benchmarks/cli_presets.py, 160 images): MaPLe's and IVLP's 2 epochs in batches of 4 are 80 steps,
+#: the first at the warm-up rate, and gained 16 and 27 points over zero-shot on faded images; 10 epochs (400 steps)
+#: gained 33 and 39. The other presets take 800 to 1,600 steps there.
+MIN_STEPS = 400
+EPOCHS_HELP = (
+    f"epochs (default: the --method preset's, CoOp's 50 / 100 / 200 by shots; raised to at least {MIN_STEPS} "
+    f"optimizer steps on few images, and for distill cut to about {STEP_BUDGET:,} on many)"
+)
 
 
-def bounded_epochs(epochs: int, images: int, batch_size: int, steps: int = STEP_BUDGET) -> int:
-    """`epochs`, or fewer on many images: as many as take about `steps` optimizer steps over `images` in batches of
-    `batch_size` (at least one). A few-shot recipe's epochs on an unlabeled set of 10,000 images would take 56,000
-    steps; measured on faded Fashion-MNIST (benchmarks/distill.py), 10,000 steps keep most of the gain."""
-    return max(1, min(epochs, round(steps * batch_size / images)))
+def bounded_epochs(epochs: int, images: int, batch_size: int, most: int | None = STEP_BUDGET) -> int:
+    """`epochs`, or more on few images and fewer on many: at least as many as take [`MIN_STEPS`] optimizer steps over
+    `images` in batches of `batch_size`, and (unless `most` is None) at most as many as take about `most` steps (at
+    least one epoch). A few-shot recipe's epochs on an unlabeled set of 10,000 images would take 56,000 steps;
+    measured on faded Fashion-MNIST (benchmarks/distill.py), 10,000 steps keep most of the gain."""
+    if most is not None:
+        epochs = max(1, min(epochs, round(most * batch_size / images)))
+    return max(epochs, math.ceil(MIN_STEPS / math.ceil(images / batch_size)))
 
 
 @dataclass
@@ -119,7 +131,7 @@ class TrainingArguments:
     """
 
     output_dir: str
-    epochs: int | None = field(default=None, metadata={"help": "epochs (default: CoOp's by shots: 50 / 100 / 200)"})
+    epochs: int | None = field(default=None, metadata={"help": EPOCHS_HELP})
     batch_size: int = field(default=32, metadata={"help": "images per optimizer step, over all processes"})
     optimizer: str = field(default="sgd", metadata={"help": "'sgd' or 'adamw'"})
     lr: float = field(default=0.002, metadata={"help": "peak learning rate"})
