@@ -43,7 +43,9 @@ class PromptEmbeddingConfig(PeftConfig):
             Number of learned context vectors. Defaults to the number of tokens of `ctx_init`, or 16 without it.
         ctx_init (`str`, *optional*):
             Words whose token embeddings initialise the context, e.g. CoOp's `"a photo of a"`. When `n_ctx` is larger
-            than their token count, they fill the last context vectors and the others start random.
+            than their token count, they fill the last context vectors and the others start random; when it is
+            smaller, the first `n_ctx` tokens start the context and the rest stay fixed words after it (MaPLe's
+            `n_ctx=2` with `"a photo of a"`: the learned "a photo", then "of a" and the class name).
         init_seed (`int`, *optional*, defaults to 0):
             Seed of the random (normal, std 0.02) initialisation, so the same config gives the same adapter.
         class_token_position (`str`, *optional*, defaults to `"end"`):
@@ -58,6 +60,9 @@ class PromptEmbeddingConfig(PeftConfig):
         suffix_token_ids (`list[int]`, *optional*):
             Token ids that end a text and stay after the context for `"middle"` and `"front"` (CoOp's period). Filled
             from the tokenizer with the ids of `"."` when the adapter is created; `[]` keeps every token with the text.
+        fixed_token_ids (`list[int]`, *optional*):
+            Token ids between the context and the text, kept as they are: the tokens of `ctx_init` past `n_ctx`,
+            filled from the tokenizer when the adapter is created (`[]`: none).
         conditional (`bool`, *optional*, defaults to `False`): CoCoOp (Zhou et al., CVPR 2022): a meta-net maps each
             image's feature to a bias added to every context vector (instance-conditional context). Needs a model
             with an image tower and a shared context.
@@ -130,6 +135,13 @@ class PromptEmbeddingConfig(PeftConfig):
         metadata={
             "help": "Token ids ending a text that stay after the context for 'middle'/'front' (CoOp's period); "
             "filled from the tokenizer's ids of '.' when the adapter is created."
+        },
+    )
+    fixed_token_ids: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "Token ids kept fixed between the context and the text: ctx_init's tokens past n_ctx, filled "
+            "from the tokenizer when the adapter is created."
         },
     )
     conditional: bool = field(
@@ -231,11 +243,13 @@ class PromptEmbeddingConfig(PeftConfig):
                 f"vision_prompt_depth={self.vision_prompt_depth} needs vision tokens: set vision_n_ctx (e.g. 4)."
             )
         check_variants(self)
-        if self.suffix_token_ids is not None and not (
-            isinstance(self.suffix_token_ids, list)
-            and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**31 for i in self.suffix_token_ids)
-        ):
-            raise ValueError(f"suffix_token_ids must be a list of token ids, got {self.suffix_token_ids!r}.")
+        for name in ("suffix_token_ids", "fixed_token_ids"):
+            ids = getattr(self, name)
+            if ids is not None and not (
+                isinstance(ids, list)
+                and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**31 for i in ids)
+            ):
+                raise ValueError(f"{name} must be a list of token ids, got {ids!r}.")
         if self.target_modules is not None and not isinstance(self.target_modules, str):
             raise TypeError(f"target_modules must be one module name (a string), got {self.target_modules!r}.")
         if self.weights_sha256 is not None and not (

@@ -1,11 +1,11 @@
 """Where the learned context goes in a tokenised prompt.
 
 A text arrives tokenised as `[SOS] t_1 ... t_m [EOS] [pad ...]` (CLIP), or `t_1 ... t_m [EOS] [pad ...]` (SigLIP).
-The adapter makes room for `n_ctx` context vectors by
-inserting placeholder tokens, so that every module downstream of the embeddings (the causal mask, the pooling at the
-end-of-text token) sees a consistent sequence. The positions of the context are a function of the end-of-text
-index and of whether the text ends with the suffix (CoOp's period), so they can be derived again from the expanded ids
-alone: the placeholder ids are never searched for, and a text containing the placeholder's word is harmless.
+The adapter makes room for `n_ctx` context vectors by inserting placeholder tokens (followed by the adapter's fixed
+tokens, if any: MaPLe's "of a"), so that every module downstream of the embeddings (the causal mask, the pooling at the
+end-of-text token) sees a consistent sequence. The positions of the context are a function of the end-of-text index and
+of whether the text ends with the suffix (CoOp's period), so they can be derived again from the expanded ids alone: the
+placeholder ids are never searched for, and a text containing the placeholder's word is harmless.
 """
 
 from __future__ import annotations
@@ -68,6 +68,8 @@ class PromptLayout:
         pooling (`Pooling`): where the text model pools. With `Pooling.LAST` the sequence keeps its length (padding
             to the model's length is part of its input) and the context takes the place of trailing padding.
         prefix_length (`int`, defaults to 1): tokens before the text (CLIP's start-of-text; 0 for SigLIP).
+        fixed_token_ids (`tuple[int, ...]`, defaults to `()`): ids inserted right after the context and kept as they
+            are (MaPLe's "of a" after its learned "a photo"); only with the text at the end.
     """
 
     n_ctx: int
@@ -78,17 +80,24 @@ class PromptLayout:
     max_positions: int
     pooling: Pooling = Pooling.EOS
     prefix_length: int = 1
+    fixed_token_ids: tuple[int, ...] = ()
+
+    @property
+    def inserted(self) -> int:
+        """Tokens inserted into each prompt: the context and the fixed tokens after it."""
+        return self.n_ctx + len(self.fixed_token_ids)
 
     def check_lengths(self, lengths: Sequence[int], texts: Sequence[str] | None = None, padded: int = 0) -> None:
         """The one check that prompts fit the model: each text of `lengths[i]` tokens (start and end tokens included)
-        plus the context must fit the model's positions, or, for `Pooling.LAST`, the `padded` length the texts keep.
+        plus the inserted tokens must fit the model's positions, or, for `Pooling.LAST`, the `padded` length the texts
+        keep.
 
         Raises:
             `ValueError`: naming the texts (when given) that are too long, and the fix.
         """
         keeps_length = self.pooling == Pooling.LAST and padded
         limit = padded if keeps_length else self.max_positions
-        too_long = [i for i, n in enumerate(lengths) if n + self.n_ctx > limit]
+        too_long = [i for i, n in enumerate(lengths) if n + self.inserted > limit]
         if not too_long:
             return
         longest = max(lengths[i] for i in too_long)
@@ -99,14 +108,14 @@ class PromptLayout:
         )
         if keeps_length:
             raise ValueError(
-                f"{what} leave no room for the {self.n_ctx} context tokens: this model pools at the last position, so "
-                f"a prompt keeps its padded length ({padded}) and the context replaces padding. Tokenise with "
+                f"{what} leave no room for the {self.inserted} context tokens: this model pools at the last position, "
+                f"so a prompt keeps its padded length ({padded}) and the context replaces padding. Tokenise with "
                 "padding='max_length' (as the model expects), shorten the text or use a smaller n_ctx."
             )
         verb = "need" if texts is not None else "needs"
         raise ValueError(
-            f"{what} plus {self.n_ctx} context tokens {verb} {longest + self.n_ctx} positions, but the model has "
-            f"max_position_embeddings={self.max_positions}. Shorten the text or use a smaller n_ctx."
+            f"{what} plus {self.inserted} context tokens {verb} {longest + self.inserted} positions, but the model "
+            f"has max_position_embeddings={self.max_positions}. Shorten the text or use a smaller n_ctx."
         )
 
     def end_of_text_index(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -146,28 +155,35 @@ class PromptLayout:
     def expand(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Insert `n_ctx` placeholder tokens into each row and drop padding past the longest prompt.
+        """Insert `n_ctx` placeholder tokens (and the fixed tokens after them) into each row and drop padding past the
+        longest prompt.
 
-        Returns the new `input_ids` and `attention_mask` (ones at the context slots).
+        Returns the new `input_ids` and `attention_mask` (ones at the inserted slots).
         """
         batch, length = input_ids.shape
         eos = self.end_of_text_index(input_ids)
         longest = int(eos.max()) + 1
         self.check_lengths([longest], padded=length)
-        needed = longest + self.n_ctx
-        new_eos = eos + self.n_ctx
+        inserted = self.inserted
+        needed = longest + inserted
+        new_eos = eos + inserted
         suffix = self._suffix_length(input_ids, eos, torch.full_like(eos, self.prefix_length))
         slots = self.context_positions(new_eos, suffix)
-        is_ctx = torch.zeros(batch, length + self.n_ctx, dtype=torch.bool, device=input_ids.device)
-        is_ctx.scatter_(1, slots, True)
-        # every row has exactly `length` non-context slots, filled with its tokens in order
-        ids = input_ids.new_full((batch, length + self.n_ctx), self.placeholder_id)
-        ids[~is_ctx] = input_ids.reshape(-1)
+        tokens = [self.placeholder_id] * self.n_ctx
+        if self.fixed_token_ids:  # right after the context, which then starts after the prefix (the text at the end)
+            slots = self.prefix_length + torch.arange(inserted, device=input_ids.device).expand(batch, -1)
+            tokens += self.fixed_token_ids
+        is_inserted = torch.zeros(batch, length + inserted, dtype=torch.bool, device=input_ids.device)
+        is_inserted.scatter_(1, slots, True)
+        # every row has exactly `length` slots of its own, filled with its tokens in order
+        ids = input_ids.new_empty((batch, length + inserted))
+        ids.scatter_(1, slots, input_ids.new_tensor(tokens).expand(batch, -1))
+        ids[~is_inserted] = input_ids.reshape(-1)
         mask = None
         if attention_mask is not None:
-            mask = attention_mask.new_ones((batch, length + self.n_ctx))
-            mask[~is_ctx] = attention_mask.reshape(-1)
-        keep = length if self.pooling == Pooling.LAST else needed  # SigLIP: same length, the last n_ctx pads dropped
+            mask = attention_mask.new_ones((batch, length + inserted))
+            mask[~is_inserted] = attention_mask.reshape(-1)
+        keep = length if self.pooling == Pooling.LAST else needed  # SigLIP: same length, the last pads dropped
         return ids[:, :keep], None if mask is None else mask[:, :keep]
 
     def locate(self, expanded_ids: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,8 @@ class Method:
 
 #: The presets, by the name `--method` takes. The recipes are those of the papers' base-to-novel configurations
 #: (ViT-B/16): MaPLe's and PromptSRC's as in the PromptSRC repository's configs. Depths are for 12-layer towers; on a
-#: shallower model they are capped at its layer count (see [`method_settings`]).
+#: shallower model they are capped at its layer count (see [`method_settings`]). MaPLe's and IVLP's 2 context tokens
+#: start from "a photo of a" as in their code: "a photo" is learned, "of a" stays fixed before the class name.
 METHODS: dict[str, Method] = {
     "coop": Method("CoOp", "Zhou et al., Learning to Prompt for Vision-Language Models, IJCV 2022"),
     "cocoop": Method(
@@ -51,13 +52,13 @@ METHODS: dict[str, Method] = {
     "ivlp": Method(
         "IVLP",
         "Khattak et al., MaPLe: Multi-modal Prompt Learning, CVPR 2023 (its independent V-L prompting baseline)",
-        {"n_ctx": 2, "ctx_init": "a photo", "prompt_depth": 9, "vision_n_ctx": 2, "vision_prompt_depth": 9},
+        {"n_ctx": 2, "ctx_init": "a photo of a", "prompt_depth": 9, "vision_n_ctx": 2, "vision_prompt_depth": 9},
         {"lr": 0.0035, "batch_size": 4, "epochs": 2},
     ),
     "maple": Method(
         "MaPLe",
         "Khattak et al., MaPLe: Multi-modal Prompt Learning, CVPR 2023",
-        {"n_ctx": 2, "ctx_init": "a photo", "prompt_depth": 9, "coupled": True},
+        {"n_ctx": 2, "ctx_init": "a photo of a", "prompt_depth": 9, "coupled": True},
         {"lr": 0.0035, "batch_size": 4, "epochs": 2},
     ),
     "promptsrc": Method(

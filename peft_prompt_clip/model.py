@@ -217,6 +217,8 @@ class PromptEmbeddingModel(TunerPrivateHooks):
         if any(v.prompts_images for v in variants):
             _check_image_tower(self.model, vision)
         init_ids = _ctx_init_ids(peft_config, _tokenizer(peft_config, self.model))
+        if init_ids is not None:
+            init_ids = init_ids[: peft_config.n_ctx]  # the rest: fixed_token_ids
         build = Build(peft_config, self.model, embeddings, text_layers, vision, init_ids)
         parts = {variant: variant.create(build) for variant in variants}
         layout = layout_of(peft_config, embeddings, parent.config)
@@ -342,21 +344,23 @@ def layout_of(config: PromptEmbeddingConfig, embeddings: nn.Module, text_config:
     family = text_family(embeddings)
     eos = text_config.eos_token_id
     pooling = text_pooling(family, text_config)
-    suffix = tuple(config.suffix_token_ids or ())
+    suffix, fixed = tuple(config.suffix_token_ids or ()), tuple(config.fixed_token_ids or ())
+
+    def is_word(i: int) -> bool:  # an id the text tower embeds that does not end the text
+        return 0 <= i < text_config.vocab_size and i != eos and (pooling != Pooling.ARGMAX or i < eos)
+
+    if not all(map(is_word, fixed)):
+        raise ValueError(
+            f"fixed_token_ids={list(fixed)} are not all words of this text model (vocabulary of "
+            f"{text_config.vocab_size}, end-of-text id {eos}): the adapter was made for another tokenizer."
+        )
     candidates = [getattr(text_config, "bos_token_id", None), 0, 1, 2, 3, 4]
-    placeholder = next(
-        i
-        for i in candidates
-        if i is not None
-        and i < text_config.vocab_size
-        and i != eos
-        and i not in suffix
-        and (pooling != Pooling.ARGMAX or i < eos)
-    )
+    placeholder = next(i for i in candidates if i is not None and is_word(i) and i not in suffix)
     return PromptLayout(
         n_ctx=config.n_ctx,
         position=ClassTokenPosition(config.class_token_position),
         suffix_token_ids=suffix,
+        fixed_token_ids=fixed,
         eos_token_id=eos,
         placeholder_id=placeholder,
         max_positions=embeddings.position_embedding.num_embeddings,
@@ -387,8 +391,9 @@ def _ctx_init_ids(config: PromptEmbeddingConfig, tokenizer: PreTrainedTokenizerB
 
 
 def complete_config(config: PromptEmbeddingConfig, tokenizer: PreTrainedTokenizerBase | None) -> None:
-    """Fill what a config leaves to the model: `n_ctx` (the token count of `ctx_init`, else 16) and, for the middle
-    and front positions, `suffix_token_ids` (the tokenizer's ids of CoOp's period)."""
+    """Fill what a config leaves to the model: `n_ctx` (the token count of `ctx_init`, else 16), `fixed_token_ids`
+    (the ids of `ctx_init` past `n_ctx`) and, for the middle and front positions, `suffix_token_ids` (the tokenizer's
+    ids of CoOp's period)."""
     ids = _ctx_init_ids(config, tokenizer)
     if config.ctx_init is not None and ids is None:
         warnings.warn(
@@ -396,13 +401,16 @@ def complete_config(config: PromptEmbeddingConfig, tokenizer: PreTrainedTokenize
             "Pass tokenizer_name_or_path, or load the base model from a folder or repo that has one.",
             stacklevel=3,
         )
-    if ids is not None and config.n_ctx is not None and len(ids) > config.n_ctx:
-        raise ValueError(
-            f"ctx_init={config.ctx_init!r} is {len(ids)} tokens, more than n_ctx={config.n_ctx}; "
-            f"raise n_ctx to at least {len(ids)} or leave it unset."
-        )
     if config.n_ctx is None:
         config.n_ctx = 16 if ids is None else len(ids)
+    if config.fixed_token_ids is None:
+        config.fixed_token_ids = [] if ids is None else ids[config.n_ctx :]
+    if config.fixed_token_ids and config.class_token_position != ClassTokenPosition.END:
+        raise ValueError(
+            f"ctx_init={config.ctx_init!r} is {len(ids or ())} tokens, more than n_ctx={config.n_ctx}: the words "
+            "past the context stay fixed right after it, before the text, which needs class_token_position='end'; "
+            f"raise n_ctx to at least {len(ids or ())}, or put the text at the end."
+        )
     if config.coupled:  # MaPLe: each layer's vision tokens are mapped from its text tokens
         config.vision_n_ctx = config.n_ctx
     if config.class_token_position != ClassTokenPosition.END and config.suffix_token_ids is None:

@@ -28,18 +28,20 @@ def batches(draw):
     n_ctx=st.integers(1, 5),
     position=st.sampled_from(list(ClassTokenPosition)),
     suffix=st.sampled_from([(), (DOT,), (DOT, 13)]),
+    fixed=st.sampled_from([(), (12,), (DOT, 11, P)]),
 )
-def test_locate_finds_what_expand_inserted(batch, n_ctx, position, suffix):
+def test_locate_finds_what_expand_inserted(batch, n_ctx, position, suffix, fixed):
     ids, texts = batch
-    layout = PromptLayout(n_ctx, position, suffix, EOS, placeholder_id=P, max_positions=64)
+    fixed = fixed if position == ClassTokenPosition.END else ()  # fixed words only before a text at the end
+    layout = PromptLayout(n_ctx, position, suffix, EOS, placeholder_id=P, max_positions=64, fixed_token_ids=fixed)
     expanded, mask = layout.expand(ids, torch.ones_like(ids))
     slots = layout.locate(expanded)
     is_ctx = torch.zeros_like(expanded, dtype=torch.bool).scatter_(1, slots, True)
     assert int(is_ctx.sum()) == n_ctx * len(texts)  # n_ctx distinct slots per row
     for row, text in enumerate(texts):
         kept = expanded[row][~is_ctx[row]].tolist()
-        assert kept[: len(text) + 2] == [SOS, *text, EOS]  # the text, in order, around the context
-        assert expanded[row].tolist().index(EOS) == len(text) + 1 + n_ctx
+        assert kept[: len(text) + len(fixed) + 2] == [SOS, *fixed, *text, EOS]  # in order, around the context
+        assert expanded[row].tolist().index(EOS) == len(text) + 1 + n_ctx + len(fixed)
         first = int(slots[row].min())
         if position == ClassTokenPosition.END:
             assert slots[row].tolist() == list(range(1, 1 + n_ctx))

@@ -120,6 +120,30 @@ def test_gaussian_prompt_aggregation_saves_the_weighted_mean(clip_dir, tmp_path,
         PromptTrainer(model, processor, data, args).train()
 
 
+def test_words_of_ctx_init_past_n_ctx_stay_fixed_before_the_class_name(clip_dir, tmp_path):
+    """MaPLe's and IVLP's prompt: 2 learned tokens from "a photo of a", then "of a" as words. At the start, a CoOp
+    context so made is those words: its class features are the base model's for "a photo of a {}." exactly."""
+    processor = AutoProcessor.from_pretrained(clip_dir)
+    ids = processor.tokenizer("a photo of a", add_special_tokens=False)["input_ids"]
+    zero_shot = PromptClassifier(CLIPModel.from_pretrained(clip_dir).eval(), processor, CLASSES, ["a photo of a {}."])
+    config = PromptEmbeddingConfig(n_ctx=2, ctx_init="a photo of a", class_names=CLASSES)
+    model = get_peft_model(CLIPModel.from_pretrained(clip_dir).eval(), config)
+    assert config.fixed_token_ids == ids[2:] and model.peft_config["default"].n_ctx == 2
+    learned = PromptClassifier(model, processor, CLASSES)
+    torch.testing.assert_close(learned.class_features(), zero_shot.class_features(), atol=1e-6, rtol=0)
+    model.save_pretrained(tmp_path)  # the fixed ids travel with the adapter: no tokenizer needed to load it
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["fixed_token_ids"] == ids[2:]
+    loaded = load_prompt_model(CLIPModel.from_pretrained(clip_dir).eval(), tmp_path)
+    torch.testing.assert_close(PromptClassifier(loaded, processor, CLASSES).class_features(), learned.class_features())
+    adapter, _ = method_settings("maple", num_classes=len(CLASSES))
+    assert (adapter["n_ctx"], adapter["ctx_init"]) == (2, "a photo of a")
+    with pytest.raises(ValueError, match="the words past the context stay fixed right after it, before the text"):
+        get_peft_model(CLIPModel.from_pretrained(clip_dir), PromptEmbeddingConfig(n_ctx=2, ctx_init="a photo of a",
+                       class_token_position="front"))  # fmt: skip
+    with pytest.raises(ValueError, match=r"fixed_token_ids=\[99999\] are not all words of this text model"):
+        get_peft_model(CLIPModel.from_pretrained(clip_dir), PromptEmbeddingConfig(n_ctx=2, fixed_token_ids=[99999]))
+
+
 def test_presets_are_the_papers():
     adapter, training = method_settings("promptsrc", num_classes=10)
     assert adapter == {**METHODS["promptsrc"].adapter} and adapter["prompt_depth"] == 9

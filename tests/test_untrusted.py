@@ -21,7 +21,7 @@ from peft_prompt_clip.tiny import clip_config
 
 FIELDS = [
     "n_ctx", "ctx_init", "init_seed", "class_token_position", "class_specific", "num_classes", "class_names",
-    "suffix_token_ids", "target_modules", "tokenizer_name_or_path", "inference_mode", "task_type",
+    "suffix_token_ids", "fixed_token_ids", "target_modules", "tokenizer_name_or_path", "inference_mode", "task_type",
     "base_model_name_or_path", "revision", "peft_version", "auto_mapping", "weights_sha256",
 ]  # fmt: skip
 JSON = st.recursive(
