@@ -44,11 +44,12 @@ import torch.nn.functional as F
 from transformers import AutoProcessor, CLIPModel
 
 from peft_prompt_clip import PromptEmbeddingConfig, get_prompt_model
-from peft_prompt_clip.classifier import CLIP_TEMPLATE, PromptClassifier
+from peft_prompt_clip.classifier import PromptClassifier
 from peft_prompt_clip.data import LabeledImages, base_novel, few_shot, image_inputs, select_classes
 from peft_prompt_clip.demo import CLASSES, MODEL_DIR, PRETRAIN_TEMPLATES, demo_data, fade
 from peft_prompt_clip.encoder import PromptEncoder
 from peft_prompt_clip.evaluation import evaluate, harmonic_mean
+from peft_prompt_clip.options import CLIP_TEMPLATE
 from peft_prompt_clip.training import PromptTrainer, TrainingArguments
 
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")

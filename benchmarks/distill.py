@@ -95,8 +95,8 @@ def projection(teacher_dir: Path, images: np.ndarray, test_images: list, test_la
     from transformers import AutoProcessor, CLIPModel
 
     from peft_prompt_clip import PromptClassifier, Teacher
-    from peft_prompt_clip.classifier import IMAGENET_TEMPLATES
     from peft_prompt_clip.encoder import PromptEncoder
+    from peft_prompt_clip.options import IMAGENET_TEMPLATES
     from peft_prompt_clip.training.losses import distillation_kl
 
     teacher_model = CLIPModel.from_pretrained(teacher_dir).eval()

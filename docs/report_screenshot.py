@@ -16,8 +16,8 @@ from pathlib import Path
 from transformers import AutoProcessor, CLIPModel
 
 from peft_prompt_clip import PromptClassifier, PromptEmbeddingConfig, evaluate, few_shot, get_prompt_model, hold_out
-from peft_prompt_clip.classifier import CLIP_TEMPLATE
 from peft_prompt_clip.demo import CLASSES, MODEL_DIR, demo_data, fade
+from peft_prompt_clip.options import CLIP_TEMPLATE
 from peft_prompt_clip.report import write_report
 from peft_prompt_clip.training import LOG_NAME, PromptTrainer, TrainingArguments
 

@@ -16,28 +16,6 @@ from torch import nn
 from .config import check_class_names
 from .encoder import PromptEncoder
 
-#: CLIP's hand-written prompt, the zero-shot baseline of CoOp's tables.
-CLIP_TEMPLATE = ("a photo of a {}.",)
-
-
-def describe_templates(templates: str | Sequence[str]) -> str:
-    """Prompt template(s) in words, as the reports name the zero-shot prompt: `'a photo of a {}.'`, or `an ensemble
-    of 7 templates`."""
-    templates = [templates] if isinstance(templates, str) else list(templates)
-    return repr(templates[0]) if len(templates) == 1 else f"an ensemble of {len(templates)} templates"
-
-
-#: The seven-template ensemble CLIP's authors selected for ImageNet (also used by CoOp's zero-shot baselines).
-IMAGENET_TEMPLATES = (
-    "itap of a {}.",
-    "a bad photo of the {}.",
-    "a origami {}.",
-    "a photo of the large {}.",
-    "a {} in a video game.",
-    "art of the {}.",
-    "a photo of the small {}.",
-)
-
 
 class PromptClassifier:
     """

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from peft import PeftConfig
 
+from .options import AdapterOptions, ClassTokenPosition
 from .variants import check_variants
 
 
@@ -24,16 +25,8 @@ class PromptClipType(str, enum.Enum):
 PEFT_TYPE = PromptClipType.PEFT_PROMPT_CLIP
 
 
-class ClassTokenPosition(str, enum.Enum):
-    """Where the text (the class name) sits relative to the learned context, as in CoOp."""
-
-    END = "end"  # [SOS] ctx text [EOS]
-    MIDDLE = "middle"  # [SOS] ctx[:n//2] text ctx[n//2:] suffix [EOS]
-    FRONT = "front"  # [SOS] text ctx suffix [EOS]
-
-
 @dataclass
-class PromptEmbeddingConfig(PeftConfig):
+class PromptEmbeddingConfig(PeftConfig, AdapterOptions):
     """
     Configuration of a [`PromptEmbeddingModel`]: learned context vectors inserted into the text prompts of a
     CLIP-family model (CoOp, Zhou et al., IJCV 2022).
@@ -104,85 +97,6 @@ class PromptEmbeddingConfig(PeftConfig):
 
     ```
     """
-
-    n_ctx: int | None = field(
-        default=None,
-        metadata={"help": "Number of learned context vectors (default: the token count of ctx_init, else 16)."},
-    )
-    ctx_init: str | None = field(
-        default=None,
-        metadata={
-            "help": "Words that initialise the context, e.g. 'a photo of a'; random (normal, std 0.02) if unset."
-        },
-    )
-    init_seed: int = field(default=0, metadata={"help": "Seed of the random initialisation of the context."})
-    class_token_position: ClassTokenPosition | str = field(
-        default=ClassTokenPosition.END,
-        metadata={"help": "Where the text sits relative to the context: 'end', 'middle' or 'front'."},
-    )
-    class_specific: bool = field(
-        default=False,
-        metadata={"help": "Learn one context per class (CoOp's CSC); needs num_classes or class_names."},
-    )
-    num_classes: int | None = field(
-        default=None, metadata={"help": "Number of classes for class_specific context (default: len(class_names))."}
-    )
-    class_names: list[str] | None = field(
-        default=None, metadata={"help": "Class names the adapter was learned for; saved with the adapter."}
-    )
-    suffix_token_ids: list[int] | None = field(
-        default=None,
-        metadata={
-            "help": "Token ids ending a text that stay after the context for 'middle'/'front' (CoOp's period); "
-            "filled from the tokenizer's ids of '.' when the adapter is created."
-        },
-    )
-    fixed_token_ids: list[int] | None = field(
-        default=None,
-        metadata={
-            "help": "Token ids kept fixed between the context and the text: ctx_init's tokens past n_ctx, filled "
-            "from the tokenizer when the adapter is created."
-        },
-    )
-    conditional: bool = field(
-        default=False,
-        metadata={"help": "CoCoOp: a meta-net adds an image-conditioned bias to every context vector."},
-    )
-    meta_net_reduction: int = field(
-        default=16, metadata={"help": "CoCoOp's meta-net hidden size is the image feature size divided by this."}
-    )
-    prompt_depth: int = field(
-        default=1,
-        metadata={"help": "Text layers with learned tokens: 1 = the input context only (CoOp); J adds J-1 layers."},
-    )
-    vision_n_ctx: int = field(
-        default=0, metadata={"help": "Learned tokens appended to the image tower's sequence (0: none)."}
-    )
-    vision_prompt_depth: int = field(
-        default=1, metadata={"help": "Image layers with their own learned tokens (1: the appended tokens only)."}
-    )
-    coupled: bool = field(
-        default=False,
-        metadata={"help": "MaPLe: each layer's vision tokens are a learned linear map of its text tokens."},
-    )
-    class_prompt_layer: int = field(
-        default=0,
-        metadata={"help": "TCP: the text layer before which class-aware tokens, made from each class's text, go in."},
-    )
-    target_modules: str | None = field(
-        default=None,
-        metadata={
-            "help": "Name (or end of name) of the text embeddings module to replace (default: found by its class)."
-        },
-    )
-    tokenizer_name_or_path: str | None = field(
-        default=None,
-        metadata={"help": "Tokenizer for ctx_init and suffix_token_ids (default: the base model's name_or_path)."},
-    )
-    weights_sha256: str | None = field(
-        default=None,
-        metadata={"help": "SHA-256 of the weights file saved with this config (written on save, checked on load)."},
-    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -189,10 +189,11 @@ def run_demo(output: Path, shots: int = 16, seed: int = 1, epochs: int = 50) -> 
     """
     from transformers import AutoProcessor, CLIPModel
 
-    from .classifier import CLIP_TEMPLATE, PromptClassifier
+    from .classifier import PromptClassifier
     from .config import PromptEmbeddingConfig
     from .evaluation import evaluate
     from .loading import get_prompt_model
+    from .options import CLIP_TEMPLATE
     from .progress import phase
     from .storage import write_json
     from .training import PromptTrainer, TrainingArguments

@@ -7,8 +7,9 @@ from typing import Any
 
 import torch
 
-from .classifier import CLIP_TEMPLATE, PromptClassifier
+from .classifier import PromptClassifier
 from .data import LabeledImages, base_novel, default_workers, image_batches, select_classes
+from .options import CLIP_TEMPLATE
 from .progress import progress
 
 

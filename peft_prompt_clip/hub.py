@@ -14,9 +14,9 @@ from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, Mo
 
 from .config import printable
 from .loading import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config, resolve_adapter
+from .report import RESULTS_NAME
 from .storage import read_json
 
-RESULTS_NAME = "eval_results.json"
 #: A Hub repo id: `name` or `owner/name`
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import ClassTokenPosition
+from .options import ClassTokenPosition
 
 
 class Pooling(str, enum.Enum):

@@ -5,13 +5,12 @@ starts from what the paper ran, and every field can still be set on top."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+from .options import IMAGENET_TEMPLATES, AdapterOptions
 
-from .classifier import IMAGENET_TEMPLATES
-from .config import PromptEmbeddingConfig
-from .model import find_text_embeddings, find_vision_tower
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -127,6 +126,8 @@ def method_settings(
         training["epochs"] = epochs
     text_layers = vision_layers = None
     if model is not None:
+        from .model import find_text_embeddings, find_vision_tower
+
         text_model = model.get_submodule(find_text_embeddings(model).rpartition(".")[0])
         text_layers = len(text_model.encoder.layers)
         vision = find_vision_tower(model)
@@ -146,7 +147,7 @@ def method_settings(
         adapter.pop("ctx_init", None)
     if given.get("vision_n_ctx") == 0:
         adapter.pop("vision_prompt_depth", None)
-    adapter_fields = {f.name for f in fields(PromptEmbeddingConfig)}
+    adapter_fields = {f.name for f in fields(AdapterOptions)}
     adapter.update({k: v for k, v in given.items() if k in adapter_fields})
     training.update({k: v for k, v in given.items() if k not in adapter_fields})
     return adapter, training

@@ -23,10 +23,11 @@ try:
 except ImportError:  # transformers < 4.49
     Siglip2TextEmbeddings = None
 
-from .config import PEFT_TYPE, ClassTokenPosition, PromptEmbeddingConfig
+from .config import PEFT_TYPE, PromptEmbeddingConfig
 from .errors import InvalidAdapterError
 from .layer import PromptEmbeddingLayer, VisionTower
 from .layout import Pooling, PromptLayout
+from .options import ClassTokenPosition
 from .peft_private import TunerPrivateHooks, register_tuner
 from .variants import CONTEXT, Build, check_adapter_tensors, variants_of
 

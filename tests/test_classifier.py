@@ -13,7 +13,8 @@ from safetensors import safe_open
 from transformers import AutoProcessor
 
 from peft_prompt_clip import PromptEmbeddingConfig
-from peft_prompt_clip.classifier import IMAGENET_TEMPLATES, PromptClassifier
+from peft_prompt_clip.classifier import PromptClassifier
+from peft_prompt_clip.options import IMAGENET_TEMPLATES
 
 CLASSES = ["cat", "dog", "x-ray", "red car"]
 

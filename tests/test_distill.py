@@ -314,7 +314,7 @@ def test_distill_from_the_command_line(clip_dir, images, tmp_path):
 
 
 def test_many_class_names_on_the_command_line_are_names_not_a_path():
-    from peft_prompt_clip.cli import _class_names
+    from peft_prompt_clip.commands import _class_names
 
     names = [f"ankle boot {n}" for n in range(100)]  # longer than a file name may be
     assert _class_names(",".join(names)) == names

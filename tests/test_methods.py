@@ -16,10 +16,10 @@ from test_trainer import CLASSES, teacher_data
 from transformers import AutoProcessor, CLIPConfig, CLIPModel
 
 from peft_prompt_clip import InvalidCheckpointError, PromptClassifier, PromptEmbeddingConfig, load_prompt_model
-from peft_prompt_clip.classifier import IMAGENET_TEMPLATES
 from peft_prompt_clip.hub import model_card
 from peft_prompt_clip.layer import find_prompt_layer
 from peft_prompt_clip.methods import METHODS, method_settings
+from peft_prompt_clip.options import IMAGENET_TEMPLATES
 from peft_prompt_clip.training import PromptTrainer, TrainingArguments
 from peft_prompt_clip.training.features import TrainingImages
 from peft_prompt_clip.training.losses import PromptLoss, StepOutputs, l1_to_frozen
@@ -163,7 +163,8 @@ def test_presets_are_the_papers():
 
 
 def test_cli_flags_override_the_preset():
-    from peft_prompt_clip.cli import build_parser, method_fields
+    from peft_prompt_clip.cli import build_parser
+    from peft_prompt_clip.commands import method_fields
 
     def fields(*flags):
         args = build_parser().parse_args(["train", "--model", "m", "--data", "d", "--output", "o", *flags])
@@ -185,10 +186,11 @@ def test_cli_flags_override_the_preset():
 def test_a_run_on_few_images_takes_at_least_min_steps(capsys):
     """MaPLe's and IVLP's 2 epochs in batches of 4 are 80 steps on 160 images, too few to learn (measured in
     benchmarks/cli_presets.py): unless --epochs is given, a run takes MIN_STEPS steps at least, and says so."""
-    from peft_prompt_clip.cli import _default_epochs, build_parser
+    from peft_prompt_clip.cli import build_parser
+    from peft_prompt_clip.commands import _default_epochs
     from peft_prompt_clip.data import LabeledImages
+    from peft_prompt_clip.options import MIN_STEPS
     from peft_prompt_clip.training import bounded_epochs
-    from peft_prompt_clip.training.arguments import MIN_STEPS
 
     assert MIN_STEPS == 400 and bounded_epochs(2, 160, 4, most=None) == 10 and bounded_epochs(2, 161, 4) == 10
     assert bounded_epochs(200, 160, 32) == 200  # CoOp's recipe: 1,000 steps

@@ -222,6 +222,37 @@ def test_loading_without_import_names_the_package(clip_dir, tmp_path):
     assert "KeyError: 'PEFT_PROMPT_CLIP'" in result.stderr
 
 
+@pytest.mark.parametrize(
+    "first",
+    [
+        "import peft_prompt_clip",  # light: PEFT is imported after it
+        "import peft\nimport peft_prompt_clip",  # PEFT first
+        "from peft_prompt_clip.config import PromptEmbeddingConfig",  # a module of the package imports PEFT
+        "import peft_prompt_clip.layer",  # ... one that does not import the tuner
+        "from peft_prompt_clip import PromptClassifier",  # a name of the package, loaded on first use
+    ],
+)
+def test_importing_the_package_registers_the_adapter_whatever_imports_peft(first, clip_dir, tmp_path):
+    """`import peft_prompt_clip` is light (no torch, no PEFT) and still registers the adapter type before PEFT or
+    transformers look it up, whichever module imports PEFT first; then the import hook is gone."""
+    model = get_peft_model(CLIPModel.from_pretrained(clip_dir), PromptEmbeddingConfig(n_ctx=4))
+    model.save_pretrained(tmp_path / "adapter")
+    adapter = str(tmp_path / "adapter")
+    script = (
+        f"import sys\n{first}\n"
+        "light = 'import peft_prompt_clip' == sys.argv[1] and not {'torch', 'peft'} & set(sys.modules)\n"
+        "from peft import PeftConfig, PeftModel\nfrom transformers import CLIPModel\n"
+        f"config = PeftConfig.from_pretrained({adapter!r})\n"
+        f"model = PeftModel.from_pretrained(CLIPModel.from_pretrained({str(clip_dir)!r}), {adapter!r})\n"
+        "from peft_prompt_clip import registration\n"
+        "print(type(config).__name__, type(model.base_model).__name__, light, registration._FINDER in sys.meta_path)"
+    )
+    result = subprocess.run([sys.executable, "-c", script, first], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    light = first == "import peft_prompt_clip"
+    assert result.stdout.split() == ["PromptEmbeddingConfig", "PromptEmbeddingModel", str(light), "False"]
+
+
 def test_reloaded_adapter_is_frozen_unless_trainable(clip_dir, tmp_path):
     model = get_peft_model(CLIPModel.from_pretrained(clip_dir), PromptEmbeddingConfig(n_ctx=4))
     model.save_pretrained(tmp_path)

@@ -251,12 +251,12 @@ def test_untrusted_class_names_are_printed_escaped(clip_dir, tmp_path, capsys):
 
 
 def test_ctrl_c_is_one_line(monkeypatch, capsys):
-    from peft_prompt_clip import cli
+    from peft_prompt_clip import cli, commands
 
     def interrupted(args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "train", interrupted)
+    monkeypatch.setattr(commands, "train", interrupted)
     assert cli.main(["train", "--model", "m", "--data", "d", "--output", "o"]) == 130
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "interrupted" in err and "--resume continues" in err

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from transformers import AutoProcessor, CLIPModel
 
 from peft_prompt_clip import PromptClassifier, PromptEmbeddingConfig, TrainingDivergedError, evaluate
-from peft_prompt_clip.classifier import CLIP_TEMPLATE
 from peft_prompt_clip.data import LabeledImages
+from peft_prompt_clip.options import CLIP_TEMPLATE
 from peft_prompt_clip.training import LOG_NAME, PromptTrainer, TrainingArguments, coop_epochs
 from peft_prompt_clip.training.checkpoints import CHECKPOINT_NAME, load_checkpoint
 

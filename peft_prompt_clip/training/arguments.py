@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from accelerate.tracking import get_available_trackers
 from accelerate.utils import LoggerType
 
-from ..classifier import IMAGENET_TEMPLATES
 from ..data import default_workers
+from ..options import IMAGENET_TEMPLATES, MIN_STEPS, STEP_BUDGET, RecipeOptions
 from .losses import LOSS_TERMS, PromptLoss
 
 
@@ -37,19 +37,6 @@ def coop_epochs(shots: int) -> int:
     return 50 if shots <= 1 else 100 if shots <= 4 else 200
 
 
-#: The optimizer steps a run on many images takes at most by default ([`bounded_epochs`])
-STEP_BUDGET = 10_000
-#: The optimizer steps a run on few images takes at least by default ([`bounded_epochs`]). Measured with the presets as
-#: a user runs them (benchmarks/cli_presets.py, 160 images): MaPLe's and IVLP's 2 epochs in batches of 4 are 80 steps,
-#: the first at the warm-up rate, and gained 16 and 27 points over zero-shot on faded images; 10 epochs (400 steps)
-#: gained 33 and 39. The other presets take 800 to 1,600 steps there.
-MIN_STEPS = 400
-EPOCHS_HELP = (
-    f"epochs (default: the --method preset's, CoOp's 50 / 100 / 200 by shots; raised to at least {MIN_STEPS} "
-    f"optimizer steps on few images, and for distill cut to about {STEP_BUDGET:,} on many)"
-)
-
-
 def bounded_epochs(epochs: int, images: int, batch_size: int, most: int | None = STEP_BUDGET) -> int:
     """`epochs`, or more on few images and fewer on many: at least as many as take [`MIN_STEPS`] optimizer steps over
     `images` in batches of `batch_size`, and (unless `most` is None) at most as many as take about `most` steps (at
@@ -61,7 +48,7 @@ def bounded_epochs(epochs: int, images: int, batch_size: int, most: int | None =
 
 
 @dataclass
-class TrainingArguments:
+class TrainingArguments(RecipeOptions):
     """
     How to learn the prompt. The defaults are CoOp's recipe: SGD (momentum 0.9, weight decay 5e-4) at lr 0.002 with a
     cosine schedule, one warm-up epoch at a constant 1e-5, batches of 32, epochs by shots (see [`coop_epochs`]).
@@ -129,70 +116,6 @@ class TrainingArguments:
             `"none"` (or unset) for none. A named tracker that is not installed is an error before training.
         resume (`bool`, *optional*, defaults to `False`): continue from the checkpoint in `output_dir`.
     """
-
-    output_dir: str
-    epochs: int | None = field(default=None, metadata={"help": EPOCHS_HELP})
-    batch_size: int = field(default=32, metadata={"help": "images per optimizer step, over all processes"})
-    optimizer: str = field(default="sgd", metadata={"help": "'sgd' or 'adamw'"})
-    lr: float = field(default=0.002, metadata={"help": "peak learning rate"})
-    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
-    weight_decay: float = field(default=5e-4, metadata={"help": "weight decay"})
-    warmup_epochs: int = field(default=1, metadata={"help": "epochs at --warmup-lr first (CoOp)"})
-    warmup_lr: float = field(default=1e-5, metadata={"help": "learning rate of the warm-up epochs"})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "batches per optimizer step"})
-    mixed_precision: str | None = field(
-        default=None, metadata={"help": "'no', 'fp16' or 'bf16' (default: Accelerate's launch setting)"}
-    )
-    augment: bool = field(
-        default=False,
-        metadata={"help": "CoOp's random crops and flips (default: off, by measurement: docs/training.md)"},
-    )
-    augment_views: int | None = field(
-        default=None, metadata={"help": "with --augment: encode V crops of each image once, draw one per epoch"}
-    )
-    num_workers: int | None = field(
-        default=None, metadata={"help": "processes decoding images (default: CUDA: half the CPUs, <= 4; CPU: 0)"}
-    )
-    class_chunk_size: int | None = field(
-        default=None, metadata={"help": "encode at most this many prompts at a time (bounds memory)"}
-    )
-    share_prefix: bool = field(
-        default=True,
-        metadata={"help": "encode the prefix all class prompts share once per step, where exact (default: on)"},
-    )
-    kg_weight: float = field(default=0.0, metadata={"help": "KgCoOp regulariser weight (KgCoOp uses 8.0)"})
-    kl_weight: float = field(default=0.0, metadata={"help": "ProGrad-style KL to the zero-shot predictions"})
-    scl_text_weight: float = field(
-        default=0.0, metadata={"help": "PromptSRC's L1 to the hand-written class features (it uses 25)"}
-    )
-    scl_image_weight: float = field(
-        default=0.0, metadata={"help": "PromptSRC's L1 to the frozen image features (it uses 10)"}
-    )
-    label_weight: float = field(
-        default=1.0, metadata={"help": "weight of the cross-entropy on the images' labels (0: labels unused)"}
-    )
-    distill_weight: float = field(
-        default=0.0, metadata={"help": "weight of the KL to a teacher's class probabilities (PromptKD)"}
-    )
-    distill_temperature: float = field(default=1.0, metadata={"help": "temperature of the distillation term"})
-    hand_template: str | list[str] = field(
-        default="a photo of a {}.",
-        metadata={"help": "hand-written prompt of the regularisers ('imagenet': that ensemble)"},
-    )
-    gpa_mean: float | None = field(
-        default=None, metadata={"help": "PromptSRC's Gaussian aggregation of the prompts over epochs: its mean epoch"}
-    )
-    gpa_std: float = field(
-        default=1.0, metadata={"help": "the standard deviation of --gpa-mean's Gaussian, in epochs"}
-    )
-    eval_every: int | None = field(
-        default=None, metadata={"help": "epochs between evaluations on the held-out images (default: a tenth)"}
-    )
-    seed: int = 1
-    report_to: str | None = field(
-        default=None, metadata={"help": "Accelerate tracker, e.g. tensorboard; 'all' or 'none'"}
-    )
-    resume: bool = False
 
     def __post_init__(self) -> None:
         for name in ("lr", "momentum", "weight_decay", "warmup_lr", "label_weight", *LOSS_TERMS, "gpa_std"):

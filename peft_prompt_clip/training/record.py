@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from ..classifier import describe_templates
 from ..config import PromptEmbeddingConfig
 from ..data import LabeledImages
+from ..options import describe_templates
 from ..storage import read_json, write_json
 from .arguments import TrainingArguments
 
