@@ -28,13 +28,15 @@ RESULTS = Path(__file__).parent / "results" / "cli_startup.json"
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def seconds(command: list[str], package_root: Path, repeats: int) -> dict[str, float]:
-    """Median, min and max wall time of `python -m peft_prompt_clip COMMAND` with the package of `package_root`."""
+def seconds(command: list[str], package_root: Path, repeats: int, cwd: Path) -> dict[str, float]:
+    """Median, min and max wall time of `python -m peft_prompt_clip COMMAND` with the package of `package_root`, run
+    in `cwd` (a folder without the package: `-m` puts the working folder first on the path)."""
     env = {**os.environ, "PYTHONPATH": str(package_root), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
     times = []
     for n in range(repeats + 1):
         start = time.perf_counter()
-        result = subprocess.run([sys.executable, "-m", "peft_prompt_clip", *command], capture_output=True, env=env)
+        command_line = [sys.executable, "-m", "peft_prompt_clip", *command]
+        result = subprocess.run(command_line, capture_output=True, env=env, cwd=cwd)
         if n:  # the first run warms the disk cache
             times.append(time.perf_counter() - start)
         if result.returncode not in (0, 2):
@@ -59,7 +61,9 @@ def main() -> None:
             f"get_peft_model(CLIPModel.from_pretrained({str(model)!r}), config).save_pretrained({str(adapter)!r})"
         )
         maker = args.before or ROOT  # an adapter both packages load: the older one's
-        subprocess.run([sys.executable, "-c", script], check=True, env={**os.environ, "PYTHONPATH": str(maker)})
+        subprocess.run(
+            [sys.executable, "-c", script], check=True, env={**os.environ, "PYTHONPATH": str(maker)}, cwd=tmp
+        )
         commands = {
             "--version": ["--version"],
             "--help": ["--help"],
@@ -77,7 +81,7 @@ def main() -> None:
         roots = {"after": ROOT, **({"before": args.before.resolve()} if args.before else {})}
         rows = {}
         for name, command in commands.items():
-            rows[name] = {label: seconds(command, root, args.repeats) for label, root in roots.items()}
+            rows[name] = {label: seconds(command, root, args.repeats, tmp) for label, root in roots.items()}
             print(
                 name,
                 {label: f"{r['median']:.2f} s ({r['min']:.2f}-{r['max']:.2f})" for label, r in rows[name].items()},
