@@ -9,6 +9,7 @@ below loads its module on first use, and the registration happens as soon as PEF
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 from . import registration
@@ -98,9 +99,13 @@ if TYPE_CHECKING:  # what type checkers and editors see; at run time, `__getattr
 
 
 def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    elif importlib.util.find_spec(f"{__name__}.{name}") is not None:  # a module of the package
+        value = importlib.import_module(f".{name}", __name__)
+    else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    registration.register_when_ready()  # if PEFT came in through an import that could not register yet
     globals()[name] = value
     return value
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from .config import check_class_names
 from .encoder import PromptEncoder
+from .options import CLIP_TEMPLATE, IMAGENET_TEMPLATES, describe_templates  # noqa: F401 (their home until 0.1)
 
 
 class PromptClassifier:

@@ -25,7 +25,7 @@ from .distill import load_teacher, process_state, pseudo_labeled
 from .evaluation import against_zero_shot
 from .loading import get_prompt_model, load_base_model, load_prompt_model, read_adapter_config, resolve_adapter
 from .methods import METHODS, method_settings
-from .options import CLIP_TEMPLATE, IMAGENET_TEMPLATES, MIN_STEPS, STEP_BUDGET, describe_templates
+from .options import CLIP_TEMPLATE, IMAGENET_TEMPLATES, MAX_RAISE, MIN_STEPS, STEP_BUDGET, describe_templates
 from .progress import progress
 from .report import RESULTS_NAME, report_path, save_results
 from .sources import DataSource, unlabeled_images
@@ -71,21 +71,26 @@ def _holds_output(*reads: str) -> Callable[[Command], Command]:
 
 
 def _default_epochs(args: argparse.Namespace, data: LabeledImages, most: int | None) -> None:
-    """Unless `--epochs` is given, set it: the recipe's (the preset's, or CoOp's by shots), raised on few images to
+    """Unless `--epochs` is given, set it: the recipe's (the preset's, or CoOp's by shots), raised on few images toward
     [`MIN_STEPS`] optimizer steps and cut on many to about `most` (see [`bounded_epochs`]); said when changed."""
     if args.epochs is not None:
         return
     preset = METHODS[args.method].training
     recipe = preset.get("epochs") or coop_epochs(max(data.counts()))
     batch_size = args.batch_size or preset.get("batch_size", 32)
-    args.epochs = bounded_epochs(recipe, len(data), batch_size, most)
+    accumulation = args.gradient_accumulation_steps or preset.get("gradient_accumulation_steps", 1)
+    args.epochs = bounded_epochs(recipe, len(data), batch_size, most, accumulation)
     if args.epochs != recipe:
-        per_epoch = math.ceil(len(data) / batch_size)
-        bound = f"at least {MIN_STEPS}" if args.epochs > recipe else f"at most about {most:,}"
+        per_epoch = math.ceil(math.ceil(len(data) / batch_size) / accumulation)
+        bound = (
+            f"at least {MIN_STEPS} steps ({MAX_RAISE}x the recipe's epochs at most)"
+            if args.epochs > recipe
+            else f"at most about {most:,} steps"
+        )
         say(
-            f"epochs: {args.epochs}, {args.epochs * per_epoch:,} optimizer steps in batches of {batch_size} (the "
-            f"recipe's {recipe} epochs on {len(data)} images take {recipe * per_epoch:,}; a run takes {bound} steps "
-            "unless --epochs is given)"
+            f"epochs: {args.epochs}, {args.epochs * per_epoch:,} optimizer steps (the recipe's {recipe} epochs of "
+            f"{len(data)} images in batches of {batch_size} take {recipe * per_epoch:,}; a run takes {bound} unless "
+            "--epochs is given)"
         )
 
 

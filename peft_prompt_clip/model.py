@@ -347,16 +347,24 @@ def layout_of(config: PromptEmbeddingConfig, embeddings: nn.Module, text_config:
     pooling = text_pooling(family, text_config)
     suffix, fixed = tuple(config.suffix_token_ids or ()), tuple(config.fixed_token_ids or ())
 
-    def is_word(i: int) -> bool:  # an id the text tower embeds that does not end the text
-        return 0 <= i < text_config.vocab_size and i != eos and (pooling != Pooling.ARGMAX or i < eos)
-
-    if not all(map(is_word, fixed)):
+    # a word: an id the text tower embeds that does not end the text; where the tower pools at the highest id
+    # (legacy configs, whose eos_token_id 2 is not the real end token), below the end token, the vocabulary's last
+    highest = text_config.vocab_size - 1 if pooling == Pooling.ARGMAX else text_config.vocab_size
+    if not all(0 <= i < highest and i != eos for i in fixed):
         raise ValueError(
             f"fixed_token_ids={list(fixed)} are not all words of this text model (vocabulary of "
             f"{text_config.vocab_size}, end-of-text id {eos}): the adapter was made for another tokenizer."
         )
     candidates = [getattr(text_config, "bos_token_id", None), 0, 1, 2, 3, 4]
-    placeholder = next(i for i in candidates if i is not None and is_word(i) and i not in suffix)
+    placeholder = next(
+        i
+        for i in candidates
+        if i is not None
+        and i < text_config.vocab_size
+        and i != eos
+        and i not in suffix
+        and (pooling != Pooling.ARGMAX or i < eos)
+    )
     return PromptLayout(
         n_ctx=config.n_ctx,
         position=ClassTokenPosition(config.class_token_position),
@@ -410,7 +418,8 @@ def complete_config(config: PromptEmbeddingConfig, tokenizer: PreTrainedTokenize
         raise ValueError(
             f"ctx_init={config.ctx_init!r} is {len(ids or ())} tokens, more than n_ctx={config.n_ctx}: the words "
             "past the context stay fixed right after it, before the text, which needs class_token_position='end'; "
-            f"raise n_ctx to at least {len(ids or ())}, or put the text at the end."
+            f"with another position, give a ctx_init of at most {config.n_ctx} tokens (e.g. 'a photo'), or raise "
+            f"n_ctx to {len(ids or ())} and give ctx_init again."
         )
     if config.coupled:  # MaPLe: each layer's vision tokens are mapped from its text tokens
         config.vision_n_ctx = config.n_ctx

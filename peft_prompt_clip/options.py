@@ -48,9 +48,13 @@ STEP_BUDGET = 10_000
 #: the first at the warm-up rate, and gained 16 and 27 points over zero-shot on faded images; 10 epochs (400 steps)
 #: gained 33 and 39. The other presets take 800 to 1,600 steps there.
 MIN_STEPS = 400
+#: How many times its epochs a run on few images is raised to at most, toward [`MIN_STEPS`] (MaPLe's 2 epochs: 20 at
+#: most, which its 80 base-class images of benchmarks/cli_presets.py take), so that a handful of images does not take
+#: hundreds of epochs.
+MAX_RAISE = 10
 EPOCHS_HELP = (
-    f"epochs (default: the --method preset's, CoOp's 50 / 100 / 200 by shots; raised to at least {MIN_STEPS} "
-    f"optimizer steps on few images, and for distill cut to about {STEP_BUDGET:,} on many)"
+    f"epochs (default: the --method preset's, CoOp's 50 / 100 / 200 by shots; on few images raised toward {MIN_STEPS} "
+    f"optimizer steps, {MAX_RAISE}x at most, and for distill cut to about {STEP_BUDGET:,} on many)"
 )
 
 

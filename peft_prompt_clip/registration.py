@@ -14,6 +14,7 @@ import importlib
 import importlib.abc
 import sys
 import threading
+import warnings
 from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
@@ -23,8 +24,15 @@ _lock = threading.RLock()
 _state = {"running": 0, "peft": False, "done": False, "busy": False}
 
 
-def _register_when_ready() -> None:
-    """Register once PEFT is imported and no import of this package's modules is under way."""
+def register_when_ready() -> None:
+    """Register once PEFT is imported and no import of this package's modules is under way (also tried when a name
+    of the package is first used).
+
+    A failure (an import of this package's modules that another thread holds half done, or a PEFT release this
+    package does not fit) is a warning, not an error of the import that triggered it, which may be `import peft` by
+    another library: the next import of PEFT or of a module of this package tries again, and PEFT's lookup of the
+    adapter type then fails with `KeyError: 'PEFT_PROMPT_CLIP'`.
+    """
     with _lock:  # not held while importing: another thread's import may hold a module this one needs
         if _state["done"] or _state["busy"] or _state["running"] or not _state["peft"]:
             return
@@ -32,9 +40,11 @@ def _register_when_ready() -> None:
     try:
         importlib.import_module(f"{_PACKAGE}.model").register()
         _state["done"] = True
+    except Exception as exc:  # noqa: BLE001 - reported, and tried again: see above
+        warnings.warn(f"peft_prompt_clip could not register its adapter type with PEFT yet: {exc!r}", stacklevel=2)
     finally:
         _state["busy"] = False
-    if _FINDER in sys.meta_path:
+    if _state["done"] and _FINDER in sys.meta_path:
         sys.meta_path.remove(_FINDER)
 
 
@@ -45,6 +55,8 @@ class _Loader(importlib.abc.Loader):
         self._loader, self._ours = loader, ours
 
     def __getattr__(self, name: str) -> Any:  # the rest of the loader's API (resources, source) is the loader's own
+        if name.startswith("__") or name in ("_loader", "_ours"):  # copy and pickle probe before __init__ ran
+            raise AttributeError(name)
         return getattr(self._loader, name)
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
@@ -53,13 +65,15 @@ class _Loader(importlib.abc.Loader):
     def exec_module(self, module: ModuleType) -> None:
         with _lock:
             _state["running"] += self._ours
+        loaded = False
         try:
             self._loader.exec_module(module)
+            loaded = True
         finally:
             with _lock:
                 _state["running"] -= self._ours
-                _state["peft"] = _state["peft"] or not self._ours
-        _register_when_ready()
+                _state["peft"] = _state["peft"] or (not self._ours and loaded)
+        register_when_ready()
 
 
 class _Finder(importlib.abc.MetaPathFinder):
@@ -90,4 +104,4 @@ def install() -> None:
     _state["peft"] = "peft" in sys.modules
     if not _state["peft"] and _FINDER not in sys.meta_path:
         sys.meta_path.insert(0, _FINDER)
-    _register_when_ready()
+    register_when_ready()

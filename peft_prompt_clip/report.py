@@ -12,10 +12,10 @@ from typing import Any
 from .options import describe_templates
 from .storage import write_json, write_text
 
-#: The colours of the zero-shot and learned series (colour-blind safe: Okabe-Ito).
 #: The results file `eval` writes (beside its report) and `push` uploads
 RESULTS_NAME = "eval_results.json"
 
+#: The colours of the zero-shot and learned series (colour-blind safe: Okabe-Ito).
 COLORS = {"zero-shot": "#999999", "learned prompt": "#0072B2"}
 #: Confusion matrices are drawn up to this many classes; above, the most frequent confusions are listed.
 MAX_MATRIX_CLASSES = 40

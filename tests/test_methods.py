@@ -120,9 +120,11 @@ def test_gaussian_prompt_aggregation_saves_the_weighted_mean(clip_dir, tmp_path,
         PromptTrainer(model, processor, data, args).train()
 
 
-def test_words_of_ctx_init_past_n_ctx_stay_fixed_before_the_class_name(clip_dir, tmp_path):
+@pytest.mark.parametrize("model", ["clip_dir", "legacy_clip_dir"])  # legacy: pooled at the highest id
+def test_words_of_ctx_init_past_n_ctx_stay_fixed_before_the_class_name(model, request, tmp_path):
     """MaPLe's and IVLP's prompt: 2 learned tokens from "a photo of a", then "of a" as words. At the start, a CoOp
     context so made is those words: its class features are the base model's for "a photo of a {}." exactly."""
+    clip_dir = request.getfixturevalue(model)
     processor = AutoProcessor.from_pretrained(clip_dir)
     ids = processor.tokenizer("a photo of a", add_special_tokens=False)["input_ids"]
     zero_shot = PromptClassifier(CLIPModel.from_pretrained(clip_dir).eval(), processor, CLASSES, ["a photo of a {}."])
@@ -137,6 +139,14 @@ def test_words_of_ctx_init_past_n_ctx_stay_fixed_before_the_class_name(clip_dir,
     torch.testing.assert_close(PromptClassifier(loaded, processor, CLASSES).class_features(), learned.class_features())
     adapter, _ = method_settings("maple", num_classes=len(CLASSES))
     assert (adapter["n_ctx"], adapter["ctx_init"]) == (2, "a photo of a")
+    # a run's resume fingerprint holds the fixed words; without any, it is what checkpoints before the field held
+    from peft_prompt_clip.data import LabeledImages
+    from peft_prompt_clip.training.record import fingerprint
+
+    data, args = LabeledImages(CLASSES, [None], [0]), TrainingArguments(str(tmp_path))
+    assert "fixed_token_ids" in fingerprint(config, args, 1, data, None)
+    plain = get_peft_model(CLIPModel.from_pretrained(clip_dir), PromptEmbeddingConfig(n_ctx=4, class_names=CLASSES))
+    assert "fixed_token_ids" not in fingerprint(plain.peft_config["default"], args, 1, data, None)
     with pytest.raises(ValueError, match="the words past the context stay fixed right after it, before the text"):
         get_peft_model(CLIPModel.from_pretrained(clip_dir), PromptEmbeddingConfig(n_ctx=2, ctx_init="a photo of a",
                        class_token_position="front"))  # fmt: skip
@@ -192,8 +202,12 @@ def test_a_run_on_few_images_takes_at_least_min_steps(capsys):
     from peft_prompt_clip.options import MIN_STEPS
     from peft_prompt_clip.training import bounded_epochs
 
-    assert MIN_STEPS == 400 and bounded_epochs(2, 160, 4, most=None) == 10 and bounded_epochs(2, 161, 4) == 10
+    assert MIN_STEPS == 400 and bounded_epochs(2, 160, 4, steps=None) == 10 and bounded_epochs(2, 161, 4) == 10
     assert bounded_epochs(200, 160, 32) == 200  # CoOp's recipe: 1,000 steps
+    assert bounded_epochs(2, 6, 4) == 20  # 2 steps an epoch: raised 10x at most, not to 200 epochs
+    # steps, not batches: 2 and 4 batches a step are 20 steps an epoch
+    assert bounded_epochs(2, 160, 4, accumulation=2) == 20 and bounded_epochs(2, 160, 2, accumulation=4) == 20
+    assert bounded_epochs(20, 160, 4, accumulation=4) == 40  # 10 optimizer steps an epoch
 
     def epochs(*flags: str, images: int = 160) -> int:
         args = build_parser().parse_args(["train", "--model", "m", "--data", "d", "--output", "o", *flags])
@@ -202,9 +216,10 @@ def test_a_run_on_few_images_takes_at_least_min_steps(capsys):
         return args.epochs
 
     assert epochs("--method", "maple") == 10
-    assert "epochs: 10, 400 optimizer steps in batches of 4 (the recipe's 2 epochs on 160 images take 80; a run " \
-        "takes at least 400 steps unless --epochs is given)" in capsys.readouterr().out  # fmt: skip
-    assert epochs("--method", "ivlp", "--batch-size", "16") == 40 and capsys.readouterr()  # 10 steps an epoch
+    assert "epochs: 10, 400 optimizer steps (the recipe's 2 epochs of 160 images in batches of 4 take 80; a run " \
+        "takes at least 400 steps (10x the recipe's epochs at most) unless --epochs is given)" \
+        in capsys.readouterr().out  # fmt: skip
+    assert epochs("--method", "ivlp", "--batch-size", "16") == 20 and capsys.readouterr()  # not 40: 10x at most
     assert epochs("--method", "maple", "--epochs", "2") == 2  # given: as given
     assert epochs("--method", "maple", images=16_000) == 2  # the paper's ImageNet: 8,000 steps
     assert epochs("--method", "promptsrc") == 20 and epochs() == 200 and not capsys.readouterr().out

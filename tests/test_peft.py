@@ -253,6 +253,33 @@ def test_importing_the_package_registers_the_adapter_whatever_imports_peft(first
     assert result.stdout.split() == ["PromptEmbeddingConfig", "PromptEmbeddingModel", str(light), "False"]
 
 
+def test_a_registration_that_fails_warns_and_is_tried_again():
+    """A failure to register (here: the tuner's module half imported by another thread) must not fail `import peft`,
+    which may be another library's: it warns, and the next use of the package registers."""
+    script = """
+import importlib, types, warnings
+import peft_prompt_clip
+from peft_prompt_clip import registration
+failed = []
+def import_module(name, package=None):
+    if name.endswith(".model") and not failed:
+        failed.append(name)
+        raise ImportError("cannot import name 'PEFT_TYPE' from partially initialized module")
+    return importlib.import_module(name, package)
+registration.importlib = types.SimpleNamespace(import_module=import_module)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import peft
+from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING as tuners
+before = "PEFT_PROMPT_CLIP" in tuners
+peft_prompt_clip.PromptEmbeddingConfig
+print(before, "PEFT_PROMPT_CLIP" in tuners, [str(w.message)[:69] for w in caught])
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("False True ['peft_prompt_clip could not register its adapter type with PEFT")
+
+
 def test_reloaded_adapter_is_frozen_unless_trainable(clip_dir, tmp_path):
     model = get_peft_model(CLIPModel.from_pretrained(clip_dir), PromptEmbeddingConfig(n_ctx=4))
     model.save_pretrained(tmp_path)

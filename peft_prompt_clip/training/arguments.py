@@ -11,7 +11,7 @@ from accelerate.tracking import get_available_trackers
 from accelerate.utils import LoggerType
 
 from ..data import default_workers
-from ..options import IMAGENET_TEMPLATES, MIN_STEPS, STEP_BUDGET, RecipeOptions
+from ..options import IMAGENET_TEMPLATES, MAX_RAISE, MIN_STEPS, STEP_BUDGET, RecipeOptions
 from .losses import LOSS_TERMS, PromptLoss
 
 
@@ -37,14 +37,18 @@ def coop_epochs(shots: int) -> int:
     return 50 if shots <= 1 else 100 if shots <= 4 else 200
 
 
-def bounded_epochs(epochs: int, images: int, batch_size: int, most: int | None = STEP_BUDGET) -> int:
-    """`epochs`, or more on few images and fewer on many: at least as many as take [`MIN_STEPS`] optimizer steps over
-    `images` in batches of `batch_size`, and (unless `most` is None) at most as many as take about `most` steps (at
-    least one epoch). A few-shot recipe's epochs on an unlabeled set of 10,000 images would take 56,000 steps;
-    measured on faded Fashion-MNIST (benchmarks/distill.py), 10,000 steps keep most of the gain."""
-    if most is not None:
-        epochs = max(1, min(epochs, round(most * batch_size / images)))
-    return max(epochs, math.ceil(MIN_STEPS / math.ceil(images / batch_size)))
+def bounded_epochs(
+    epochs: int, images: int, batch_size: int, steps: int | None = STEP_BUDGET, accumulation: int = 1
+) -> int:
+    """`epochs`, or more on few images and fewer on many. Raised toward [`MIN_STEPS`] optimizer steps over `images` in
+    batches of `batch_size`, `accumulation` batches a step (to [`MAX_RAISE`] times `epochs` at most: MaPLe's 2 epochs
+    of 160 images, 80 steps, learned far less than 10); and unless `steps` is None, cut to about `steps` steps (at
+    least one epoch): a few-shot recipe's epochs on an unlabeled set of 10,000 images would take 56,000 steps, and
+    measured on faded Fashion-MNIST (benchmarks/distill.py), 10,000 keep most of the gain."""
+    if steps is not None:
+        epochs = max(1, min(epochs, round(steps * batch_size * accumulation / images)))
+    per_epoch = math.ceil(math.ceil(images / batch_size) / accumulation)
+    return max(epochs, min(MAX_RAISE * epochs, math.ceil(MIN_STEPS / per_epoch)))
 
 
 @dataclass
