@@ -144,9 +144,9 @@ def test_words_of_ctx_init_past_n_ctx_stay_fixed_before_the_class_name(model, re
     from peft_prompt_clip.training.record import fingerprint
 
     data, args = LabeledImages(CLASSES, [None], [0]), TrainingArguments(str(tmp_path))
-    assert "fixed_token_ids" in fingerprint(config, args, 1, data, None)
+    assert fingerprint(config, args, 1, data, None)["fixed_token_ids"] == ids[2:]
     plain = get_peft_model(CLIPModel.from_pretrained(clip_dir), PromptEmbeddingConfig(n_ctx=4, class_names=CLASSES))
-    assert "fixed_token_ids" not in fingerprint(plain.peft_config["default"], args, 1, data, None)
+    assert fingerprint(plain.peft_config["default"], args, 1, data, None)["fixed_token_ids"] is None
     with pytest.raises(ValueError, match="the words past the context stay fixed right after it, before the text"):
         get_peft_model(CLIPModel.from_pretrained(clip_dir), PromptEmbeddingConfig(n_ctx=2, ctx_init="a photo of a",
                        class_token_position="front"))  # fmt: skip

@@ -51,8 +51,7 @@ def fingerprint(
     less the fields named resumable, the data's classes, image counts and labels, the teacher's logits and which labels
     are true (hashes)."""
     run = {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_CONFIG_FIELDS}
-    if not run.get("fixed_token_ids"):  # none: as checkpoints written before the field existed say
-        run.pop("fixed_token_ids", None)
+    run["fixed_token_ids"] = run.get("fixed_token_ids") or None  # none: as checkpoints from before the field read
     run.update({k: v for k, v in asdict(args).items() if k not in RESUMABLE_ARGUMENTS})
     if not args.augment:
         run["augment_views"] = None  # views are drawn with augmentation only
