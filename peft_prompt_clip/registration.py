@@ -6,6 +6,10 @@ or transformers' adapter loading look it up. So importing the package registers 
 imported, and otherwise installs [`install`]'s import hook, which registers it right after PEFT's import, or, when one
 of this package's modules is what imported PEFT, right after that module's import (registering imports the tuner,
 which needs the package's modules whole). Once registered, the hook removes itself.
+
+Limits: in a program where one thread imports PEFT while another is importing this package's modules, the type is
+registered when the second import ends; an import hook ahead of this one that loads `peft` itself leaves the
+registration to the first use of a name of the package.
 """
 
 from __future__ import annotations

@@ -92,3 +92,6 @@ if __name__ == "__main__":
         train(name, clip_dir, out / name)
     (out / "ranks").mkdir(parents=True, exist_ok=True)
     (out / "ranks" / f"{rank}.json").write_text(json.dumps({"processes": processes}))
+    state.wait_for_everyone()  # then leave the process group together: a rank leaving alone may abort in gloo
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
