@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
 import os
 import random
 import shutil
@@ -31,6 +30,7 @@ from .report import RESULTS_NAME, report_path, save_results
 from .sources import DataSource, unlabeled_images
 from .storage import check_output, run_lock
 from .training import CHECKPOINT_NAME, PromptTrainer, TrainingArguments, bounded_epochs, coop_epochs, view_seeds
+from .training.arguments import steps_per_epoch
 from .training.record import describe_held_out, describe_run, read_log, valid_log
 
 #: A command: its parsed arguments in, its results out
@@ -81,7 +81,7 @@ def _default_epochs(args: argparse.Namespace, data: LabeledImages, most: int | N
     accumulation = args.gradient_accumulation_steps or preset.get("gradient_accumulation_steps", 1)
     args.epochs = bounded_epochs(recipe, len(data), batch_size, most, accumulation)
     if args.epochs != recipe:
-        per_epoch = math.ceil(math.ceil(len(data) / batch_size) / accumulation)
+        per_epoch = steps_per_epoch(len(data), batch_size, accumulation)
         bound = (
             f"at least {MIN_STEPS} steps ({MAX_RAISE}x the recipe's epochs at most)"
             if args.epochs > recipe

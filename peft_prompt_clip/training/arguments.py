@@ -47,8 +47,13 @@ def bounded_epochs(
     measured on faded Fashion-MNIST (benchmarks/distill.py), 10,000 keep most of the gain."""
     if steps is not None:
         epochs = max(1, min(epochs, round(steps * batch_size * accumulation / images)))
-    per_epoch = math.ceil(math.ceil(images / batch_size) / accumulation)
+    per_epoch = steps_per_epoch(images, batch_size, accumulation)
     return max(epochs, min(MAX_RAISE * epochs, math.ceil(MIN_STEPS / per_epoch)))
+
+
+def steps_per_epoch(images: int, batch_size: int, accumulation: int = 1) -> int:
+    """Optimizer steps an epoch over `images` takes, in batches of `batch_size`, `accumulation` batches a step."""
+    return math.ceil(math.ceil(images / batch_size) / accumulation)
 
 
 @dataclass
