@@ -66,6 +66,55 @@ def test_vision_prompts_learn_through_the_prompted_image_tower(clip_dir, tmp_pat
         assert not torch.allclose(classifier.logits(pixels), with_prompts)
 
 
+@pytest.mark.parametrize("mapped", [False, True], ids=["in memory", "a mapped file"])
+def test_a_prompted_run_decodes_each_image_once_and_learns_the_same_adapter(clip_dir, tmp_path, monkeypatch, mapped):
+    """Without augmentation a prompted tower's inputs and the frozen tower's features are the same every epoch: each
+    image is decoded once and its frozen features computed once, and the adapter learned is today's."""
+    import peft_prompt_clip.data as data_module
+    import peft_prompt_clip.training.cache as cache
+    from peft_prompt_clip.encoder import PromptEncoder
+
+    monkeypatch.setattr(cache, "MEMORY_BYTES", 0 if mapped else cache.MEMORY_BYTES)
+    decoded, frozen_images, opened, encoded = [], [], data_module.open_image, PromptEncoder.image_features
+
+    def open_image(source):
+        decoded.append(source)
+        return opened(source)
+
+    def image_features(self, inputs, adapter_name=None, enabled=True):
+        if not enabled:
+            frozen_images.append(len(next(iter(inputs.values()))))
+        return encoded(self, inputs, adapter_name, enabled)
+
+    caching, has = [], cache.RowCache.has  # today's way, without: every step decodes and runs the frozen tower
+    monkeypatch.setattr(cache.RowCache, "has", lambda self, indices: bool(caching) and has(self, indices))
+    monkeypatch.setattr(data_module, "open_image", open_image)
+    monkeypatch.setattr(PromptEncoder, "image_features", image_features)
+    data, held_out = teacher_data(clip_dir, n=20), teacher_data(clip_dir, n=9, seed=1)
+    recipe = {"epochs": 3, "batch_size": 8, "eval_every": 1, "scl_text_weight": 25.0, "scl_image_weight": 10.0}
+
+    def run(folder, cached):
+        model, processor = prompted_student(clip_dir, vision_n_ctx=2, prompt_depth=2, vision_prompt_depth=2)
+        args = TrainingArguments(str(folder), augment=False, kl_weight=0.5, **recipe)
+        trainer = PromptTrainer(model, processor, data, args, eval_data=held_out)
+        caching[:], decoded[:], frozen_images[:] = [True] if cached else [], [], []
+        trainer.train()
+        return trainer, adapter_tensors(model), len(decoded), sum(frozen_images)
+
+    before, learned_before, decodes_before, frozen_before = run(tmp_path / "before", cached=False)
+    trainer, learned, decodes, frozen = run(tmp_path / "after", cached=True)
+    evaluations = 1 + 3  # the start and every epoch, the prompted tower on the held-out images
+    assert decodes_before == 3 * 20 + evaluations * 9 + 9  # + the held-out images' frozen features, once
+    assert decodes == 20 + 9
+    assert frozen_before == 3 * 20 + 9 and frozen == 20 + 9
+    assert learned.keys() == learned_before.keys()
+    for name, tensor in learned.items():
+        torch.testing.assert_close(tensor, learned_before[name], rtol=0, atol=1e-6)
+    assert trainer.images.inputs.tables["pixel_values"].mapped == mapped
+    assert trainer.images.frozen.mapped == mapped and trainer.images.held_out_inputs.has(range(9))
+    assert not list((tmp_path / "after").glob(".image-cache-*"))  # a mapped table leaves no file behind
+
+
 def test_promptsrc_terms():
     text = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
     hand = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)

@@ -6,7 +6,8 @@
   draws one view per image;
 - per step (`augment` without views): the frozen tower on each step's fresh crops, without autograd;
 - prompted (vision prompts): the adapter's image tower every step, with autograd, and the frozen tower's features
-  too where a loss term compares with them.
+  too where a loss term compares with them; without augmentation, each image is decoded and preprocessed once and the
+  frozen tower's features computed once (see [`InputCache`]); the held-out images' inputs too.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from ..data import LabeledImages, image_batches, image_inputs
 from ..encoder import PromptEncoder
 from .arguments import TrainingArguments
+from .cache import InputCache, RowCache
 
 #: Images per call of the image tower when features are computed ahead (caches, evaluation)
 CHUNK = 64
@@ -123,6 +125,14 @@ class TrainingImages:
         self.autocast = autocast
         self.views = args.augment_views if args.augment else None
         self.cache: torch.Tensor | None = None
+        self.pin_memory = encoder.device.type == "cuda"
+        # a prompted tower runs on every step's inputs: without augmentation they are the same every epoch
+        unaugmented = self.prompted and not args.augment
+        self.inputs = InputCache(processor, data, args.output_dir) if unaugmented else None
+        self.frozen = RowCache(len(data), args.output_dir) if unaugmented and needs_frozen else None
+        self.held_out_inputs = (
+            InputCache(processor, held_out, args.output_dir) if self.prompted and held_out is not None else None
+        )
 
     @property
     def cached_views(self) -> int | None:
@@ -137,22 +147,28 @@ class TrainingImages:
 
     def batches(self, data: LabeledImages, batches: list[list[int]], seed: str | None = None) -> Iterator[dict]:
         """The image tower's inputs of `data`'s `batches` of indices, decoded ahead (see [`image_batches`])."""
-        pin = self.encoder.device.type == "cuda"
-        return image_batches(self.processor, data, batches, seed, self.args.num_workers, pin_memory=pin)
+        return image_batches(self.processor, data, batches, seed, self.args.num_workers, self.pin_memory)
 
     def of(self, indices: list[int], augment_seed: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Normalised features of the training images `indices`, augmented with `augment_seed` when given (see
         [`features`])."""
         return self.features(image_inputs(self.processor, self.data, indices, augment_seed=augment_seed))
 
-    def features(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def features(
+        self, inputs: dict[str, torch.Tensor], indices: list[int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`(features, frozen)` of the image tower's `inputs`: the frozen tower's and None; with vision prompts, the
-        prompted tower's (with autograd) and the frozen ones where a loss term compares with them (else None)."""
+        prompted tower's (with autograd) and the frozen ones where a loss term compares with them (else None; computed
+        once per training image where the inputs of `indices` are the same every epoch)."""
         with self.autocast():
             frozen = None
-            if not self.prompted or self.needs_frozen:
+            if self.frozen is not None and indices is not None and self.frozen.has(indices):
+                frozen = self.frozen.get(indices)
+            elif not self.prompted or self.needs_frozen:
                 with torch.no_grad():
                     frozen = self.encoder.image_features(inputs, enabled=False)
+                if self.frozen is not None and indices is not None:
+                    self.frozen.put(indices, frozen)
             if not self.prompted:
                 return frozen, None
             return self.encoder.image_features(inputs, self.adapter_name), frozen
@@ -193,7 +209,10 @@ class TrainingImages:
         chunks = [list(range(i, min(i + CHUNK, count))) for i in range(0, count, CHUNK)]
         options = {"adapter_name": self.adapter_name} if prompted else {"enabled": False}
         with self.autocast():
-            batches = self.batches(self.held_out, chunks)
+            if self.held_out_inputs is not None:  # a prompted tower's: the same inputs at every evaluation
+                batches = self.held_out_inputs.batches(chunks, self.args.num_workers, self.pin_memory)
+            else:
+                batches = self.batches(self.held_out, chunks)
             features = torch.cat([self.encoder.image_features(inputs, **options) for inputs in batches])
         if not prompted:
             self.held_out_frozen = features
@@ -206,12 +225,18 @@ class TrainingImages:
 
     def epoch(self, epoch: int, shares: list[list[int]]) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         """`(features, frozen)` of each non-empty share of epoch `epoch`'s batches, in order (after [`prepare`])."""
+        shares = [share for share in shares if share]
+        if self.inputs is not None:  # a prompted tower's unaugmented inputs: decoded in the first epoch, then read
+            inputs = self.inputs.batches(shares, self.args.num_workers, self.pin_memory)
+            for share, share_inputs in zip(shares, inputs, strict=True):
+                yield self.features(share_inputs, share)
+            return
         if self.cache is None:  # the epoch's images, decoded and augmented ahead by the workers
             seed = f"{self.args.seed}-{epoch}" if self.args.augment else None
-            for inputs in self.batches(self.data, [share for share in shares if share], seed):
+            for inputs in self.batches(self.data, shares, seed):
                 yield self.features(inputs)
             return
-        for share in filter(None, shares):
+        for share in shares:
             yield self.rows(self.cache, epoch, share), None
 
     def rows(self, table: torch.Tensor, epoch: int, share: list[int]) -> torch.Tensor:
