@@ -347,22 +347,29 @@ def predict(args: argparse.Namespace) -> list[list[tuple[str, float]]]:
         raise ValueError("The adapter has no class names; pass --classes 'name one,name two,...'.")
     classifier = PromptClassifier(model, processor, names)
     predictions: list[list[tuple[str, float]]] = []
-    batches = [args.images[i : i + 64] for i in range(0, len(args.images), 64)]
-    for batch in progress(batches, desc="predicting", **({"disable": True} if len(batches) == 1 else {})):
+    first, rest = args.images[:1], args.images[1:]  # the first image alone: its result as soon as the model is loaded
+    batches = [first] + [rest[i : i + 64] for i in range(0, len(rest), 64)]
+    shown = {"disable": True} if len(args.images) <= 64 else {}
+    bar = progress(total=len(args.images), desc="predicting", unit="image", **shown)
+    for batch in batches:
         images = []
         for path in batch:
             try:
                 images.append(open_image(path))
             except (OSError, ValueError) as exc:
                 raise ValueError(f"Cannot read image {path}: {exc}") from None
-        predictions += classifier.predict(images, top_k=args.top_k)
+        results = classifier.predict(images, top_k=args.top_k)
+        predictions += results
+        bar.update(len(batch))
+        if not args.json:  # each batch's lines as soon as they are known
+            with bar.external_write_mode():
+                for path, top in zip(batch, results, strict=True):
+                    print(f"{path}: " + ", ".join(f"{printable(name)} {score:.3f}" for name, score in top), flush=True)
+    bar.close()
     if args.json:  # the pipeline's shape: a score and a label per class, by image
         rows = [{"image": path, "predictions": [{"score": s, "label": n} for n, s in top]} for path, top in
                 zip(args.images, predictions, strict=True)]  # fmt: skip
         print(json.dumps(rows, indent=2))
-    else:
-        for path, top in zip(args.images, predictions, strict=True):
-            print(f"{path}: " + ", ".join(f"{printable(name)} {score:.3f}" for name, score in top))
     return predictions
 
 

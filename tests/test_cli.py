@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import shutil
 import subprocess
 import sys
@@ -98,6 +99,32 @@ def test_predict_top_k(trained, image_folder):
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith(str(image_folder / "cat" / "0.png"))
     assert len(lines[0].split(": ")[1].split(", ")) == 2
+
+
+def test_predict_prints_the_first_result_before_reading_the_next_image(trained, image_folder, tmp_path):
+    """The second image is a FIFO that only gets its bytes once the first image's line is out: a predict that printed
+    at the end would wait for it forever (here: until the test gives up)."""
+    fifo = tmp_path / "second.png"
+    os.mkfifo(fifo)
+    command = [
+        sys.executable,
+        "-m",
+        "peft_prompt_clip",
+        "predict",
+        "--adapter",
+        str(trained),
+        image_folder / "cat" / "0.png",
+        fifo,
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as process:
+        ready, _, _ = select.select([process.stdout], [], [], 120)
+        first = process.stdout.readline() if ready else ""
+        with open(fifo, "wb") as writer:  # unblock the run either way
+            writer.write((image_folder / "dog" / "1.png").read_bytes())
+        rest, errors = process.communicate(timeout=240)
+    assert first.startswith(f"{image_folder / 'cat' / '0.png'}: "), errors
+    assert process.returncode == 0 and rest.startswith(f"{fifo}: "), errors
 
 
 def test_help_on_every_command():

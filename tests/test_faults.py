@@ -163,3 +163,25 @@ def test_two_processes_saving_to_one_folder_never_mix(tmp_path):
     config = read_adapter_config(tmp_path)
     check_adapter_weights(tmp_path, config)
     assert config.n_ctx in (3, 5)
+
+
+def test_a_full_disk_for_the_image_cache_is_an_error_before_anything_is_written(tmp_path, monkeypatch):
+    """A table too large for memory is a mapped file whose space is reserved first: no room is a clear error then,
+    not a crash (SIGBUS) at a later write into the mapping; the file is gone either way."""
+    import errno
+
+    import peft_prompt_clip.training.cache as cache
+
+    monkeypatch.setattr(cache, "MEMORY_BYTES", 1024)
+    table = cache.RowCache(4, tmp_path)
+    table.put([0, 1], torch.ones(2, 3, 100))  # 4,800 bytes: mapped
+    assert table.mapped and table.has([0, 1]) and not table.has([2])
+    assert torch.equal(table.get([1, 0]), torch.ones(2, 3, 100)) and not list(tmp_path.iterdir())
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(cache.os, "posix_fallocate", full)
+    with pytest.raises(OSError, match=r"No room for the run's image cache \(0.0 GiB\) in .*: No space left on device"):
+        cache.RowCache(4, tmp_path).put([0], torch.ones(1, 3, 100))
+    assert not list(tmp_path.iterdir())
