@@ -106,7 +106,7 @@ def main() -> None:
                 out = root / key.replace(", ", "-").replace(" ", "")
                 recorder.trace = []
                 start = time.perf_counter()
-                train = ["-q", "train", "--method", method, "--model", str(MODEL_DIR), "--data", str(faded / "train")]
+                train = ["train", "-q", "--method", method, "--model", str(MODEL_DIR), "--data", str(faded / "train")]
                 code = cli.main([*train, "--output", str(out), "--shots", str(shots), "--seed", str(seed)])
                 assert code == 0, key
                 log = json.loads((out / "training_log.json").read_text())
