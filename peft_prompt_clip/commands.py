@@ -128,6 +128,13 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     # which images trained and chose the adapter, so that eval on them can leave them out
     record = {"source": source.key, "images": sorted(run.names)}
     trainer = PromptTrainer(model, processor, data, training, eval_data=val, data_record=record)
+    if trainer.patience:
+        say(
+            f"early stopping: after {trainer.patience} held-out evaluations (every {trainer.eval_every} epochs) "
+            f"without a gain; --no-early-stop runs all {trainer.epochs} epochs"
+        )
+    elif val is not None and training.early_stop:
+        say("early stopping: off, the adapter is the average over every epoch (--gpa-mean)")
     summary = trainer.train()
     if trainer.accelerator.is_main_process:
         print(describe_run(summary, data, trainer.accelerator.num_processes, args.output))

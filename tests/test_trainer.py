@@ -273,14 +273,16 @@ def test_held_out_images_choose_the_epoch_kept(clip_dir, tmp_path, monkeypatch):
         )
     own = LabeledImages(CLASSES, held_out.images, labels.tolist())
     model, processor = student(clip_dir)
-    summary = PromptTrainer(model, processor, data, args(tmp_path / "initial", epochs=4), eval_data=own).train()
+    initial = args(tmp_path / "initial", epochs=4, early_stop=False)  # every epoch, to see the end fall behind
+    summary = PromptTrainer(model, processor, data, initial, eval_data=own).train()
     assert summary["eval"]["initial"]["accuracy"] == 1.0 and summary["eval"]["best"]["epoch"] == 0
     assert summary["eval"]["last"]["accuracy"] < 1.0
     assert torch.equal(context(model), seen[0])
     with pytest.raises(ValueError, match="eval_data must hold images of the training data's classes"):
         PromptTrainer(model, processor, data, args(tmp_path / "x"), eval_data=LabeledImages(["a", "b"], [0], [0]))
     # more epochs may follow on resume (the evaluation schedule follows them)
-    more = PromptTrainer(model, processor, data, args(tmp_path / "initial", epochs=6, resume=True), eval_data=own)
+    more = args(tmp_path / "initial", epochs=6, resume=True, early_stop=False)
+    more = PromptTrainer(model, processor, data, more, eval_data=own)
     assert [e["epoch"] for e in json.loads((tmp_path / "initial" / LOG_NAME).read_text())["history"]] == [1, 2, 3, 4]
     more.train()
     assert [e["epoch"] for e in json.loads((tmp_path / "initial" / LOG_NAME).read_text())["history"]] == [*range(1, 7)]
@@ -503,8 +505,41 @@ def test_the_resume_fingerprint_holds_every_field_not_named_resumable(clip_dir, 
 
     trainer = PromptTrainer(tcp(1), processor, data, args(tmp_path, epochs=1))
     config_fields = {f.name for f in fields(PromptEmbeddingConfig)} - RESUMABLE_CONFIG_FIELDS
-    arguments = {f.name for f in fields(TrainingArguments)} - RESUMABLE_ARGUMENTS
+    arguments = {f.name for f in fields(TrainingArguments)} - RESUMABLE_ARGUMENTS - {"patience"}  # in "early_stop"
     assert config_fields | arguments <= set(trainer.run)
     trainer.train()
     with pytest.raises(InvalidCheckpointError, match="class_prompt_layer: 1 there, 0 here"):
         PromptTrainer(tcp(0), processor, data, args(tmp_path, epochs=2, resume=True)).train()
+
+
+def test_a_run_stops_once_held_out_evaluations_stop_gaining(clip_dir, tmp_path):
+    """Early stopping: after `patience` evaluations without a held-out gain the run ends, keeping the best candidate;
+    a resumed stopped run stays stopped; turning it off is another run (the fingerprint); off, every epoch runs."""
+    from peft_prompt_clip import InvalidCheckpointError
+
+    data, held_out = split_off(teacher_data(clip_dir, n=72), 48)
+    model, processor = student(clip_dir)
+    start = context(model)
+    # nothing is learned (lr 0, no warm-up): no evaluation gains on the initial prompt
+    still = {"epochs": 20, "eval_every": 2, "lr": 0.0, "warmup_epochs": 0, "patience": 2}
+    summary = PromptTrainer(model, processor, data, args(tmp_path / "run", **still), eval_data=held_out).train()
+    assert summary["stopped"] == {"epoch": 4, "patience": 2, "best": 0} and summary["eval"]["best"]["epoch"] == 0
+    history = json.loads((tmp_path / "run" / LOG_NAME).read_text())["history"]
+    assert [e["epoch"] for e in history] == [1, 2, 3, 4] and torch.equal(context(model), start)
+    again = PromptTrainer(model, processor, data, args(tmp_path / "run", resume=True, **still), eval_data=held_out)
+    assert again.train()["stopped"]["epoch"] == 4  # nothing more to train
+    assert len(json.loads((tmp_path / "run" / LOG_NAME).read_text())["history"]) == 4
+    off = args(tmp_path / "run", resume=True, early_stop=False, **still)
+    with pytest.raises(InvalidCheckpointError, match="early_stop: 2 there, None here"):
+        PromptTrainer(model, processor, data, off, eval_data=held_out).train()
+    summary = PromptTrainer(
+        model, processor, data, args(tmp_path / "all", early_stop=False, **still), eval_data=held_out
+    ).train()
+    assert "stopped" not in summary
+    assert len(json.loads((tmp_path / "all" / LOG_NAME).read_text())["history"]) == 20
+    # off without held-out images (nothing to stop on) and under PromptSRC's average over every epoch
+    assert PromptTrainer(model, processor, data, args(tmp_path / "x")).patience is None
+    averaged = args(tmp_path / "x", gpa_mean=2.0)
+    assert PromptTrainer(model, processor, data, averaged, eval_data=held_out).patience is None
+    with pytest.raises(ValueError, match="patience must be at least 1"):
+        args(tmp_path, patience=0)

@@ -120,6 +120,12 @@ class TrainingArguments(RecipeOptions):
             with the highest accuracy (ties: the lower loss), the initial one (epoch 0) included, so that a run whose
             learning does not pay keeps its start ("a photo of a" is the zero-shot prompt); the end of training's is
             saved in `output_dir/last`.
+        early_stop (`bool`, *optional*, defaults to `True`): with `eval_data`, stop once `patience` evaluations in a
+            row bring no gain over the best so far (higher accuracy, or at equal accuracy a lower loss); `epochs` is
+            then the ceiling (the learning rate's schedule spans it either way, so a stopped run's adapter is the one
+            the full run had at that epoch). Off where the adapter is PromptSRC's average over every epoch
+            (`gpa_mean`).
+        patience (`int`, *optional*, defaults to `PATIENCE`): evaluations without a gain before the run stops.
         seed (`int`, *optional*, defaults to 1): seeds batch order and augmentation.
         report_to (`str`, *optional*): an Accelerate tracker, e.g. `"tensorboard"`; `"all"` for every installed one,
             `"none"` (or unset) for none. A named tracker that is not installed is an error before training.
@@ -163,8 +169,15 @@ class TrainingArguments(RecipeOptions):
             raise ValueError(f"augment_views must be at least 1, got {self.augment_views!r}.")
         if self.eval_every is not None and (isinstance(self.eval_every, bool) or self.eval_every < 1):
             raise ValueError(f"eval_every must be at least 1 (epochs), got {self.eval_every!r}.")
+        if isinstance(self.patience, bool) or not isinstance(self.patience, int) or self.patience < 1:
+            raise ValueError(f"patience must be at least 1 (evaluations), got {self.patience!r}.")
         if self.class_chunk_size is not None and self.class_chunk_size < 1:
             raise ValueError(f"class_chunk_size must be at least 1, got {self.class_chunk_size}.")
+
+    def stopping_patience(self, held_out: bool) -> int | None:
+        """The patience of early stopping for a run with or without `held_out` images, or None where it is off: turned
+        off, without held-out images, or under PromptSRC's average over every epoch (`gpa_mean`)."""
+        return self.patience if self.early_stop and held_out and self.gpa_mean is None else None
 
     def loss(self) -> PromptLoss:
         """The recipe's loss: the cross-entropy's weight, the distillation temperature and each term's weight."""

@@ -55,6 +55,9 @@ def fingerprint(
     run.update({k: v for k, v in asdict(args).items() if k not in RESUMABLE_ARGUMENTS})
     if not args.augment:
         run["augment_views"] = None  # views are drawn with augmentation only
+    # early stopping as it acts: its patience, or None where it is off (as checkpoints from before it read)
+    run["early_stop"] = args.stopping_patience(eval_data is not None)
+    del run["patience"]
     if args.gpa_mean is not None:
         run["epochs"] = epochs
     run.update(
@@ -83,10 +86,17 @@ def describe_run(summary: dict[str, Any], data: LabeledImages, processes: int, o
         else f"loss {summary['loss']:.4f}, train accuracy {summary['accuracy']:.3f}"
     )
     where = f" in {processes} processes" if processes > 1 else ""
+    stopped = summary.get("stopped")
+    epochs = f"{stopped['epoch']} of {summary['epochs']}" if stopped else summary["epochs"]
     text = (
-        f"trained {summary['epochs']} epochs on {len(data)} images of {len(data.class_names)} classes{where}: "
+        f"trained {epochs} epochs on {len(data)} images of {len(data.class_names)} classes{where}: "
         f"{result}; adapter saved to {output}"
     )
+    if stopped:
+        text += (
+            f"\nstopped early: no held-out gain in {stopped['patience']} evaluations after the best (epoch "
+            f"{stopped['best']}); --no-early-stop runs every epoch"
+        )
     first, loss = summary.get("first_loss"), summary["loss"]
     if first is not None and loss is not None and summary["epochs"] >= FLAT_EPOCHS and first - loss < 0.01 * first:
         text += (

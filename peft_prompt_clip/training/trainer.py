@@ -113,6 +113,7 @@ class PromptTrainer:
         shots = max(train_data.counts())
         self.epochs = args.epochs or coop_epochs(shots)
         self.eval_every = args.eval_every or math.ceil(self.epochs / 10)
+        self.patience = args.stopping_patience(eval_data is not None)
         self.accelerator = Accelerator(
             mixed_precision=args.mixed_precision,
             log_with=args.report_to,
@@ -263,11 +264,18 @@ class PromptTrainer:
             stats.show(bar)
         return stats
 
+    @staticmethod
+    def _stale(log: dict[str, Any]) -> int:
+        """Held-out evaluations since the best candidate so far (see [`BestEpoch`])."""
+        best = log["best"]["epoch"]
+        return sum(1 for entry in log["history"] if "eval_accuracy" in entry and entry["epoch"] > best)
+
     def train(self) -> dict[str, Any]:
         """Run the training; returns a summary: epochs, the last epoch's loss and accuracy, the median seconds per
         step, and with `eval_data` the evaluations (`"eval"`: the zero-shot prompt's, the best candidate's and the end
-        of training's; see [`TrainingArguments`]). The per-epoch log is saved as `training_log.json` beside the
-        adapter. The run holds the output folder: a second run into it is refused (`BlockingIOError`, see
+        of training's; see [`TrainingArguments`]) and, where the run stopped early (`early_stop`), `"stopped"`: the
+        epoch it stopped after, the patience and the best epoch. The per-epoch log is saved as `training_log.json`
+        beside the adapter. The run holds the output folder: a second run into it is refused (`BlockingIOError`, see
         [`run_lock`])."""
         output = Path(self.args.output_dir)
         with run_lock(output, main=self.accelerator.is_main_process):
@@ -297,6 +305,8 @@ class PromptTrainer:
         )
         step_seconds: list[float] = []
         for epoch in range(start_epoch, self.epochs):
+            if "stopped" in log:  # a resumed run that had stopped early
+                break
             stats = self._train_epoch(epoch, bar)
             step_seconds += stats.step_seconds
             check_finite(self.params, epoch, stats.skipped, batches_per_epoch, checkpoint)
@@ -307,17 +317,23 @@ class PromptTrainer:
                 scores = self.best.consider(log, epoch + 1)
                 entry.update(eval_accuracy=scores["accuracy"], eval_loss=scores["loss"])
             log["history"].append(entry)
+            if self.patience and epoch + 1 < self.epochs and self._stale(log) >= self.patience:
+                log["stopped"] = {"epoch": epoch + 1, "patience": self.patience, "best": log["best"]["epoch"]}
             if args.report_to:
                 acc.log({k: v for k, v in entry.items() if k != "epoch"}, step=epoch + 1)
             if acc.is_main_process:
                 save_checkpoint(checkpoint, self.params, self.optimizer, epoch + 1, self.run, buffers, log)
             acc.wait_for_everyone()
+            if "stopped" in log:
+                break
         bar.close()
         if args.report_to:
             acc.end_training()
         if self.average is not None:  # PromptSRC's GPA: the adapter is the weighted mean over epochs
             self.average.restore()
         summary: dict[str, Any] = {"epochs": self.epochs, "augment": args.augment, "loss": None, "accuracy": None}
+        if "stopped" in log:
+            summary["stopped"] = log["stopped"]
         if start_epoch < self.epochs:  # a resumed run whose checkpoint holds every epoch only saves the adapter
             last = log["history"][-1]
             summary.update(loss=last["loss"], accuracy=last["accuracy"], skipped_steps=last["skipped_steps"])
