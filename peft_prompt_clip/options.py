@@ -212,7 +212,8 @@ class RecipeOptions:
     early_stop: bool = field(
         default=True,
         metadata={
-            "help": "with held-out images, stop after --patience evaluations without a gain; --epochs is the ceiling"
+            "help": "with held-out images, stop after --patience evaluations without a gain; --epochs is the ceiling "
+            "(default: on for train, off for distill, where it is not yet measured)"
         },
     )
     patience: int = field(

@@ -33,7 +33,7 @@ def images(tmp_path_factory) -> Path:
 def train_command(clip_dir, images, output, resume=False) -> list[str]:
     command = [sys.executable, "-m", "peft_prompt_clip", "train", "--model", str(clip_dir), "--data", str(images)]
     command += ["--output", str(output), "--epochs", "100", "--optimizer", "adamw", "--lr", "0.05", "--n-ctx", "4"]
-    command += ["--batch-size", "4", "--augment", "--warmup-epochs", "0"]
+    command += ["--batch-size", "4", "--augment", "--warmup-epochs", "0", "--no-early-stop"]  # killed anywhere in 100
     return command + (["--resume"] if resume else [])
 
 
