@@ -9,6 +9,7 @@ import select
 import shutil
 import subprocess
 import sys
+import threading
 
 import pytest
 from conftest import write_image_folder
@@ -120,8 +121,8 @@ def test_predict_prints_the_first_result_before_reading_the_next_image(trained, 
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as process:
         ready, _, _ = select.select([process.stdout], [], [], 120)
         first = process.stdout.readline() if ready else ""
-        with open(fifo, "wb") as writer:  # unblock the run either way
-            writer.write((image_folder / "dog" / "1.png").read_bytes())
+        image = (image_folder / "dog" / "1.png").read_bytes()  # fed once predict opens the FIFO (if it ever does)
+        threading.Thread(target=fifo.write_bytes, args=(image,), daemon=True).start()
         rest, errors = process.communicate(timeout=240)
     assert first.startswith(f"{image_folder / 'cat' / '0.png'}: "), errors
     assert process.returncode == 0 and rest.startswith(f"{fifo}: "), errors

@@ -530,8 +530,14 @@ def test_a_run_stops_once_held_out_evaluations_stop_gaining(clip_dir, tmp_path):
     assert again.train()["stopped"]["epoch"] == 4  # nothing more to train
     assert len(json.loads((tmp_path / "run" / LOG_NAME).read_text())["history"]) == 4
     off = args(tmp_path / "run", resume=True, early_stop=False, **still)
-    with pytest.raises(InvalidCheckpointError, match="early_stop: 2 there, None here"):
+    with pytest.raises(InvalidCheckpointError, match="early_stop: 2 there, None here.*--no-early-stop where it had"):
         PromptTrainer(model, processor, data, off, eval_data=held_out).train()
+    # a run that ended at its ceiling without a gain, resumed for more epochs: it stops at the next evaluation (every
+    # 2 epochs now), not at an epoch without one
+    ended = {**still, "epochs": 2, "eval_every": None}
+    PromptTrainer(model, processor, data, args(tmp_path / "more", **ended), eval_data=held_out).train()
+    more = args(tmp_path / "more", **{**ended, "epochs": 20}, resume=True)
+    assert PromptTrainer(model, processor, data, more, eval_data=held_out).train()["stopped"]["epoch"] == 4
     summary = PromptTrainer(
         model, processor, data, args(tmp_path / "all", early_stop=False, **still), eval_data=held_out
     ).train()

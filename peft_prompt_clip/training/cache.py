@@ -5,7 +5,9 @@ that compare with them), each row stored the first time it is computed.
 A table of more than [`MEMORY_BYTES`] on the CPU (the inputs of about 3,500 images at 224 x 224) is a file in the
 run's output folder instead, mapped into memory (the operating system keeps what fits in RAM and reads the rest back
 from disk): its space is reserved when it is made, so a full disk is an error at that moment, and the file is removed
-at once (only the mapping holds it), so that nothing is left behind, even by a crash.
+once mapped (only the mapping holds it), so that nothing is left behind. Where the system cannot reserve space
+(`os.posix_fallocate`: not on macOS or Windows), every table stays in memory. Each process of a distributed run keeps
+its own tables.
 """
 
 from __future__ import annotations
@@ -69,7 +71,8 @@ class RowCache:
         """Store `rows` as those of `indices`; the first rows decide the table's shape, dtype and device."""
         if self.table is None:
             shape, dtype = (self.count, *rows.shape[1:]), rows.dtype
-            self.mapped = rows.device.type == "cpu" and math.prod(shape) * dtype.itemsize > MEMORY_BYTES
+            large = math.prod(shape) * dtype.itemsize > MEMORY_BYTES
+            self.mapped = rows.device.type == "cpu" and large and hasattr(os, "posix_fallocate")
             self.table = _mapped(self.folder, shape, dtype) if self.mapped else rows.new_empty(shape)
         self.table[list(indices)] = rows.detach()
         self.known[list(indices)] = True

@@ -100,8 +100,10 @@ def load_checkpoint(
         raise InvalidCheckpointError(f"{path} has malformed metadata; train without --resume to start anew.")
     differences = [f"{k}: {saved_run.get(k)!r} there, {v!r} here" for k, v in run.items() if saved_run.get(k) != v]
     if differences:
+        stopping = saved_run.get("early_stop") != run.get("early_stop")  # None: a run without (or before) it
         raise InvalidCheckpointError(
-            f"{path} was made by another run ({'; '.join(differences)}); resume with the same settings and data, "
+            f"{path} was made by another run ({'; '.join(differences)}); resume with the same settings and data"
+            f"{' (early stopping: --patience N as that run, --no-early-stop where it had none)' if stopping else ''}, "
             "or train without --resume into another folder."
         )
     if epoch < 0:

@@ -99,6 +99,8 @@ class TrainingImages:
         needs_frozen (`bool`): a loss term compares with the frozen image tower's features.
         autocast (`Callable`): the run's mixed-precision context.
         held_out ([`LabeledImages`], *optional*): held-out images of the same classes, to score the adapter on.
+        epochs (`int`, *optional*, defaults to 1): the run's epochs; with more than one, what does not change from
+            epoch to epoch is computed once (see [`InputCache`]).
     """
 
     def __init__(
@@ -111,6 +113,7 @@ class TrainingImages:
         needs_frozen: bool,
         autocast: Callable[[], AbstractContextManager],
         held_out: LabeledImages | None = None,
+        epochs: int = 1,
     ) -> None:
         check_training_data(data, held_out)
         self.encoder = encoder
@@ -127,7 +130,7 @@ class TrainingImages:
         self.cache: torch.Tensor | None = None
         self.pin_memory = encoder.device.type == "cuda"
         # a prompted tower runs on every step's inputs: without augmentation they are the same every epoch
-        unaugmented = self.prompted and not args.augment
+        unaugmented = self.prompted and not args.augment and epochs > 1
         self.inputs = InputCache(processor, data, args.output_dir) if unaugmented else None
         self.frozen = RowCache(len(data), args.output_dir) if unaugmented and needs_frozen else None
         self.held_out_inputs = (

@@ -102,7 +102,7 @@ def describe_run(summary: dict[str, Any], data: LabeledImages, processes: int, o
         text += (
             f"\nwarning: the training loss did not fall ({first:.4f} in the first epoch, {loss:.4f} in the last): the "
             "prompt learned next to nothing; try --optimizer adamw (the recipe's SGD at lr 0.002 is slow on few "
-            "images), a higher --lr, or more --epochs"
+            f"images), a higher --lr, or {'--no-early-stop' if stopped else 'more --epochs'}"
         )
     return text
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast
 from peft import PeftModel
 
 from ..classifier import PromptClassifier
@@ -126,7 +127,15 @@ class PromptTrainer:
         self.loss.check(self.conditional, self.encoder.prompts_images(self.adapter_name))
         needs_frozen, autocast = self.loss.needs_frozen_images, self.accelerator.autocast
         self.images = TrainingImages(
-            self.encoder, processor, train_data, args, self.adapter_name, needs_frozen, autocast, eval_data
+            self.encoder,
+            processor,
+            train_data,
+            args,
+            self.adapter_name,
+            needs_frozen,
+            autocast,
+            eval_data,
+            self.epochs,
         )
         self.class_tokens = self.encoder.tokenize([f"{name}." for name in train_data.class_names], self.adapter_name)
         if self.loss.needs_hand:
@@ -264,11 +273,17 @@ class PromptTrainer:
             stats.show(bar)
         return stats
 
-    @staticmethod
-    def _stale(log: dict[str, Any]) -> int:
-        """Held-out evaluations since the best candidate so far (see [`BestEpoch`])."""
+    def _stops(self, entry: dict[str, Any], epoch: int, log: dict[str, Any]) -> bool:
+        """Whether the run stops early after epoch `epoch` (its log `entry`): an evaluation before the last, `patience`
+        evaluations since the best candidate so far (see [`BestEpoch`]); the first process decides for all (their
+        evaluations may differ in rounding)."""
+        if not self.patience or "eval_accuracy" not in entry or epoch + 1 == self.epochs:  # alike in every process
+            return False
         best = log["best"]["epoch"]
-        return sum(1 for entry in log["history"] if "eval_accuracy" in entry and entry["epoch"] > best)
+        stop = sum(1 for e in log["history"] if "eval_accuracy" in e and e["epoch"] > best) >= self.patience
+        if self.accelerator.num_processes > 1:
+            stop = bool(broadcast(torch.tensor([stop], device=self.accelerator.device)).item())
+        return stop
 
     def train(self) -> dict[str, Any]:
         """Run the training; returns a summary: epochs, the last epoch's loss and accuracy, the median seconds per
@@ -317,7 +332,7 @@ class PromptTrainer:
                 scores = self.best.consider(log, epoch + 1)
                 entry.update(eval_accuracy=scores["accuracy"], eval_loss=scores["loss"])
             log["history"].append(entry)
-            if self.patience and epoch + 1 < self.epochs and self._stale(log) >= self.patience:
+            if self._stops(entry, epoch, log):
                 log["stopped"] = {"epoch": epoch + 1, "patience": self.patience, "best": log["best"]["epoch"]}
             if args.report_to:
                 acc.log({k: v for k, v in entry.items() if k != "epoch"}, step=epoch + 1)
@@ -325,6 +340,7 @@ class PromptTrainer:
                 save_checkpoint(checkpoint, self.params, self.optimizer, epoch + 1, self.run, buffers, log)
             acc.wait_for_everyone()
             if "stopped" in log:
+                bar.total = bar.n  # the run's end
                 break
         bar.close()
         if args.report_to:
