@@ -18,7 +18,7 @@ fashion-clip's size and at ViT-B/32's (random weights, counted).
 
 Writes benchmarks/results/peers.json.
 
-Run: python benchmarks/peers.py   (about 20 minutes on 2 CPU cores; --seeds 1 for a quick look)
+Run: python benchmarks/peers.py   (about 50 minutes on 2 CPU cores; --seeds 1 for a quick look)
 """
 
 from __future__ import annotations
